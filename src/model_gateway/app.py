@@ -1,0 +1,125 @@
+"""Assembles the ASGI app: the data plane (every path a route claims), the control plane
+(``/healthz``, ``/metrics``, ``/admin``), and the lifespan that owns every long-lived resource.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+
+from .admin import control_routes
+from .config import RESERVED_PREFIXES, LoadedConfig, load_config
+from .metrics import Metrics
+from .proxy import ProxyApp
+from .runtime import ActiveConfig, GatewayState
+from .store import open_store
+from .store.writer import RecordWriter
+from .upstream import create_session
+
+log = logging.getLogger("model_gateway")
+
+#: how a worker process started by ``serve --workers N`` finds its configuration
+CONFIG_ENV = "MODEL_GATEWAY_CONFIG"
+
+
+class GatewayApp:
+    """The gateway as one ASGI callable; nothing is opened until the lifespan starts."""
+
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.loaded = loaded
+        self._state: GatewayState | None = None
+        self._proxy: ProxyApp | None = None
+        self._store = open_store(loaded.config.storage.url)
+        self._control = Starlette(routes=control_routes(self))
+
+    @property
+    def state(self) -> GatewayState:
+        if self._state is None:
+            raise RuntimeError("the gateway has not started")
+        return self._state
+
+    @property
+    def store(self) -> Any:
+        return self._store
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if _is_control_path(scope["path"]):
+                await self._control(scope, receive, send)
+            else:
+                assert self._proxy is not None
+                await self._proxy(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # websockets are not proxied
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        await receive()  # lifespan.startup
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.exception("gateway failed to start")
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        storage = self.loaded.config.storage
+        metrics = Metrics()
+        await self._store.open()
+        await self._store.record_config(
+            self.loaded.version, time.time(), self.loaded.source, self.loaded.text
+        )
+        writer = RecordWriter(
+            self._store,
+            metrics,
+            queue_size=storage.queue_size,
+            batch_size=storage.batch_size,
+            overflow=storage.overflow,
+            write_retries=storage.write_retries,
+        )
+        writer.start()
+        self._state = GatewayState(
+            active=ActiveConfig.build(self.loaded),
+            session=create_session(),
+            writer=writer,
+            metrics=metrics,
+        )
+        self._proxy = ProxyApp(self._state)
+        log.info(
+            "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
+        )
+
+    async def shutdown(self) -> None:
+        # The server has stopped taking requests and finished those in flight, so every
+        # record is already queued: write them all, then close what they needed.
+        state = self.state
+        await state.writer.close()
+        await state.session.close()
+        await self._store.close()
+        log.info("model-gateway stopped; prediction log flushed")
+
+
+def _is_control_path(path: str) -> bool:
+    for prefix in RESERVED_PREFIXES:
+        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            return True
+    return False
+
+
+def create_app(config_path: str) -> GatewayApp:
+    return GatewayApp(load_config(config_path))
+
+
+def app_from_env() -> GatewayApp:
+    """The factory each worker process of ``serve --workers N`` calls."""
+    return create_app(os.environ[CONFIG_ENV])

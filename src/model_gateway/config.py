@@ -1,0 +1,274 @@
+"""The YAML configuration: schema, validation with path-qualified messages, loading, versioning.
+
+A configuration is validated once, when it is loaded; everything downstream takes the typed
+:class:`GatewayConfig` and never re-checks it. ``${VAR}`` and ``${VAR:-default}`` inside string
+values are replaced from the environment, so secrets need not sit in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_TOTAL_TIMEOUT = 30.0
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
+DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
+
+#: paths the gateway answers itself; a route may not claim them
+RESERVED_PREFIXES = ("/admin", "/feedback", "/metrics", "/healthz")
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class StorageConfig(_Strict):
+    url: str = DEFAULT_STORAGE_URL
+    queue_size: int = Field(default=DEFAULT_QUEUE_SIZE, ge=1)
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
+    #: what a request does when the log queue is full: wait for room, or drop and count
+    overflow: Literal["block", "drop"] = "block"
+    write_retries: int = Field(default=3, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:// or postgresql://")
+        return url
+
+
+class AdminConfig(_Strict):
+    token: str | None = None
+
+
+class Timeouts(_Strict):
+    connect: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
+    total: float = Field(default=DEFAULT_TOTAL_TIMEOUT, gt=0)
+
+
+class CaptureConfig(_Strict):
+    bodies: bool = False
+    max_bytes: int = Field(default=DEFAULT_CAPTURE_MAX_BYTES, ge=0)
+
+
+class VersionSource(_Strict):
+    """Where the served model version is read from; the configured version is the fallback."""
+
+    #: response header naming the served version, when the model server sends one
+    header: str | None = "X-Model-Version"
+    #: JSON pointer into the response body (RFC 6901); V2's ``/model_version`` by default
+    pointer: str | None = "/model_version"
+
+    @field_validator("pointer")
+    @classmethod
+    def _pointer_syntax(cls, pointer: str | None) -> str | None:
+        if pointer is not None and pointer != "" and not pointer.startswith("/"):
+            raise ValueError("must be a JSON pointer starting with '/'")
+        return pointer
+
+
+class VariantConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    model_version: str = Field(min_length=1)
+    weight: float = Field(default=1.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_base_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return url.rstrip("/")
+
+
+class RouteConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    match: Literal["exact", "prefix"] = "prefix"
+    methods: list[str] | None = None
+    model_name: str | None = None
+    #: request header whose value pins a caller to one variant (sticky A/B)
+    routing_key: str | None = None
+    #: store a hash of the routing key instead of the key itself (user ids are personal data)
+    hash_routing_key: bool = False
+    allow_override: bool = False
+    timeouts: Timeouts = Timeouts()
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=0)
+    capture: CaptureConfig = CaptureConfig()
+    version: VersionSource = VersionSource()
+    variants: list[VariantConfig] = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        for reserved in RESERVED_PREFIXES:
+            if path == reserved or path.startswith(reserved + "/"):
+                raise ValueError(f"{reserved} is answered by the gateway itself")
+        return path
+
+    @field_validator("methods")
+    @classmethod
+    def _upper_methods(cls, methods: list[str] | None) -> list[str] | None:
+        return None if methods is None else [m.upper() for m in methods]
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    admin: AdminConfig = AdminConfig()
+    routes: list[RouteConfig] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated configuration with the text it came from and its version (content hash)."""
+
+    config: GatewayConfig
+    text: str
+    version: str
+    source: str
+
+
+def config_version(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read and validate a YAML file; raise :class:`ConfigError` with every problem found."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read file: {exc.strerror}"]) from exc
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> LoadedConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}invalid YAML: {problem}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["(top level): must be a mapping"])
+    env_problems: list[str] = []
+    raw = _expand_env(raw, "", env_problems)
+    if env_problems:
+        raise ConfigError(source, env_problems)
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from exc
+    problems = _cross_field_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return LoadedConfig(config=config, text=text, version=config_version(text), source=source)
+
+
+def _expand_env(node: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, _join(path, k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name)
+            if value is None:
+                if default is None:
+                    problems.append(f"{path}: environment variable {name} is not set")
+                    return ""
+                return default
+            return value
+
+        return _ENV_REF.sub(substitute, node)
+    return node
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, part)
+    return out or "(top level)"
+
+
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "is not a known setting",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "too_short": "must have at least {min_length} item(s)",
+    "string_too_short": "must not be empty",
+    "string_pattern_mismatch": "may contain only letters, digits, '_', '.' and '-'",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def _describe(err: Any) -> str:
+    template = _MESSAGES.get(err["type"])
+    if template is not None:
+        message = template.format(**err.get("ctx", {}))
+    else:
+        message = str(err["msg"]).removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]
+    return f"{format_loc(tuple(err['loc']))}: {message}"
+
+
+def _cross_field_problems(config: GatewayConfig) -> list[str]:
+    problems: list[str] = []
+    route_names: set[str] = set()
+    route_keys: set[tuple[str, str]] = set()
+    for i, route in enumerate(config.routes):
+        where = f"routes[{i}]"
+        if route.name in route_names:
+            problems.append(f"{where}.name: duplicate route name {route.name!r}")
+        route_names.add(route.name)
+        if (route.match, route.path) in route_keys:
+            problems.append(f"{where}.path: another route already has {route.match} {route.path}")
+        route_keys.add((route.match, route.path))
+        variant_names: set[str] = set()
+        for j, variant in enumerate(route.variants):
+            if variant.name in variant_names:
+                problems.append(
+                    f"{where}.variants[{j}].name: duplicate variant name {variant.name!r}"
+                )
+            variant_names.add(variant.name)
+        if sum(v.weight for v in route.variants) <= 0:
+            problems.append(f"{where}.variants: at least one weight must be > 0")
+    return problems

@@ -1,0 +1,99 @@
+"""A small fraud-scoring model server speaking the Open Inference Protocol V2.
+
+Two versions of it stand behind the gateway in ``make run`` and in the tests. Each version is
+a fixed logistic model over the input features, so its answers are deterministic and the two
+versions disagree on some inputs, as a champion and a challenger would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+# (bias, weights) per version; versions not listed use the last one.
+_MODELS: dict[str, tuple[float, tuple[float, ...]]] = {
+    "1": (-2.0, (0.8, 0.5, 0.3, -0.2)),
+    "2": (-2.4, (1.1, 0.4, 0.6, -0.1)),
+}
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def fraud_score(version: str, features: list[float]) -> float:
+    bias, weights = _MODELS.get(version, _MODELS["2"])
+    z = bias + sum(w * x for w, x in zip(weights, features, strict=False))
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def create_model_server(model_name: str = "fraud", version: str = "1") -> Starlette:
+    """A V2 server for one model version; ``version`` is reported in every answer."""
+
+    async def ready(request: Request) -> Response:
+        return _json({"ready": True})
+
+    async def metadata(request: Request) -> Response:
+        if request.path_params["name"] != model_name:
+            return _json({"error": f"unknown model {request.path_params['name']}"}, 404)
+        return _json(
+            {
+                "name": model_name,
+                "versions": [version],
+                "platform": "model-gateway-demo",
+                "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}],
+                "outputs": [
+                    {"name": "score", "datatype": "FP32", "shape": [-1]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1]},
+                ],
+            }
+        )
+
+    async def infer(request: Request) -> Response:
+        if request.path_params["name"] != model_name:
+            return _json({"error": f"unknown model {request.path_params['name']}"}, 404)
+        try:
+            doc = orjson.loads(await request.body())
+            tensor = doc["inputs"][0]
+            data = [float(x) for x in tensor["data"]]
+            shape = tensor.get("shape", [1, len(data)])
+            width = int(shape[-1]) if len(shape) > 1 else len(data)
+            if width <= 0 or len(data) % width:
+                raise ValueError("data does not fit the shape")
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            return _json({"error": f"invalid inference request: {exc}"}, 400)
+        rows = [data[i : i + width] for i in range(0, len(data), width)]
+        scores = [round(fraud_score(version, row), 6) for row in rows]
+        body: dict[str, Any] = {
+            "model_name": model_name,
+            "model_version": version,
+            "outputs": [
+                {"name": "score", "datatype": "FP32", "shape": [len(rows)], "data": scores},
+                {
+                    "name": "label",
+                    "datatype": "INT64",
+                    "shape": [len(rows)],
+                    "data": [int(s >= 0.5) for s in scores],
+                },
+            ],
+        }
+        if "id" in doc:
+            body["id"] = doc["id"]
+        return _json(body)
+
+    return Starlette(
+        routes=[
+            Route("/v2/health/live", ready),
+            Route("/v2/health/ready", ready),
+            Route("/v2/models/{name}", metadata),
+            Route("/v2/models/{name}/ready", ready),
+            Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+            Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        ]
+    )

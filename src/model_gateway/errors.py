@@ -1,0 +1,95 @@
+"""Every error the gateway itself answers with, and the one table that maps them to HTTP.
+
+Hierarchy::
+
+    GatewayError                 base; never raised itself
+    ├── BadRequestError          400  a request the gateway will not forward (e.g. "..")
+    ├── NoRouteError             404  no route matches the path and method
+    ├── UnknownVariantError      404  a forced variant the route does not have
+    ├── PayloadTooLargeError     413  request body over the route's limit
+    ├── BadGatewayError          502  upstream refused, reset, or answered garbage
+    ├── NoHealthyVariantError    503  no variant of the route can take traffic
+    └── UpstreamTimeoutError     504  upstream did not answer within the route's timeout
+
+    ConfigError                  invalid configuration; carries path-qualified messages
+
+Upstream client exceptions are translated in exactly one place,
+:func:`model_gateway.upstream.translate_client_errors`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself, as ``{"error": {"code", "message"}}``."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    #: the short reason recorded in the log and the upstream-error metric
+    reason: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"code": self.code, "message": self.message}})
+
+
+class BadRequestError(GatewayError):
+    status = 400
+    code = "bad_request"
+    reason = "bad_request"
+
+
+class NoRouteError(GatewayError):
+    status = 404
+    code = "no_route"
+    reason = "no_route"
+
+
+class UnknownVariantError(GatewayError):
+    status = 404
+    code = "unknown_variant"
+    reason = "unknown_variant"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    code = "payload_too_large"
+    reason = "payload_too_large"
+
+
+class BadGatewayError(GatewayError):
+    status = 502
+    code = "bad_gateway"
+    reason = "bad_gateway"
+
+
+class UpstreamConnectError(BadGatewayError):
+    reason = "connect"
+
+
+class NoHealthyVariantError(GatewayError):
+    status = 503
+    code = "no_healthy_variant"
+    reason = "no_healthy_variant"
+
+
+class UpstreamTimeoutError(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+    reason = "timeout"
+
+
+class ConfigError(Exception):
+    """A configuration that failed validation; ``problems`` are ``"path: message"`` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid configuration\n  " + "\n  ".join(problems))

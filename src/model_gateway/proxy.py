@@ -1,0 +1,395 @@
+"""The hot path: one request in, one request forwarded, one response out, one record queued.
+
+A pure ASGI app. Per request it does a dict lookup for the route, a draw or a hash for the
+variant, one upstream exchange through the pooled session, and one ``put`` on the log queue;
+no disk, no database, no validation library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from .errors import (
+    BadRequestError,
+    GatewayError,
+    NoRouteError,
+    PayloadTooLargeError,
+    UnknownVariantError,
+)
+from .records import (
+    PredictionRecord,
+    model_name_from_path,
+    new_prediction_id,
+    parse_json_object,
+    reported_version,
+)
+from .routing import Route, Variant, choose_variant
+from .runtime import ActiveConfig, GatewayState
+from .upstream import translate_client_errors
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Rebuilt by the gateway rather than passed through.
+_REQUEST_REBUILT = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-prediction-id",
+    }
+)
+_RESPONSE_REPLACED = frozenset(
+    {b"x-prediction-id", b"x-model-variant", b"x-model-version", b"date", b"server"}
+)
+# Responses up to this size with a Content-Length are read whole, so the served version can
+# be read from the body; anything larger, chunked, or an event stream passes through as it comes.
+BUFFER_LIMIT = 1024 * 1024
+_DOT_SEGMENTS = frozenset({".", ".."})
+_JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was complete."""
+
+
+class Exchange:
+    """What one request learned on its way through; becomes the log record."""
+
+    __slots__ = (
+        "error",
+        "reported_version",
+        "request_body",
+        "response_body",
+        "response_truncated",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.error: str | None = None
+        self.reported_version: str | None = None
+        self.request_body = b""
+        self.response_body: bytes | None = None
+        self.response_truncated = False
+
+
+class ProxyApp:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        request_time = time.time()
+        active = self.state.active
+        prediction_id = new_prediction_id()
+        method: str = scope["method"]
+        path: str = scope["path"]
+
+        route = active.table.match(path, method)
+        if route is None:
+            error: GatewayError = NoRouteError(f"no route for {method} {path}")
+            await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())])
+            self.state.metrics.observe_request("", "", "", error.status, 0.0)
+            return
+
+        request_id = key = forced = None
+        content_length = -1
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif name == b"x-model-variant":
+                forced = value.decode("latin-1")
+            elif name == b"content-length" and value.isdigit():
+                content_length = int(value)
+            elif route.routing_key is not None and name == route.routing_key.encode():
+                key = value.decode("latin-1")
+
+        choice = choose_variant(route, key=key, forced=forced, rand=random.random())
+        if choice is None:
+            error = UnknownVariantError(f"route {route.name!r} has no variant {forced!r}")
+            await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())])
+            self.state.metrics.observe_request(route.name, "", "", error.status, 0.0)
+            return
+        variant, assignment = choice
+
+        exchange = Exchange()
+        metrics = self.state.metrics
+        metrics.in_flight.inc()
+        try:
+            await self._exchange(
+                scope,
+                receive,
+                send,
+                active,
+                route,
+                variant,
+                prediction_id,
+                content_length,
+                exchange,
+            )
+        except ClientDisconnected:
+            exchange.status, exchange.error = 499, "client disconnected"
+        finally:
+            metrics.in_flight.dec()
+
+        elapsed = time.perf_counter() - started
+        version = exchange.reported_version or variant.model_version
+        metrics.observe_request(route.name, variant.name, version, exchange.status, elapsed)
+        capture = route.config.capture
+        if key is not None and route.config.hash_routing_key:
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
+        await self.state.writer.submit(
+            PredictionRecord(
+                prediction_id=prediction_id,
+                request_id=request_id,
+                route=route.name,
+                variant=variant.name,
+                model_name=route.config.model_name or model_name_from_path(path),
+                configured_version=variant.model_version,
+                reported_version=exchange.reported_version,
+                assignment=assignment,
+                routing_key=key if assignment == "sticky" else None,
+                config_version=active.version,
+                method=method,
+                path=path,
+                request_time=request_time,
+                response_time=request_time + elapsed,
+                latency_ms=elapsed * 1000.0,
+                status=exchange.status,
+                error=exchange.error,
+                request_body=exchange.request_body[: capture.max_bytes] if capture.bodies else None,
+                response_body=exchange.response_body if capture.bodies else None,
+                request_truncated=capture.bodies and len(exchange.request_body) > capture.max_bytes,
+                response_truncated=capture.bodies and exchange.response_truncated,
+            )
+        )
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Any,
+        send: Any,
+        active: ActiveConfig,
+        route: Route,
+        variant: Variant,
+        prediction_id: str,
+        content_length: int,
+        exchange: Exchange,
+    ) -> None:
+        ours = [
+            (b"x-prediction-id", prediction_id.encode()),
+            (b"x-model-variant", variant.name.encode()),
+        ]
+        try:
+            if not _DOT_SEGMENTS.isdisjoint(scope["path"].split("/")):
+                raise BadRequestError("path segments '.' and '..' are not forwarded")
+            exchange.request_body = await _read_body(
+                receive, route.config.max_body_bytes, content_length
+            )
+            with translate_client_errors(variant.name):
+                upstream = await self.state.session.request(
+                    scope["method"],
+                    _upstream_url(variant.url, scope),
+                    data=exchange.request_body or None,
+                    headers=_forward_headers(scope, prediction_id),
+                    timeout=active.timeouts[route.name],
+                    allow_redirects=False,
+                )
+            complete = False
+            try:
+                with translate_client_errors(variant.name):
+                    await self._relay(send, receive, route, variant, upstream, ours, exchange)
+                complete = True
+            finally:
+                # a response not read to the end must not go back to the pool
+                if complete:
+                    upstream.release()
+                else:
+                    upstream.close()
+        except GatewayError as error:
+            exchange.error = f"{error.reason}: {error.message}"
+            self.state.metrics.upstream_error(route.name, variant.name, error.reason)
+            if exchange.status == 0:
+                exchange.status = error.status
+                ours.append((b"x-model-version", variant.model_version.encode()))
+                await _send_error(send, error, ours)
+            # else the response had begun: the client sees a truncated body, as from nginx
+
+    async def _relay(
+        self,
+        send: Any,
+        receive: Any,
+        route: Route,
+        variant: Variant,
+        upstream: aiohttp.ClientResponse,
+        ours: list[tuple[bytes, bytes]],
+        exchange: Exchange,
+    ) -> None:
+        headers = [
+            (name, value)
+            for name, value in upstream.raw_headers
+            if name.lower() not in HOP_BY_HOP and name.lower() not in _RESPONSE_REPLACED
+        ]
+        reported = {k.lower(): v for k, v in upstream.headers.items()}
+        content_type = upstream.headers.get("Content-Type")
+        encoded = "Content-Encoding" in upstream.headers
+        length = upstream.content_length
+        capture = route.config.capture
+        source = route.config.version
+
+        if (
+            length is not None
+            and length <= BUFFER_LIMIT
+            and "event-stream" not in (content_type or "")
+        ):
+            body = await upstream.read()
+            doc = (
+                None if encoded or source.pointer is None else parse_json_object(body, content_type)
+            )
+            exchange.reported_version = reported_version(source, reported, doc)
+            exchange.status = upstream.status
+            if capture.bodies:
+                exchange.response_body = body[: capture.max_bytes]
+                exchange.response_truncated = len(body) > capture.max_bytes
+            version = exchange.reported_version or variant.model_version
+            headers.extend(ours)
+            headers.append((b"x-model-version", version.encode()))
+            await send(
+                {"type": "http.response.start", "status": upstream.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        exchange.reported_version = reported_version(source, reported, None)
+        version = exchange.reported_version or variant.model_version
+        headers.extend(ours)
+        headers.append((b"x-model-version", version.encode()))
+        exchange.status = upstream.status
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        captured = bytearray()
+        keep = capture.max_bytes if capture.bodies else 0
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            while True:
+                read = asyncio.ensure_future(upstream.content.readany())
+                await asyncio.wait((read, disconnect), return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    raise ClientDisconnected
+                chunk = read.result()
+                if not chunk:
+                    break
+                if len(captured) < keep:
+                    captured += chunk[: keep - len(captured)]
+                elif keep:
+                    exchange.response_truncated = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            disconnect.cancel()
+            if capture.bodies:
+                exchange.response_body = bytes(captured)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _wait_for_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
+    if content_length > limit:
+        raise PayloadTooLargeError(f"request body of {content_length} bytes is over {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _upstream_url(base: str, scope: Scope) -> URL:
+    # The host always comes from the configuration; the client supplies only path and query,
+    # kept as the client encoded them.
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    target = base + raw_path.decode("latin-1")
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    return URL(target, encoded=True)
+
+
+def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[str, str]]:
+    headers = scope["headers"]
+    dropped = set(HOP_BY_HOP)
+    forwarded_for = host = None
+    for name, value in headers:
+        if name == b"connection":
+            # RFC 9110 §7.6.1: headers the client marked connection-specific go too
+            dropped.update(
+                token.strip().lower().encode() for token in value.decode("latin-1").split(",")
+            )
+        elif name == b"x-forwarded-for":
+            forwarded_for = value.decode("latin-1")
+        elif name == b"host":
+            host = value.decode("latin-1")
+    out = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if name not in dropped and name not in _REQUEST_REBUILT
+    ]
+    client = scope.get("client")
+    if client:
+        peer = client[0]
+        out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
+    out.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+    if host:
+        out.append(("X-Forwarded-Host", host))
+    out.append(("X-Prediction-Id", prediction_id))
+    return out
+
+
+async def _send_error(send: Any, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
+    body = error.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                *_JSON_ERROR_HEADERS,
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,121 @@
+"""The prediction record, and how a request and its response yield model name and version."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uuid_utils
+
+from .config import VersionSource
+
+# Open Inference Protocol V2 and KServe V1 name the model in the path.
+_MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
+
+
+def new_prediction_id() -> str:
+    """A UUIDv7: unique, and sortable by creation time."""
+    return str(uuid_utils.uuid7())
+
+
+@dataclass(slots=True)
+class PredictionRecord:
+    """One proxied request, as the store keeps it. Field order is the store's column order."""
+
+    prediction_id: str
+    request_id: str | None
+    route: str
+    variant: str
+    model_name: str | None
+    configured_version: str
+    reported_version: str | None
+    assignment: str
+    routing_key: str | None
+    config_version: str
+    method: str
+    path: str
+    request_time: float
+    response_time: float
+    latency_ms: float
+    status: int
+    error: str | None
+    request_body: bytes | None
+    response_body: bytes | None
+    request_truncated: bool
+    response_truncated: bool
+
+    def as_row(self) -> tuple[Any, ...]:
+        return (
+            self.prediction_id,
+            self.request_id,
+            self.route,
+            self.variant,
+            self.model_name,
+            self.configured_version,
+            self.reported_version,
+            self.assignment,
+            self.routing_key,
+            self.config_version,
+            self.method,
+            self.path,
+            self.request_time,
+            self.response_time,
+            self.latency_ms,
+            self.status,
+            self.error,
+            self.request_body,
+            self.response_body,
+            int(self.request_truncated),
+            int(self.response_truncated),
+        )
+
+
+COLUMNS = tuple(PredictionRecord.__dataclass_fields__)
+
+
+def model_name_from_path(path: str) -> str | None:
+    match = _MODEL_IN_PATH.match(path)
+    return match.group(1) if match else None
+
+
+def parse_json_object(body: bytes, content_type: str | None) -> dict[str, Any] | None:
+    """The body as a JSON object when it is one; ``None`` for anything else, never an error."""
+    if not body or content_type is None or "json" not in content_type:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def resolve_pointer(doc: Any, pointer: str) -> Any:
+    """RFC 6901 JSON pointer lookup; ``None`` when the path does not exist."""
+    if pointer == "":
+        return doc
+    for token in pointer[1:].split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            doc = doc.get(token)
+        elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
+            doc = doc[int(token)]
+        else:
+            return None
+    return doc
+
+
+def reported_version(
+    source: VersionSource, headers: dict[str, str], doc: dict[str, Any] | None
+) -> str | None:
+    """The model version the server says it served: a header first, then the body."""
+    if source.header is not None:
+        value = headers.get(source.header.lower())
+        if value:
+            return value
+    if doc is not None and source.pointer is not None:
+        value = resolve_pointer(doc, source.pointer)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    return None

@@ -1,0 +1,134 @@
+"""Which route answers a request, and which variant of it: weighted, sticky or forced.
+
+Pure functions over precomputed tables; no I/O, no clock, no process-random hashing, so the
+same routing key lands on the same variant on every replica and after every restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Literal
+
+from .config import GatewayConfig, RouteConfig, VariantConfig
+
+Assignment = Literal["random", "sticky", "forced"]
+
+# A prefix route matches at a path-segment boundary, so /v2/models/fraud matches
+# /v2/models/fraud/infer (and /v1/models/fraud matches KServe V1 /v1/models/fraud:predict),
+# but /v2/models/fraud does not match /v2/models/fraudster.
+_BOUNDARIES = ("/", ":")
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    url: str
+    model_version: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    path: str
+    match: Literal["exact", "prefix"]
+    methods: frozenset[str] | None
+    variants: tuple[Variant, ...]
+    routing_key: str | None
+    allow_override: bool
+    config: RouteConfig
+    cumulative: tuple[float, ...] = field(init=False)
+    total_weight: float = field(init=False)
+    last_weighted: int = field(init=False)
+    by_name: dict[str, Variant] = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        cumulative = tuple(accumulate(v.weight for v in self.variants))
+        set_(self, "cumulative", cumulative)
+        set_(self, "total_weight", cumulative[-1])
+        set_(self, "last_weighted", max(i for i, v in enumerate(self.variants) if v.weight > 0))
+        set_(self, "by_name", {v.name: v for v in self.variants})
+
+    @classmethod
+    def from_config(cls, rc: RouteConfig) -> Route:
+        return cls(
+            name=rc.name,
+            path=rc.path,
+            match=rc.match,
+            methods=frozenset(rc.methods) if rc.methods else None,
+            variants=tuple(_variant(v) for v in rc.variants),
+            routing_key=rc.routing_key.lower() if rc.routing_key else None,
+            allow_override=rc.allow_override,
+            config=rc,
+        )
+
+    def matches_path(self, path: str) -> bool:
+        if self.match == "exact" or path == self.path:
+            return path == self.path
+        if not path.startswith(self.path):
+            return False
+        return self.path.endswith("/") or path[len(self.path)] in _BOUNDARIES
+
+
+def _variant(vc: VariantConfig) -> Variant:
+    return Variant(name=vc.name, url=vc.url, model_version=vc.model_version, weight=vc.weight)
+
+
+class RoutingTable:
+    """Routes indexed for matching: exact paths by dict, prefixes longest first."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+        self._exact: dict[str, list[Route]] = {}
+        for route in self.routes:
+            if route.match == "exact":
+                self._exact.setdefault(route.path, []).append(route)
+        self._prefixes = sorted(
+            (r for r in self.routes if r.match == "prefix"), key=lambda r: len(r.path), reverse=True
+        )
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> RoutingTable:
+        return cls(Route.from_config(rc) for rc in config.routes)
+
+    def match(self, path: str, method: str) -> Route | None:
+        for route in self._exact.get(path, ()):
+            if route.methods is None or method in route.methods:
+                return route
+        for route in self._prefixes:
+            if route.matches_path(path) and (route.methods is None or method in route.methods):
+                return route
+        return None
+
+
+def sticky_point(route_name: str, key: str) -> float:
+    """A stable point in [0, 1) for a routing key: the same on every machine, forever."""
+    digest = hashlib.blake2b(f"{route_name}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def variant_at(route: Route, point: float) -> Variant:
+    """The variant whose weight interval holds ``point`` (in [0, 1)); zero weights hold none."""
+    index = bisect_right(route.cumulative, point * route.total_weight)
+    # point * total can round up to total; the last variant with weight takes that edge.
+    return route.variants[min(index, route.last_weighted)]
+
+
+def choose_variant(
+    route: Route, *, key: str | None, forced: str | None, rand: float
+) -> tuple[Variant, Assignment] | None:
+    """Pick the variant for one request; ``None`` means a forced name the route lacks.
+
+    ``rand`` is a uniform draw in [0, 1) supplied by the caller, so this stays pure.
+    """
+    if forced is not None and route.allow_override:
+        variant = route.by_name.get(forced)
+        return None if variant is None else (variant, "forced")
+    if key is not None and route.routing_key is not None:
+        return variant_at(route, sticky_point(route.name, key)), "sticky"
+    return variant_at(route, rand), "random"

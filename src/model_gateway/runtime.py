@@ -1,0 +1,44 @@
+"""The active configuration as the hot path uses it: built once per (re)load, swapped whole.
+
+A request reads ``GatewayState.active`` once when it starts and uses that object to the end,
+so a reload never changes the routing of a request already in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from .config import LoadedConfig
+from .metrics import Metrics
+from .routing import RoutingTable
+from .store.writer import RecordWriter
+from .upstream import client_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveConfig:
+    loaded: LoadedConfig
+    table: RoutingTable
+    timeouts: dict[str, aiohttp.ClientTimeout]
+
+    @classmethod
+    def build(cls, loaded: LoadedConfig) -> ActiveConfig:
+        table = RoutingTable.from_config(loaded.config)
+        timeouts = {r.name: client_timeout(r.config.timeouts) for r in table.routes}
+        return cls(loaded=loaded, table=table, timeouts=timeouts)
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+
+@dataclass(slots=True)
+class GatewayState:
+    """Everything long-lived the request handlers need; built and closed by the lifespan."""
+
+    active: ActiveConfig
+    session: aiohttp.ClientSession
+    writer: RecordWriter
+    metrics: Metrics

@@ -1,0 +1,100 @@
+"""Running the gateway (and the demo model servers) under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from urllib.parse import urlsplit
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from .app import CONFIG_ENV, GatewayApp
+from .config import LoadedConfig
+from .demo import create_model_server
+
+log = logging.getLogger("model_gateway")
+
+# How long SIGTERM waits for requests in flight before the log is flushed and the process exits.
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        workers=workers,
+        factory=isinstance(app, str),
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        # The gateway writes X-Forwarded-For itself; uvicorn must not rewrite the client address.
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        log_level="info",
+    )
+
+
+def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
+    if workers > 1:
+        # Each worker process builds its own app from the same file.
+        os.environ[CONFIG_ENV] = os.path.abspath(loaded.source)
+        config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
+        sock = config.bind_socket()
+        Multiprocess(config, sockets=[sock]).run()
+        return
+    uvicorn.Server(gateway_server_config(GatewayApp(loaded), host, port)).run()
+
+
+def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
+    """(host, port, model name, version) for each variant served on this machine."""
+    seen: dict[tuple[str, int], tuple[str, int, str, str]] = {}
+    for route in loaded.config.routes:
+        for variant in route.variants:
+            parts = urlsplit(variant.url)
+            if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
+                name = route.model_name or route.name
+                seen.setdefault(
+                    (parts.hostname, parts.port),
+                    (parts.hostname, parts.port, name, variant.model_version),
+                )
+    return list(seen.values())
+
+
+def run_demo(loaded: LoadedConfig, host: str, port: int) -> None:
+    """Start a demo model server for every local variant, then the gateway in front of them."""
+    servers = []
+    for up_host, up_port, model, version in demo_upstreams(loaded):
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_model_server(model, version),
+                host=up_host,
+                port=up_port,
+                log_level="warning",
+                access_log=False,
+            )
+        )
+        thread = threading.Thread(target=server.run, name=f"demo-{up_port}", daemon=True)
+        thread.start()
+        servers.append(server)
+        print(f"demo model server: {model} version {version} on http://{up_host}:{up_port}")
+    route = loaded.config.routes[0]
+    print(
+        "\ntry it:\n"
+        f"  curl -s -i -X POST http://{host}:{port}{route.path}/infer \\\n"
+        "    -H 'Content-Type: application/json' -H 'X-User-Id: alice' \\\n"
+        '    -d \'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", '
+        '"data": [1.2, 0.4, 2.0, 0.1]}]}\'\n',
+        flush=True,
+    )
+    try:
+        uvicorn.Server(gateway_server_config(GatewayApp(loaded), host, port)).run()
+    finally:
+        for server in servers:
+            server.should_exit = True
+        asyncio.run(asyncio.sleep(0.2))

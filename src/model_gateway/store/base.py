@@ -1,0 +1,44 @@
+"""The store interface the writer, the admin endpoints and the CLI program against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    async def close(self) -> None: ...
+
+    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert rows in :data:`model_gateway.records.COLUMNS` order, in one transaction."""
+
+    async def record_config(
+        self, version: str, activated_at: float, source: str, text: str
+    ) -> None:
+        """Keep a configuration that has just become active."""
+
+    async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
+
+    async def count_predictions(self) -> int: ...
+
+    async def schema_version(self) -> int: ...
+
+
+def open_store(url: str) -> Store:
+    """The store for a ``storage.url``; call :meth:`Store.open` before use."""
+    if url.startswith("sqlite://"):
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path(url))
+    raise ValueError(f"unsupported storage url {url!r}: only sqlite:// is available")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db`` absolute."""
+    path = url.removeprefix("sqlite://").removeprefix("/")
+    if not path:
+        raise ValueError(f"storage url {url!r} names no file")
+    return path

@@ -1,0 +1,56 @@
+"""The one schema every store shares, as numbered migrations.
+
+Each migration is written once with ``{blob}`` standing for the binary column type, so SQLite
+and PostgreSQL run the same statements. A database records the highest migration applied in
+``schema_version``; a gateway upgrades an older database and refuses a newer one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE predictions (
+            prediction_id TEXT PRIMARY KEY,
+            request_id TEXT,
+            route TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            model_name TEXT,
+            configured_version TEXT NOT NULL,
+            reported_version TEXT,
+            assignment TEXT NOT NULL,
+            routing_key TEXT,
+            config_version TEXT NOT NULL,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            request_time DOUBLE PRECISION NOT NULL,
+            response_time DOUBLE PRECISION NOT NULL,
+            latency_ms DOUBLE PRECISION NOT NULL,
+            status INTEGER NOT NULL,
+            error TEXT,
+            request_body {blob},
+            response_body {blob},
+            request_truncated INTEGER NOT NULL DEFAULT 0,
+            response_truncated INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX predictions_request_id ON predictions (request_id)",
+        "CREATE INDEX predictions_route_time ON predictions (route, request_time)",
+        "CREATE INDEX predictions_variant_time ON predictions (variant, request_time)",
+        """CREATE TABLE configs (
+            version TEXT NOT NULL,
+            activated_at DOUBLE PRECISION NOT NULL,
+            source TEXT NOT NULL,
+            text TEXT NOT NULL
+        )""",
+        "CREATE INDEX configs_activated_at ON configs (activated_at)",
+    ),
+)
+
+LATEST_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNewError(RuntimeError):
+    def __init__(self, found: int) -> None:
+        super().__init__(
+            f"the database has schema version {found}, newer than this gateway's "
+            f"{LATEST_VERSION}; upgrade model-gateway before pointing it at this database"
+        )

@@ -1,0 +1,97 @@
+"""The embedded default store: one SQLite file in WAL mode, written in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from ..records import COLUMNS
+from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
+
+# Column names are the record's own constants, never input; values are always parameters.
+_COLUMN_LIST = ", ".join(COLUMNS)
+_PLACEHOLDERS = ", ".join("?" * len(COLUMNS))
+_INSERT = f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({_PLACEHOLDERS})"  # noqa: S608
+
+
+class SQLiteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self._db = await aiosqlite.connect(self.path)
+        self._db.row_factory = aiosqlite.Row
+        # WAL lets readers (admin, CLI, other workers) run beside the writer; NORMAL sync is
+        # durable across process crashes, which is the failure this log must survive.
+        await self.db.execute("PRAGMA journal_mode=WAL")
+        await self.db.execute("PRAGMA synchronous=NORMAL")
+        await self.db.execute("PRAGMA busy_timeout=10000")
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def schema_version(self) -> int:
+        await self.db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+        )
+        async with self.db.execute("SELECT MAX(version) FROM schema_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def _migrate(self) -> None:
+        # BEGIN IMMEDIATE takes the write lock first, so two workers starting together
+        # cannot both apply the same migration.
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            current = await self.schema_version()
+            if current > LATEST_VERSION:
+                raise SchemaTooNewError(current)
+            for version in range(current + 1, LATEST_VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    await self.db.execute(statement.format(blob="BLOB"))
+                await self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+
+    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            await self.db.executemany(_INSERT, rows)
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+
+    async def record_config(
+        self, version: str, activated_at: float, source: str, text: str
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO configs (version, activated_at, source, text) VALUES (?, ?, ?, ?)",
+            (version, activated_at, source, text),
+        )
+        await self.db.commit()
+
+    async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT * FROM predictions WHERE prediction_id = ?", (prediction_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else dict(row)
+
+    async def count_predictions(self) -> int:
+        async with self.db.execute("SELECT COUNT(*) FROM predictions") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0

@@ -1,0 +1,108 @@
+"""The batched background writer between the hot path and the store.
+
+Requests hand records to a bounded queue and never wait on the store. One task takes every
+record waiting, writes them in one transaction, and repeats: batches grow by themselves when
+the store is slower than the traffic (group commit), and a record waits only as long as the
+write before it. When the queue is full the overflow policy applies: ``block`` makes the
+request wait for room (nothing lost, back-pressure), ``drop`` drops and counts the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Literal
+
+from ..metrics import Metrics
+from ..records import PredictionRecord
+from .base import Store
+
+log = logging.getLogger("model_gateway.writer")
+
+_STOP = object()
+_RETRY_BASE_DELAY = 0.1
+
+
+class RecordWriter:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        batch_size: int,
+        overflow: Literal["block", "drop"],
+        write_retries: int,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._block = overflow == "block"
+        self._retries = write_retries
+        self._task: asyncio.Task[None] | None = None
+        metrics.log_queue_depth.set_function(self._queue.qsize)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="model-gateway-record-writer")
+
+    async def submit(self, record: PredictionRecord) -> None:
+        """Queue a record; under ``block`` wait for room, under ``drop`` count it and go on."""
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            if self._block:
+                await self._queue.put(record)
+            else:
+                self._metrics.log_dropped.inc()
+
+    async def close(self) -> None:
+        """Write every queued record, then stop. Call after the server stopped taking requests."""
+        if self._task is None:
+            return
+        await self._queue.put(_STOP)
+        await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            batch: list[PredictionRecord] = []
+            item = await self._queue.get()
+            stop = item is _STOP
+            if not stop:
+                batch.append(item)  # type: ignore[arg-type]
+                while len(batch) < self._batch_size:
+                    try:
+                        item = self._queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)  # type: ignore[arg-type]
+            if batch:
+                await self._write(batch)
+            if stop and self._queue.empty():
+                return
+            if stop:
+                # records queued behind the stop marker by requests that were still finishing
+                await self._queue.put(_STOP)
+
+    async def _write(self, batch: list[PredictionRecord]) -> None:
+        rows = [record.as_row() for record in batch]
+        for attempt in range(self._retries + 1):
+            try:
+                await self._store.write_predictions(rows)
+            except Exception:
+                log.exception(
+                    "writing %d prediction records failed (attempt %d of %d)",
+                    len(rows),
+                    attempt + 1,
+                    self._retries + 1,
+                )
+                if attempt < self._retries:
+                    await asyncio.sleep(_RETRY_BASE_DELAY * 2**attempt)
+            else:
+                self._metrics.log_written.inc(len(rows))
+                return
+        self._metrics.log_write_errors.inc(len(rows))

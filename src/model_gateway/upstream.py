@@ -1,0 +1,54 @@
+"""The upstream side: one pooled aiohttp client session, per-route timeouts, error translation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+from .config import Timeouts
+from .errors import BadGatewayError, UpstreamConnectError, UpstreamTimeoutError
+
+# Idle keep-alive connections are reused for this long; model servers (uvicorn, MLServer,
+# Triton) keep theirs for 5 s or more, so 4 s avoids racing their close.
+KEEPALIVE_SECONDS = 4.0
+
+
+def create_session() -> aiohttp.ClientSession:
+    """The client session every proxied request goes through; created in the lifespan."""
+    connector = aiohttp.TCPConnector(
+        limit=0,  # no global cap: the model servers and the client's concurrency set the pace
+        keepalive_timeout=KEEPALIVE_SECONDS,
+        ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # bodies pass through byte for byte, encodings included
+        auto_decompress=False,
+        # only the client's own headers go upstream
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=timeouts.total, connect=timeouts.connect)
+
+
+@contextmanager
+def translate_client_errors(variant: str) -> Iterator[None]:
+    """The single place where aiohttp's exceptions become gateway errors."""
+    try:
+        yield
+    except TimeoutError as exc:  # aiohttp's timeout errors subclass it
+        raise UpstreamTimeoutError(f"variant {variant!r} did not answer in time") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamConnectError(
+            f"variant {variant!r} refused the connection: {exc.os_error.strerror or exc}"
+        ) from exc
+    except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+        raise BadGatewayError(
+            f"variant {variant!r} answered badly: {type(exc).__name__}: {exc}"
+        ) from exc
