@@ -243,7 +243,11 @@ _MESSAGES = {
 def _describe(err: Any) -> str:
     template = _MESSAGES.get(err["type"])
     if template is not None:
-        message = template.format(**err.get("ctx", {}))
+        ctx = {
+            k: int(v) if isinstance(v, float) and v.is_integer() else v
+            for k, v in err.get("ctx", {}).items()
+        }
+        message = template.format(**ctx)
     else:
         message = str(err["msg"]).removeprefix("Value error, ")
         message = message[:1].lower() + message[1:]

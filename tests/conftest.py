@@ -1,0 +1,168 @@
+"""Test harness: real uvicorn servers on ephemeral ports, each in a thread with its own loop."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+import yaml
+
+from model_gateway.app import GatewayApp
+from model_gateway.config import parse_config
+from model_gateway.server import gateway_server_config
+
+from .upstreams import UpstreamControl, create_upstream
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ServerThread:
+    """A uvicorn server on 127.0.0.1:<ephemeral> in a thread; ``stop()`` is a graceful stop."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+@contextmanager
+def running(app: Any) -> Iterator[ServerThread]:
+    server = ServerThread(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Upstream:
+    name: str
+    version: str
+    url: str
+    control: UpstreamControl
+
+
+@pytest.fixture
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    """Two real upstreams, ``a`` (version 1) and ``b`` (version 2)."""
+    servers = {}
+    with running(create_upstream("a", "1", ca := UpstreamControl())) as sa:
+        with running(create_upstream("b", "2", cb := UpstreamControl())) as sb:
+            servers["a"] = Upstream("a", "1", sa.url, ca)
+            servers["b"] = Upstream("b", "2", sb.url, cb)
+            yield servers
+            ca.release.set()
+            cb.release.set()
+
+
+def dead_url() -> str:
+    """A URL on which nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def raw_request(url: str, request: bytes) -> tuple[int, bytes]:
+    """Send bytes exactly as given (no client normalising the target); status and raw answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+class RunningGateway:
+    def __init__(self, config_text: str, db_path: Path) -> None:
+        self.db_path = db_path
+        self.app = GatewayApp(parse_config(config_text, "test.yaml"))
+        self.server = ServerThread(gateway_server_config(self.app, "127.0.0.1", 0)).start()
+        self.url = self.server.url
+        self.stopped = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.server.stop()
+
+    def records(self) -> list[dict[str, Any]]:
+        db = sqlite3.connect(self.db_path)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute("SELECT * FROM predictions")]
+        finally:
+            db.close()
+
+
+GatewayFactory = Callable[..., RunningGateway]
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
+    """Start a real gateway for a list of routes; stopped gracefully at the end of the test."""
+    started: list[RunningGateway] = []
+
+    def start(routes: list[dict[str, Any]], **sections: Any) -> RunningGateway:
+        db = tmp_path / f"log{len(started)}.db"
+        storage = {"url": f"sqlite:///{db}", **sections.pop("storage", {})}
+        text = yaml.safe_dump({"storage": storage, "routes": routes, **sections})
+        gw = RunningGateway(text, db)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+def route(
+    name: str, path: str, variants: list[tuple[str, str, float]], **extra: Any
+) -> dict[str, Any]:
+    """A route dict; variants as (name, url, weight), version taken from the name's upstream."""
+    return {
+        "name": name,
+        "path": path,
+        "variants": [
+            {"name": n, "url": u, "model_version": {"a": "1", "b": "2"}.get(n, "9"), "weight": w}
+            for n, u, w in variants
+        ],
+        **extra,
+    }

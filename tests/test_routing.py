@@ -1,0 +1,166 @@
+"""Routing is pure: weights honoured, sticky keys stable, zero weights get nothing."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model_gateway.config import RouteConfig, VariantConfig
+from model_gateway.routing import Route, RoutingTable, choose_variant, sticky_point
+
+weights_st = st.lists(st.integers(min_value=0, max_value=100), min_size=1, max_size=6).filter(
+    lambda ws: sum(ws) > 0
+)
+
+
+def make_route(
+    weights: list[float], *, key: str | None = None, override: bool = False, name: str = "r"
+) -> Route:
+    return Route.from_config(
+        RouteConfig(
+            name=name,
+            path="/p",
+            routing_key=key,
+            allow_override=override,
+            variants=[
+                VariantConfig(name=f"v{i}", url="http://up", model_version=str(i), weight=w)
+                for i, w in enumerate(weights)
+            ],
+        )
+    )
+
+
+def assert_split_matches(counts: Counter[str], weights: list[int], n: int) -> None:
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        seen = counts[f"v{i}"]
+        if w == 0:
+            assert seen == 0, f"zero-weight v{i} got {seen}"
+            continue
+        p = w / total
+        # 5 standard deviations of the binomial: a false failure about once in 3.5 million
+        bound = 5 * math.sqrt(n * p * (1 - p)) + 1
+        assert abs(seen - n * p) <= bound, (i, seen, n * p, bound)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights=weights_st, seed=st.integers(min_value=0, max_value=2**32 - 1))
+def test_random_split_follows_weights(weights: list[int], seed: int) -> None:
+    route = make_route(weights)
+    rng = random.Random(seed)
+    n = 4000
+    counts = Counter(
+        choose_variant(route, key=None, forced=None, rand=rng.random())[0].name  # type: ignore[index]
+        for _ in range(n)
+    )
+    assert_split_matches(counts, weights, n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=weights_st, salt=st.text(max_size=8))
+def test_sticky_split_over_many_keys_follows_weights(weights: list[int], salt: str) -> None:
+    route = make_route(weights, key="X-User-Id")
+    n = 4000
+    counts = Counter(
+        choose_variant(route, key=f"{salt}user-{i}", forced=None, rand=0.0)[0].name  # type: ignore[index]
+        for i in range(n)
+    )
+    assert_split_matches(counts, weights, n)
+
+
+@given(
+    weights=weights_st,
+    key=st.text(min_size=1),
+    r1=st.floats(0, 1, exclude_max=True),
+    r2=st.floats(0, 1, exclude_max=True),
+)
+def test_sticky_key_always_gets_the_same_variant(
+    weights: list[int], key: str, r1: float, r2: float
+) -> None:
+    first = choose_variant(make_route(weights, key="X-User-Id"), key=key, forced=None, rand=r1)
+    # a route built afresh (a restart, another replica) and another random draw
+    again = choose_variant(make_route(weights, key="X-User-Id"), key=key, forced=None, rand=r2)
+    assert first is not None and again is not None
+    assert first[0].name == again[0].name
+    assert first[1] == again[1] == "sticky"
+
+
+def test_sticky_point_is_stable_across_processes_and_releases() -> None:
+    # Fixed vectors: changing the hash would move users between variants on upgrade.
+    assert sticky_point("fraud", "alice") == 0.6732864745493723
+    assert sticky_point("fraud", "bob") == 0.9994914321426689
+    code = "from model_gateway.routing import sticky_point; print(repr(sticky_point('fraud', 'alice')))"
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        assert float(out) == sticky_point("fraud", "alice")
+
+
+@given(weights=weights_st, forced_index=st.integers(0, 5))
+def test_forced_variant_only_when_route_allows(weights: list[int], forced_index: int) -> None:
+    forced_index %= len(weights)
+    name = f"v{forced_index}"
+    allowed = choose_variant(make_route(weights, override=True), key=None, forced=name, rand=0.5)
+    assert allowed is not None and allowed[0].name == name and allowed[1] == "forced"
+    ignored = choose_variant(make_route(weights, override=False), key=None, forced=name, rand=0.5)
+    assert ignored is not None and ignored[1] == "random"
+    assert (
+        choose_variant(make_route(weights, override=True), key=None, forced="nope", rand=0.5)
+        is None
+    )
+
+
+def test_edge_of_unit_interval_lands_on_a_weighted_variant() -> None:
+    route = make_route([1, 0])
+    assert choose_variant(route, key=None, forced=None, rand=0.9999999999999999)[0].name == "v0"  # type: ignore[index]
+    assert choose_variant(make_route([0, 3, 0]), key=None, forced=None, rand=0.0)[0].name == "v1"  # type: ignore[index]
+
+
+def test_route_matching_exact_prefix_and_methods() -> None:
+    def rc(
+        name: str, path: str, match: str = "prefix", methods: list[str] | None = None
+    ) -> RouteConfig:
+        return RouteConfig.model_validate(
+            {
+                "name": name,
+                "path": path,
+                "match": match,
+                "methods": methods,
+                "variants": [{"name": "v", "url": "http://up", "model_version": "1"}],
+            }
+        )
+
+    table = RoutingTable(
+        Route.from_config(c)
+        for c in (
+            rc("models", "/v2/models"),
+            rc("fraud", "/v2/models/fraud"),
+            rc("fraud-v1", "/v1/models/fraud"),
+            rc("exact", "/v2/models/fraud/ready", match="exact", methods=["GET"]),
+            rc("root", "/"),
+        )
+    )
+
+    def name(path: str, method: str = "POST") -> str | None:
+        found = table.match(path, method)
+        return found.name if found else None
+
+    assert name("/v2/models/fraud/infer") == "fraud"
+    assert name("/v2/models/fraud") == "fraud"
+    assert name("/v2/models/fraudster/infer") == "models"
+    assert name("/v1/models/fraud:predict") == "fraud-v1"
+    assert name("/v2/models/fraud/ready", "GET") == "exact"
+    assert name("/v2/models/fraud/ready", "POST") == "fraud"
+    assert name("/other") == "root"
