@@ -78,14 +78,11 @@ class Upstream:
 @pytest.fixture
 def upstreams() -> Iterator[dict[str, Upstream]]:
     """Two real upstreams, ``a`` (version 1) and ``b`` (version 2)."""
-    servers = {}
-    with running(create_upstream("a", "1", ca := UpstreamControl())) as sa:
-        with running(create_upstream("b", "2", cb := UpstreamControl())) as sb:
-            servers["a"] = Upstream("a", "1", sa.url, ca)
-            servers["b"] = Upstream("b", "2", sb.url, cb)
-            yield servers
-            ca.release.set()
-            cb.release.set()
+    ca, cb = UpstreamControl(), UpstreamControl()
+    with running(create_upstream("a", "1", ca)) as sa, running(create_upstream("b", "2", cb)) as sb:
+        yield {"a": Upstream("a", "1", sa.url, ca), "b": Upstream("b", "2", sb.url, cb)}
+        ca.release.set()
+        cb.release.set()
 
 
 def dead_url() -> str:

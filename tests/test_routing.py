@@ -96,7 +96,10 @@ def test_sticky_point_is_stable_across_processes_and_releases() -> None:
     # Fixed vectors: changing the hash would move users between variants on upgrade.
     assert sticky_point("fraud", "alice") == 0.6732864745493723
     assert sticky_point("fraud", "bob") == 0.9994914321426689
-    code = "from model_gateway.routing import sticky_point; print(repr(sticky_point('fraud', 'alice')))"
+    code = (
+        "from model_gateway.routing import sticky_point; "
+        "print(repr(sticky_point('fraud', 'alice')))"
+    )
     for seed in ("1", "2"):
         out = subprocess.run(
             [sys.executable, "-c", code],

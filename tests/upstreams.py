@@ -46,6 +46,7 @@ def create_upstream(name: str, version: str, control: UpstreamControl | None = N
         )
 
     async def slow(request: Request) -> Response:
+        control.requests += 1
         await asyncio.sleep(float(request.query_params.get("seconds", "2")))
         return Response(orjson.dumps({"upstream": name, "model_version": version}))
 

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 
 from .admin import control_routes
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
+from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
 from .runtime import ActiveConfig, GatewayState
@@ -122,4 +123,5 @@ def create_app(config_path: str) -> GatewayApp:
 
 def app_from_env() -> GatewayApp:
     """The factory each worker process of ``serve --workers N`` calls."""
+    configure_logging()
     return create_app(os.environ[CONFIG_ENV])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .config import LoadedConfig, load_config
 from .errors import ConfigError
+from .logs import configure_logging
 
 
 def _load_or_exit(path: str) -> LoadedConfig:
@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     result: int = args.func(args)
     return result
 

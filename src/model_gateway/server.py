@@ -41,14 +41,26 @@ def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -
 
 
 def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
+    """Run until SIGINT/SIGTERM, then finish requests in flight and flush the log."""
     if workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ[CONFIG_ENV] = os.path.abspath(loaded.source)
         config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
-        sock = config.bind_socket()
+    else:
+        config = gateway_server_config(GatewayApp(loaded), host, port)
+    sock = config.bind_socket()
+    bound_host, bound_port = sock.getsockname()[:2]
+    log.info(
+        "model-gateway listening on http://%s:%d (%d worker%s)",
+        bound_host,
+        bound_port,
+        workers,
+        "s" if workers > 1 else "",
+    )
+    if workers > 1:
         Multiprocess(config, sockets=[sock]).run()
-        return
-    uvicorn.Server(gateway_server_config(GatewayApp(loaded), host, port)).run()
+    else:
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
