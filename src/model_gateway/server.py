@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import socket
 import threading
+import time
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -19,6 +20,7 @@ log = logging.getLogger("model_gateway")
 
 # How long SIGTERM waits for requests in flight before the log is flushed and the process exits.
 GRACEFUL_SHUTDOWN_SECONDS = 30
+DEMO_START_SECONDS = 10
 
 
 def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -> uvicorn.Config:
@@ -48,19 +50,19 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
         config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
     else:
         config = gateway_server_config(GatewayApp(loaded), host, port)
-    sock = config.bind_socket()
-    bound_host, bound_port = sock.getsockname()[:2]
-    log.info(
-        "model-gateway listening on http://%s:%d (%d worker%s)",
-        bound_host,
-        bound_port,
-        workers,
-        "s" if workers > 1 else "",
-    )
+    sock, url = _bind(config)
+    log.info("model-gateway listening on %s (%d worker%s)", url, workers, "s"[: workers - 1])
     if workers > 1:
         Multiprocess(config, sockets=[sock]).run()
     else:
         uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(config: uvicorn.Config) -> tuple[socket.socket, str]:
+    """Bind before serving, so that ``--port 0`` can be reported as the port really taken."""
+    sock = config.bind_socket()
+    bound_host, bound_port = sock.getsockname()[:2]
+    return sock, f"http://{bound_host}:{bound_port}"
 
 
 def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
@@ -80,7 +82,7 @@ def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
 
 def run_demo(loaded: LoadedConfig, host: str, port: int) -> None:
     """Start a demo model server for every local variant, then the gateway in front of them."""
-    servers = []
+    servers: list[uvicorn.Server] = []
     for up_host, up_port, model, version in demo_upstreams(loaded):
         server = uvicorn.Server(
             uvicorn.Config(
@@ -91,22 +93,27 @@ def run_demo(loaded: LoadedConfig, host: str, port: int) -> None:
                 access_log=False,
             )
         )
-        thread = threading.Thread(target=server.run, name=f"demo-{up_port}", daemon=True)
-        thread.start()
+        threading.Thread(target=server.run, name=f"demo-{up_port}", daemon=True).start()
+        deadline = time.monotonic() + DEMO_START_SECONDS
+        while not server.started:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo model server on {up_host}:{up_port} did not start")
+            time.sleep(0.02)
         servers.append(server)
         print(f"demo model server: {model} version {version} on http://{up_host}:{up_port}")
+    config = gateway_server_config(GatewayApp(loaded), host, port)
+    sock, url = _bind(config)
     route = loaded.config.routes[0]
     print(
-        "\ntry it:\n"
-        f"  curl -s -i -X POST http://{host}:{port}{route.path}/infer \\\n"
+        f"\nmodel-gateway listening on {url}; try it:\n"
+        f"  curl -s -i -X POST {url}{route.path}/infer \\\n"
         "    -H 'Content-Type: application/json' -H 'X-User-Id: alice' \\\n"
         '    -d \'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", '
         '"data": [1.2, 0.4, 2.0, 0.1]}]}\'\n',
         flush=True,
     )
     try:
-        uvicorn.Server(gateway_server_config(GatewayApp(loaded), host, port)).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         for server in servers:
             server.should_exit = True
-        asyncio.run(asyncio.sleep(0.2))
