@@ -17,7 +17,7 @@ import uvicorn
 import yaml
 
 from model_gateway.app import GatewayApp
-from model_gateway.config import parse_config
+from model_gateway.config import load_config
 from model_gateway.server import gateway_server_config
 
 from .upstreams import UpstreamControl, create_upstream
@@ -108,9 +108,10 @@ def raw_request(url: str, request: bytes) -> tuple[int, bytes]:
 
 
 class RunningGateway:
-    def __init__(self, config_text: str, db_path: Path) -> None:
+    def __init__(self, config_path: Path, db_path: Path) -> None:
+        self.config_path = config_path
         self.db_path = db_path
-        self.app = GatewayApp(parse_config(config_text, "test.yaml"))
+        self.app = GatewayApp(load_config(config_path))
         self.server = ServerThread(gateway_server_config(self.app, "127.0.0.1", 0)).start()
         self.url = self.server.url
         self.stopped = False
@@ -140,8 +141,9 @@ def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     def start(routes: list[dict[str, Any]], **sections: Any) -> RunningGateway:
         db = tmp_path / f"log{len(started)}.db"
         storage = {"url": f"sqlite:///{db}", **sections.pop("storage", {})}
-        text = yaml.safe_dump({"storage": storage, "routes": routes, **sections})
-        gw = RunningGateway(text, db)
+        config = tmp_path / f"gateway{len(started)}.yaml"
+        config.write_text(yaml.safe_dump({"storage": storage, "routes": routes, **sections}))
+        gw = RunningGateway(config, db)
         started.append(gw)
         return gw
 

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import base64
 import hmac
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import yaml
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .config import RouteConfig
 from .metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ def error_response(status: int, code: str, message: str) -> Response:
 def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
     def guarded(handler: Handler) -> Handler:
         async def check_token(request: Request) -> Response:
-            token = gateway.loaded.config.admin.token
+            token = gateway.loaded.config.admin.effective_token()
             if token:
                 given = request.headers.get("authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -56,16 +60,110 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             return error_response(404, "not_found", f"no prediction {prediction_id!r}")
         return json_response(_jsonable(record))
 
+    async def reload(request: Request) -> Response:
+        result = await gateway.reloader.reload("POST /admin/reload")
+        if result.outcome == "failed":
+            return json_response(
+                {
+                    "error": {
+                        "code": "invalid_config",
+                        "message": "the configuration was not reloaded; the old one stays live",
+                        "problems": result.problems,
+                    },
+                    "config_version": result.version,
+                },
+                422,
+            )
+        return json_response({"status": result.outcome, "config_version": result.version})
+
+    async def routing(request: Request) -> Response:
+        raw = request.query_params.get("at")
+        if raw is None:
+            at = time.time()
+        else:
+            try:
+                at = parse_rfc3339(raw)
+            except ValueError as exc:
+                return error_response(400, "bad_request", f"at: {exc}")
+        found = await gateway.store.config_at(at)
+        if found is None:
+            return error_response(
+                404, "not_found", f"no configuration was active at {format_rfc3339(at)}"
+            )
+        return json_response(
+            {
+                "at": format_rfc3339(at),
+                "config_version": found["version"],
+                "activated_at": format_rfc3339(found["activated_at"]),
+                "source": found["source"],
+                "routes": routing_snapshot(found["text"]),
+            }
+        )
+
     return [
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         Route("/admin/predictions/{prediction_id}", guarded(prediction)),
+        Route("/admin/reload", guarded(reload), methods=["POST"]),
+        Route("/admin/routing", guarded(routing)),
     ]
+
+
+def parse_rfc3339(text: str) -> float:
+    """Unix seconds from an RFC 3339 timestamp; the offset is required."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an RFC 3339 time, e.g. 2026-01-31T12:00:00Z") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset; add Z or +hh:mm")
+    return moment.timestamp()
+
+
+def format_rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def routing_snapshot(text: str) -> list[dict[str, Any]]:
+    """Routes, variants, versions, weights and shares of a stored configuration text.
+
+    The text was valid when it was activated; it is read again without expanding ``${VAR}``
+    references, which need not be set in this process.
+    """
+    routes = []
+    for raw in yaml.safe_load(text)["routes"]:
+        rc = RouteConfig.model_validate(raw)
+        total = sum(v.weight for v in rc.variants)
+        routes.append(
+            {
+                "name": rc.name,
+                "path": rc.path,
+                "match": rc.match,
+                "routing_key": rc.routing_key,
+                "variants": [
+                    {
+                        "name": v.name,
+                        "model_version": v.model_version,
+                        "url": v.url,
+                        "weight": v.weight,
+                        "share": v.weight / total,
+                    }
+                    for v in rc.variants
+                ],
+            }
+        )
+    return routes
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in record.items():
+        if key in ("request_time", "response_time"):
+            value = format_rfc3339(value)
+        elif key in ("request_headers", "response_headers") and value is not None:
+            value = orjson.loads(value)
+        elif key in ("request_truncated", "response_truncated", "shadow"):
+            value = bool(value)
         if isinstance(value, bytes):
             try:
                 value = value.decode("utf-8")

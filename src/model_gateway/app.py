@@ -16,6 +16,7 @@ from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
+from .reload import ConfigReloader
 from .runtime import ActiveConfig, GatewayState
 from .store import open_store
 from .store.writer import RecordWriter
@@ -36,6 +37,7 @@ class GatewayApp:
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
         self._control = Starlette(routes=control_routes(self))
+        self.reloader = ConfigReloader(self)
 
     @property
     def state(self) -> GatewayState:
@@ -77,9 +79,6 @@ class GatewayApp:
         storage = self.loaded.config.storage
         metrics = Metrics()
         await self._store.open()
-        await self._store.record_config(
-            self.loaded.version, time.time(), self.loaded.source, self.loaded.text
-        )
         writer = RecordWriter(
             self._store,
             metrics,
@@ -95,19 +94,35 @@ class GatewayApp:
             writer=writer,
             metrics=metrics,
         )
+        await self.activate(self.loaded, time.time())
         self._proxy = ProxyApp(self._state)
+        self.reloader.start()
         log.info(
             "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
         )
+
+    async def activate(self, loaded: LoadedConfig, at: float) -> None:
+        """Make ``loaded`` the live configuration and add it to the history."""
+        await self._store.record_config(loaded.version, at, loaded.source, _history_text(loaded))
+        self.loaded = loaded
+        self.state.active = ActiveConfig.build(loaded)
+        self.state.metrics.set_config_version(loaded.version)
 
     async def shutdown(self) -> None:
         # The server has stopped taking requests and finished those in flight, so every
         # record is already queued: write them all, then close what they needed.
         state = self.state
+        await self.reloader.stop()
         await state.writer.close()
         await state.session.close()
         await self._store.close()
         log.info("model-gateway stopped; prediction log flushed")
+
+
+def _history_text(loaded: LoadedConfig) -> str:
+    # A token written into the file literally is a secret; the history keeps it out.
+    token = loaded.config.admin.token
+    return loaded.text.replace(token, "[REDACTED]") if token else loaded.text
 
 
 def _is_control_path(path: str) -> bool:

@@ -27,6 +27,11 @@ DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
+DEFAULT_CONFIG_POLL_INTERVAL = 2.0
+#: environment variable that supplies admin.token when the file sets none
+ADMIN_TOKEN_ENV = "MODEL_GATEWAY_ADMIN_TOKEN"  # noqa: S105 (a variable name)
+#: request and response headers whose values never reach the log, whatever the config says
+ALWAYS_REDACTED_HEADERS = ("authorization", "cookie", "proxy-authorization", "set-cookie")
 
 #: paths the gateway answers itself; a route may not claim them
 RESERVED_PREFIXES = ("/admin", "/feedback", "/metrics", "/healthz")
@@ -41,6 +46,8 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    #: seconds between checks of the config file for changes; 0 turns the check off
+    config_poll_interval: float = Field(default=DEFAULT_CONFIG_POLL_INTERVAL, ge=0)
 
 
 class StorageConfig(_Strict):
@@ -62,6 +69,10 @@ class StorageConfig(_Strict):
 class AdminConfig(_Strict):
     token: str | None = None
 
+    def effective_token(self) -> str | None:
+        """The configured token, else ``$MODEL_GATEWAY_ADMIN_TOKEN``; empty means none."""
+        return self.token or os.environ.get(ADMIN_TOKEN_ENV) or None
+
 
 class Timeouts(_Strict):
     connect: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
@@ -71,6 +82,17 @@ class Timeouts(_Strict):
 class CaptureConfig(_Strict):
     bodies: bool = False
     max_bytes: int = Field(default=DEFAULT_CAPTURE_MAX_BYTES, ge=0)
+    #: keep request and response headers; those in ALWAYS_REDACTED_HEADERS and
+    #: ``redact_headers`` are kept with their value replaced
+    headers: bool = False
+    redact_headers: list[str] = []
+    #: JSON object keys whose values are replaced in captured bodies, at any depth
+    redact_fields: list[str] = []
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lower_headers(cls, names: list[str]) -> list[str]:
+        return [n.lower() for n in names]
 
 
 class VersionSource(_Strict):

@@ -66,6 +66,20 @@ class Metrics:
         self.log_queue_depth = Gauge(
             f"{PREFIX}_log_queue_depth", "Prediction records waiting to be written.", registry=r
         )
+        self.config_reloads = Counter(
+            f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r
+        )
+        self.config_reload_failures = Counter(
+            f"{PREFIX}_config_reload_failures",
+            "Reloads refused because the file was invalid; the old configuration stayed live.",
+            registry=r,
+        )
+        self.config_info = Gauge(
+            f"{PREFIX}_config_info",
+            "The active configuration's version (content hash); always 1.",
+            ["version"],
+            registry=r,
+        )
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -83,6 +97,10 @@ class Metrics:
 
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]
+
+    def set_config_version(self, version: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(version).set(1)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

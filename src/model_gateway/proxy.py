@@ -84,6 +84,7 @@ class Exchange:
         "reported_version",
         "request_body",
         "response_body",
+        "response_headers",
         "response_truncated",
         "status",
     )
@@ -94,6 +95,7 @@ class Exchange:
         self.reported_version: str | None = None
         self.request_body = b""
         self.response_body: bytes | None = None
+        self.response_headers: list[tuple[bytes, bytes]] = []
         self.response_truncated = False
 
 
@@ -159,7 +161,9 @@ class ProxyApp:
         elapsed = time.perf_counter() - started
         version = exchange.reported_version or variant.model_version
         metrics.observe_request(route.name, variant.name, version, exchange.status, elapsed)
-        capture = route.config.capture
+        redactor = active.redactors[route.name]
+        request_body, request_cut = redactor.body(exchange.request_body)
+        response_body, response_cut = redactor.body(exchange.response_body)
         if key is not None and route.config.hash_routing_key:
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
         await self.state.writer.submit(
@@ -181,10 +185,12 @@ class ProxyApp:
                 latency_ms=elapsed * 1000.0,
                 status=exchange.status,
                 error=exchange.error,
-                request_body=exchange.request_body[: capture.max_bytes] if capture.bodies else None,
-                response_body=exchange.response_body if capture.bodies else None,
-                request_truncated=capture.bodies and len(exchange.request_body) > capture.max_bytes,
-                response_truncated=capture.bodies and exchange.response_truncated,
+                request_body=request_body,
+                response_body=response_body,
+                request_truncated=request_cut,
+                response_truncated=response_cut or exchange.response_truncated,
+                request_headers=redactor.headers(scope["headers"]),
+                response_headers=redactor.headers(exchange.response_headers),
             )
         )
 
@@ -254,7 +260,7 @@ class ProxyApp:
             for name, value in upstream.raw_headers
             if name.lower() not in HOP_BY_HOP and name.lower() not in _RESPONSE_REPLACED
         ]
-        reported = {k.lower(): v for k, v in upstream.headers.items()}
+        exchange.response_headers = headers
         content_type = upstream.headers.get("Content-Type")
         encoded = "Content-Encoding" in upstream.headers
         length = upstream.content_length
@@ -270,11 +276,10 @@ class ProxyApp:
             doc = (
                 None if encoded or source.pointer is None else parse_json_object(body, content_type)
             )
-            exchange.reported_version = reported_version(source, reported, doc)
+            exchange.reported_version = reported_version(source, upstream.headers, doc)
             exchange.status = upstream.status
             if capture.bodies:
-                exchange.response_body = body[: capture.max_bytes]
-                exchange.response_truncated = len(body) > capture.max_bytes
+                exchange.response_body = body
             version = exchange.reported_version or variant.model_version
             headers.extend(ours)
             headers.append((b"x-model-version", version.encode()))
@@ -284,7 +289,7 @@ class ProxyApp:
             await send({"type": "http.response.body", "body": body})
             return
 
-        exchange.reported_version = reported_version(source, reported, None)
+        exchange.reported_version = reported_version(source, upstream.headers, None)
         version = exchange.reported_version or variant.model_version
         headers.extend(ours)
         headers.append((b"x-model-version", version.encode()))

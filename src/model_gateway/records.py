@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ class PredictionRecord:
     response_body: bytes | None
     request_truncated: bool
     response_truncated: bool
+    request_headers: str | None = None
+    response_headers: str | None = None
+    shadow: bool = False
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -69,6 +73,9 @@ class PredictionRecord:
             self.response_body,
             int(self.request_truncated),
             int(self.response_truncated),
+            self.request_headers,
+            self.response_headers,
+            int(self.shadow),
         )
 
 
@@ -107,11 +114,14 @@ def resolve_pointer(doc: Any, pointer: str) -> Any:
 
 
 def reported_version(
-    source: VersionSource, headers: dict[str, str], doc: dict[str, Any] | None
+    source: VersionSource, headers: Mapping[str, str], doc: dict[str, Any] | None
 ) -> str | None:
-    """The model version the server says it served: a header first, then the body."""
+    """The model version the server says it served: a header first, then the body.
+
+    ``headers`` must look names up case-insensitively (aiohttp's response headers do).
+    """
     if source.header is not None:
-        value = headers.get(source.header.lower())
+        value = headers.get(source.header)
         if value:
             return value
     if doc is not None and source.pointer is not None:

@@ -12,6 +12,7 @@ import aiohttp
 
 from .config import LoadedConfig
 from .metrics import Metrics
+from .redaction import Redactor
 from .routing import RoutingTable
 from .store.writer import RecordWriter
 from .upstream import client_timeout
@@ -22,12 +23,17 @@ class ActiveConfig:
     loaded: LoadedConfig
     table: RoutingTable
     timeouts: dict[str, aiohttp.ClientTimeout]
+    redactors: dict[str, Redactor]
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> ActiveConfig:
         table = RoutingTable.from_config(loaded.config)
-        timeouts = {r.name: client_timeout(r.config.timeouts) for r in table.routes}
-        return cls(loaded=loaded, table=table, timeouts=timeouts)
+        return cls(
+            loaded=loaded,
+            table=table,
+            timeouts={r.name: client_timeout(r.config.timeouts) for r in table.routes},
+            redactors={r.name: Redactor(r.config.capture) for r in table.routes},
+        )
 
     @property
     def version(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -53,9 +54,20 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
     sock, url = _bind(config)
     log.info("model-gateway listening on %s (%d worker%s)", url, workers, "s"[: workers - 1])
     if workers > 1:
-        Multiprocess(config, sockets=[sock]).run()
+        Supervisor(config, sockets=[sock]).run()
     else:
         uvicorn.Server(config).run(sockets=[sock])
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, except that SIGHUP reloads the configuration in each worker
+    (which keeps its connections and its queued records) instead of restarting the workers."""
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: asking %d workers to reload the configuration", len(self.processes))
+        for worker in self.processes:
+            if worker.process.pid is not None and worker.is_alive():
+                os.kill(worker.process.pid, signal.SIGHUP)
 
 
 def _bind(config: uvicorn.Config) -> tuple[socket.socket, str]:

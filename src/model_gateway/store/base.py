@@ -20,6 +20,9 @@ class Store(Protocol):
     ) -> None:
         """Keep a configuration that has just become active."""
 
+    async def config_at(self, at: float) -> dict[str, Any] | None:
+        """The configuration activated last at or before ``at`` (Unix seconds)."""
+
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
 
     async def count_predictions(self) -> int: ...

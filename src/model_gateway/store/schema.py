@@ -43,6 +43,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX configs_activated_at ON configs (activated_at)",
     ),
+    (
+        "ALTER TABLE predictions ADD COLUMN request_headers TEXT",
+        "ALTER TABLE predictions ADD COLUMN response_headers TEXT",
+        "ALTER TABLE predictions ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -84,6 +84,15 @@ class SQLiteStore:
         )
         await self.db.commit()
 
+    async def config_at(self, at: float) -> dict[str, Any] | None:
+        async with self.db.execute(
+            "SELECT version, activated_at, source, text FROM configs WHERE activated_at <= ? "
+            "ORDER BY activated_at DESC LIMIT 1",
+            (at,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else dict(row)
+
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         async with self.db.execute(
             "SELECT * FROM predictions WHERE prediction_id = ?", (prediction_id,)

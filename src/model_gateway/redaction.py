@@ -1,0 +1,57 @@
+"""What is kept of a request's headers and bodies: secrets replaced, sizes capped.
+
+Runs only for routes that capture, after the response has been sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from .config import ALWAYS_REDACTED_HEADERS, CaptureConfig
+
+REDACTED = "[REDACTED]"
+
+
+class Redactor:
+    """One route's capture rules, precomputed."""
+
+    def __init__(self, capture: CaptureConfig) -> None:
+        self.capture = capture
+        self.secret_headers = frozenset(ALWAYS_REDACTED_HEADERS) | frozenset(capture.redact_headers)
+        self.secret_fields = frozenset(capture.redact_fields)
+
+    def headers(self, pairs: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """Headers as a JSON object (repeated names joined by ", "), secrets replaced."""
+        if not self.capture.headers:
+            return None
+        out: dict[str, str] = {}
+        for raw_name, raw_value in pairs:
+            name = raw_name.decode("latin-1").lower()
+            value = REDACTED if name in self.secret_headers else raw_value.decode("latin-1")
+            out[name] = f"{out[name]}, {value}" if name in out else value
+        return orjson.dumps(out).decode()
+
+    def body(self, body: bytes | None) -> tuple[bytes | None, bool]:
+        """The body to keep and whether it was cut. With fields to redact, a body that is not
+        JSON is not kept at all: what cannot be searched cannot be shown to be clean."""
+        if not self.capture.bodies or body is None:
+            return None, False
+        if self.secret_fields and body:
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return None, False
+            body = orjson.dumps(_redact(doc, self.secret_fields))
+        limit = self.capture.max_bytes
+        return body[:limit], len(body) > limit
+
+
+def _redact(node: Any, fields: frozenset[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: REDACTED if k in fields else _redact(v, fields) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v, fields) for v in node]
+    return node
