@@ -175,3 +175,48 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "routes: must have at least 1 item(s)" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_every_worker(
+    tmp_path: Path, upstreams: dict[str, Upstream], workers: int
+) -> None:
+    """1. Start `model-gateway serve` with file watching off.
+    2. Point the route at upstream b only and send SIGHUP to the (parent) process.
+    3. Every worker answers with the new version; an invalid file then changes nothing.
+    """
+    config, _ = write_config(tmp_path, upstreams)
+    doc = yaml.safe_load(config.read_text())
+    doc["server"] = {"config_poll_interval": 0}
+    doc["routes"][0]["variants"][1]["weight"] = 0
+    config.write_text(yaml.safe_dump(doc))
+    gw = GatewayProcess(config, workers)
+    try:
+        with httpx.Client(timeout=10) as client:
+
+            def versions() -> set[str]:
+                # fresh connections, so that both workers are asked
+                return {httpx.get(f"{gw.url}/healthz").json()["config_version"] for _ in range(20)}
+
+            (v1,) = versions()
+            doc["routes"][0]["variants"][0]["weight"] = 0
+            doc["routes"][0]["variants"][1]["weight"] = 1
+            config.write_text(yaml.safe_dump(doc))
+            gw.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while len(seen := versions()) != 1 or v1 in seen:  # every worker on one new version
+                assert time.monotonic() < deadline, "".join(gw.lines)
+                time.sleep(0.05)
+            (v2,) = seen
+            assert client.get(f"{gw.url}/slow?seconds=0").json()["upstream"] == "b"
+
+            config.write_text("routes: {broken")
+            gw.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while sum("failed; version" in line for line in gw.lines) < workers:
+                assert time.monotonic() < deadline, "".join(gw.lines)
+                time.sleep(0.05)
+            assert versions() == {v2}
+            assert gw.proc.poll() is None
+    finally:
+        gw.terminate_and_wait()
