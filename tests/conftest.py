@@ -31,10 +31,10 @@ def anyio_backend() -> str:
 class ServerThread:
     """A uvicorn server on 127.0.0.1:<ephemeral> in a thread; ``stop()`` is a graceful stop."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(config)
@@ -57,9 +57,10 @@ class ServerThread:
 
 
 @contextmanager
-def running(app: Any) -> Iterator[ServerThread]:
+def running(app: Any, port: int = 0) -> Iterator[ServerThread]:
+    """``app`` served on ``port`` (0: any free one) until the block ends."""
     server = ServerThread(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"), port
     ).start()
     try:
         yield server

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_gateway.config import RouteConfig, VariantConfig
+from model_gateway.errors import NoHealthyVariantError, UnknownVariantError
 from model_gateway.routing import Route, RoutingTable, choose_variant, sticky_point
 
 weights_st = st.lists(st.integers(min_value=0, max_value=100), min_size=1, max_size=6).filter(
@@ -57,8 +59,7 @@ def test_random_split_follows_weights(weights: list[int], seed: int) -> None:
     rng = random.Random(seed)
     n = 4000
     counts = Counter(
-        choose_variant(route, key=None, forced=None, rand=rng.random())[0].name  # type: ignore[index]
-        for _ in range(n)
+        choose_variant(route, key=None, forced=None, rand=rng.random())[0].name for _ in range(n)
     )
     assert_split_matches(counts, weights, n)
 
@@ -69,7 +70,7 @@ def test_sticky_split_over_many_keys_follows_weights(weights: list[int], salt: s
     route = make_route(weights, key="X-User-Id")
     n = 4000
     counts = Counter(
-        choose_variant(route, key=f"{salt}user-{i}", forced=None, rand=0.0)[0].name  # type: ignore[index]
+        choose_variant(route, key=f"{salt}user-{i}", forced=None, rand=0.0)[0].name
         for i in range(n)
     )
     assert_split_matches(counts, weights, n)
@@ -87,7 +88,6 @@ def test_sticky_key_always_gets_the_same_variant(
     first = choose_variant(make_route(weights, key="X-User-Id"), key=key, forced=None, rand=r1)
     # a route built afresh (a restart, another replica) and another random draw
     again = choose_variant(make_route(weights, key="X-User-Id"), key=key, forced=None, rand=r2)
-    assert first is not None and again is not None
     assert first[0].name == again[0].name
     assert first[1] == again[1] == "sticky"
 
@@ -116,19 +116,25 @@ def test_forced_variant_only_when_route_allows(weights: list[int], forced_index:
     forced_index %= len(weights)
     name = f"v{forced_index}"
     allowed = choose_variant(make_route(weights, override=True), key=None, forced=name, rand=0.5)
-    assert allowed is not None and allowed[0].name == name and allowed[1] == "forced"
+    assert allowed[0].name == name and allowed[1] == "forced"
     ignored = choose_variant(make_route(weights, override=False), key=None, forced=name, rand=0.5)
-    assert ignored is not None and ignored[1] == "random"
-    assert (
+    assert ignored[1] == "random"
+    with pytest.raises(UnknownVariantError):
         choose_variant(make_route(weights, override=True), key=None, forced="nope", rand=0.5)
-        is None
-    )
+    with pytest.raises(NoHealthyVariantError):
+        choose_variant(
+            make_route(weights, override=True),
+            key=None,
+            forced=name,
+            rand=0.5,
+            down=frozenset({name}),
+        )
 
 
 def test_edge_of_unit_interval_lands_on_a_weighted_variant() -> None:
     route = make_route([1, 0])
-    assert choose_variant(route, key=None, forced=None, rand=0.9999999999999999)[0].name == "v0"  # type: ignore[index]
-    assert choose_variant(make_route([0, 3, 0]), key=None, forced=None, rand=0.0)[0].name == "v1"  # type: ignore[index]
+    assert choose_variant(route, key=None, forced=None, rand=0.9999999999999999)[0].name == "v0"
+    assert choose_variant(make_route([0, 3, 0]), key=None, forced=None, rand=0.0)[0].name == "v1"
 
 
 def test_route_matching_exact_prefix_and_methods() -> None:
@@ -167,3 +173,29 @@ def test_route_matching_exact_prefix_and_methods() -> None:
     assert name("/v2/models/fraud/ready", "GET") == "exact"
     assert name("/v2/models/fraud/ready", "POST") == "fraud"
     assert name("/other") == "root"
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=weights_st, down_mask=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_down_variants_get_nothing_and_sticky_keys_of_up_variants_stay(
+    weights: list[int], down_mask: list[bool]
+) -> None:
+    route = make_route(weights, key="X-User-Id")
+    down = frozenset(f"v{i}" for i in range(len(weights)) if down_mask[i])
+    up_weights = [0 if down_mask[i] else w for i, w in enumerate(weights)]
+    if sum(up_weights) == 0:
+        with pytest.raises(NoHealthyVariantError):
+            choose_variant(route, key="k", forced=None, rand=0.3, down=down)
+        return
+    n = 4000
+    counts: Counter[str] = Counter()
+    for i in range(n):
+        key = f"user-{i}"
+        healthy_choice, _ = choose_variant(route, key=key, forced=None, rand=0.0)
+        chosen, _ = choose_variant(route, key=key, forced=None, rand=0.0, down=down)
+        assert chosen.name not in down
+        if healthy_choice.name not in down:
+            assert chosen.name == healthy_choice.name  # a key on an up variant never moves
+        counts[chosen.name] += 1
+    # the down variants' share is spread over the up ones by weight
+    assert_split_matches(counts, up_weights, n)

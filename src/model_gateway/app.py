@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import time
@@ -13,6 +14,7 @@ from starlette.applications import Starlette
 
 from .admin import control_routes
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
+from .health import HealthMonitor
 from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
@@ -77,7 +79,7 @@ class GatewayApp:
 
     async def startup(self) -> None:
         storage = self.loaded.config.storage
-        metrics = Metrics()
+        metrics = Metrics(build_version=_package_version())
         await self._store.open()
         writer = RecordWriter(
             self._store,
@@ -88,11 +90,13 @@ class GatewayApp:
             write_retries=storage.write_retries,
         )
         writer.start()
+        session = create_session()
         self._state = GatewayState(
             active=ActiveConfig.build(self.loaded),
-            session=create_session(),
+            session=session,
             writer=writer,
             metrics=metrics,
+            health=HealthMonitor(metrics, session),
         )
         await self.activate(self.loaded, time.time())
         self._proxy = ProxyApp(self._state)
@@ -106,6 +110,7 @@ class GatewayApp:
         await self._store.record_config(loaded.version, at, loaded.source, _history_text(loaded))
         self.loaded = loaded
         self.state.active = ActiveConfig.build(loaded)
+        self.state.health.configure(self.state.active.table.routes)
         self.state.metrics.set_config_version(loaded.version)
 
     async def shutdown(self) -> None:
@@ -113,10 +118,19 @@ class GatewayApp:
         # record is already queued: write them all, then close what they needed.
         state = self.state
         await self.reloader.stop()
+        await state.health.close()
         await state.writer.close()
         await state.session.close()
         await self._store.close()
+        state.metrics.process_exited()
         log.info("model-gateway stopped; prediction log flushed")
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("model-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _history_text(loaded: LoadedConfig) -> str:

@@ -128,6 +128,30 @@ class VariantConfig(_Strict):
         return url.rstrip("/")
 
 
+class HealthConfig(_Strict):
+    """Active checks (when ``path`` is set) and passive ejection, per variant of a route."""
+
+    #: e.g. /v2/health/ready; unset means no active checks
+    path: str | None = None
+    interval: float = Field(default=5.0, gt=0)
+    timeout: float = Field(default=1.0, gt=0)
+    #: consecutive passing checks that bring a down variant back
+    healthy_threshold: int = Field(default=1, ge=1)
+    #: consecutive failing checks that take a variant down
+    unhealthy_threshold: int = Field(default=2, ge=1)
+    #: consecutive failed requests (502/503/504) that eject a variant; 0 turns ejection off
+    passive_failures: int = Field(default=5, ge=0)
+    #: seconds an ejected variant stays out when no active check brings it back sooner
+    ejection_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+
 class RouteConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
@@ -143,6 +167,7 @@ class RouteConfig(_Strict):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=0)
     capture: CaptureConfig = CaptureConfig()
     version: VersionSource = VersionSource()
+    health: HealthConfig = HealthConfig()
     variants: list[VariantConfig] = Field(min_length=1)
 
     @field_validator("path")

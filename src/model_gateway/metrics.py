@@ -3,14 +3,30 @@
 The registry is created in the lifespan and passed down, never a module global, so tests and
 several apps in one process do not collide. Label children are cached per label tuple, so the
 hot path does a dict lookup and an ``inc``/``observe``, nothing more.
+
+With ``serve --workers N`` each worker writes its values to files in
+``$PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, set up by the parent
+before the workers start) and ``/metrics`` on any worker answers for all of them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 PREFIX = "model_gateway"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Boundaries at the usual latency SLOs (0.1, 0.25, 0.5, 1 s) and fine below them, where a
 # healthy model server answers.
 LATENCY_BUCKETS = (
@@ -19,14 +35,22 @@ LATENCY_BUCKETS = (
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# The *_created series double the exposition for no use here; multiprocess mode has none.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 
 def code_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+    def __init__(self, build_version: str = "") -> None:
+        self.multiprocess = multiprocess_mode()
+        self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",
@@ -41,6 +65,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_duration = Histogram(
+            f"{PREFIX}_upstream_duration_seconds",
+            "Time from request sent upstream to the model server's response read.",
+            ["route", "variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.upstream_errors = Counter(
             f"{PREFIX}_upstream_errors",
             "Requests the gateway answered with its own error, by reason.",
@@ -48,7 +79,36 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            f"{PREFIX}_requests_in_flight", "Requests being proxied now.", registry=r
+            f"{PREFIX}_requests_in_flight",
+            "Requests being proxied now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.variant_up = Gauge(
+            f"{PREFIX}_variant_up",
+            "1 when the variant may take traffic, 0 when health checks or ejection took it out.",
+            ["route", "variant"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.variant_weight = Gauge(
+            f"{PREFIX}_variant_weight",
+            "The variant's configured A/B weight.",
+            ["route", "variant"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ejections = Counter(
+            f"{PREFIX}_variant_ejections",
+            "Times a variant was taken out after consecutive failed requests.",
+            ["route", "variant"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            f"{PREFIX}_health_checks",
+            "Active health checks, by result (pass, fail).",
+            ["route", "variant", "result"],
+            registry=r,
         )
         self.log_written = Counter(
             f"{PREFIX}_log_records_written", "Prediction records written to the store.", registry=r
@@ -64,7 +124,10 @@ class Metrics:
             registry=r,
         )
         self.log_queue_depth = Gauge(
-            f"{PREFIX}_log_queue_depth", "Prediction records waiting to be written.", registry=r
+            f"{PREFIX}_log_queue_depth",
+            "Prediction records waiting to be written.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r
@@ -76,10 +139,20 @@ class Metrics:
         )
         self.config_info = Gauge(
             f"{PREFIX}_config_info",
-            "The active configuration's version (content hash); always 1.",
+            "1 for the active configuration's version (content hash), 0 for earlier ones.",
             ["version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Always 1; labels name the gateway's and Python's versions.",
+            ["version", "python_version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.build_info.labels(build_version, platform.python_version()).set(1)
+        self._config_version: str | None = None
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -95,12 +168,27 @@ class Metrics:
         self._child(self.requests, route, variant, model_version, code_class(status)).inc()  # type: ignore[attr-defined]
         self._child(self.request_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
 
+    def observe_upstream(self, route: str, variant: str, seconds: float) -> None:
+        self._child(self.upstream_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
+
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]
 
     def set_config_version(self, version: str) -> None:
-        self.config_info.clear()
+        # An earlier version goes to 0 rather than away: multiprocess files cannot drop a series.
+        if self._config_version is not None and self._config_version != version:
+            self.config_info.labels(self._config_version).set(0)
         self.config_info.labels(version).set(1)
+        self._config_version = version
 
     def exposition(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def process_exited(self) -> None:
+        """Drop this worker's live gauges from the shared directory."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

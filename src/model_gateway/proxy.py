@@ -19,6 +19,7 @@ from yarl import URL
 from .errors import (
     BadRequestError,
     GatewayError,
+    NoHealthyVariantError,
     NoRouteError,
     PayloadTooLargeError,
     UnknownVariantError,
@@ -130,13 +131,18 @@ class ProxyApp:
             elif route.routing_key is not None and name == route.routing_key.encode():
                 key = value.decode("latin-1")
 
-        choice = choose_variant(route, key=key, forced=forced, rand=random.random())
-        if choice is None:
-            error = UnknownVariantError(f"route {route.name!r} has no variant {forced!r}")
+        try:
+            variant, assignment = choose_variant(
+                route,
+                key=key,
+                forced=forced,
+                rand=random.random(),
+                down=self.state.health.down.get(route.name),
+            )
+        except (UnknownVariantError, NoHealthyVariantError) as error:
             await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())])
             self.state.metrics.observe_request(route.name, "", "", error.status, 0.0)
             return
-        variant, assignment = choice
 
         exchange = Exchange()
         metrics = self.state.metrics
@@ -157,6 +163,7 @@ class ProxyApp:
             exchange.status, exchange.error = 499, "client disconnected"
         finally:
             metrics.in_flight.dec()
+        self.state.health.record_result(route.name, variant.name, exchange.status)
 
         elapsed = time.perf_counter() - started
         version = exchange.reported_version or variant.model_version
@@ -216,6 +223,7 @@ class ProxyApp:
             exchange.request_body = await _read_body(
                 receive, route.config.max_body_bytes, content_length
             )
+            sent = time.perf_counter()
             with translate_client_errors(variant.name):
                 upstream = await self.state.session.request(
                     scope["method"],
@@ -230,6 +238,9 @@ class ProxyApp:
                 with translate_client_errors(variant.name):
                     await self._relay(send, receive, route, variant, upstream, ours, exchange)
                 complete = True
+                self.state.metrics.observe_upstream(
+                    route.name, variant.name, time.perf_counter() - sent
+                )
             finally:
                 # a response not read to the end must not go back to the pool
                 if complete:

@@ -14,6 +14,7 @@ from itertools import accumulate
 from typing import Literal
 
 from .config import GatewayConfig, RouteConfig, VariantConfig
+from .errors import NoHealthyVariantError, UnknownVariantError
 
 Assignment = Literal["random", "sticky", "forced"]
 
@@ -120,15 +121,47 @@ def variant_at(route: Route, point: float) -> Variant:
 
 
 def choose_variant(
-    route: Route, *, key: str | None, forced: str | None, rand: float
-) -> tuple[Variant, Assignment] | None:
-    """Pick the variant for one request; ``None`` means a forced name the route lacks.
+    route: Route,
+    *,
+    key: str | None,
+    forced: str | None,
+    rand: float,
+    down: frozenset[str] | None = None,
+) -> tuple[Variant, Assignment]:
+    """Pick the variant for one request.
 
-    ``rand`` is a uniform draw in [0, 1) supplied by the caller, so this stays pure.
+    ``rand`` is a uniform draw in [0, 1) supplied by the caller, so this stays pure. ``down``
+    names the variants that may not take traffic now; a key whose variant is down is
+    re-placed among the up ones by weight, deterministically, and every key whose variant is
+    up stays where it was.
+
+    Raises :class:`UnknownVariantError` for a forced name the route lacks and
+    :class:`NoHealthyVariantError` when nothing with weight is up.
     """
     if forced is not None and route.allow_override:
         variant = route.by_name.get(forced)
-        return None if variant is None else (variant, "forced")
-    if key is not None and route.routing_key is not None:
-        return variant_at(route, sticky_point(route.name, key)), "sticky"
-    return variant_at(route, rand), "random"
+        if variant is None:
+            raise UnknownVariantError(f"route {route.name!r} has no variant {forced!r}")
+        if down and forced in down:
+            raise NoHealthyVariantError(f"variant {forced!r} of route {route.name!r} is down")
+        return variant, "forced"
+    sticky = key is not None and route.routing_key is not None
+    point = sticky_point(route.name, key) if sticky and key is not None else rand
+    assignment: Assignment = "sticky" if sticky else "random"
+    chosen = variant_at(route, point)
+    if not down or chosen.name not in down:
+        return chosen, assignment
+    up = [v for v in route.variants if v.weight > 0 and v.name not in down]
+    if not up:
+        raise NoHealthyVariantError(f"no variant of route {route.name!r} is up")
+    # Where the point fell inside the down variant's interval is again uniform in [0, 1);
+    # spreading that over the up variants by weight keeps the split proportional.
+    index = route.variants.index(chosen)
+    start = route.cumulative[index] - chosen.weight
+    within = min(max((point * route.total_weight - start) / chosen.weight, 0.0), 1.0)
+    target = within * sum(v.weight for v in up)
+    for variant in up:
+        target -= variant.weight
+        if target < 0:
+            return variant, assignment
+    return up[-1], assignment

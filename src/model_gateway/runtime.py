@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from .config import LoadedConfig
+from .health import HealthMonitor
 from .metrics import Metrics
 from .redaction import Redactor
 from .routing import RoutingTable
@@ -48,3 +49,4 @@ class GatewayState:
     session: aiohttp.ClientSession
     writer: RecordWriter
     metrics: Metrics
+    health: HealthMonitor

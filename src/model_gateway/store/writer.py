@@ -10,6 +10,7 @@ request wait for room (nothing lost, back-pressure), ``drop`` drops and counts t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Literal
 
@@ -21,6 +22,7 @@ log = logging.getLogger("model_gateway.writer")
 
 _STOP = object()
 _RETRY_BASE_DELAY = 0.1
+QUEUE_DEPTH_SAMPLE_SECONDS = 0.5
 
 
 class RecordWriter:
@@ -41,10 +43,17 @@ class RecordWriter:
         self._block = overflow == "block"
         self._retries = write_retries
         self._task: asyncio.Task[None] | None = None
-        metrics.log_queue_depth.set_function(self._queue.qsize)
+        self._sampler: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="model-gateway-record-writer")
+        self._sampler = asyncio.create_task(self._sample_depth(), name="log-queue-depth")
+
+    async def _sample_depth(self) -> None:
+        # A gauge set by a timer rather than a callback, which multiprocess mode cannot read.
+        while True:
+            self._metrics.log_queue_depth.set(self._queue.qsize())
+            await asyncio.sleep(QUEUE_DEPTH_SAMPLE_SECONDS)
 
     async def submit(self, record: PredictionRecord) -> None:
         """Queue a record; under ``block`` wait for room, under ``drop`` count it and go on."""
@@ -63,6 +72,11 @@ class RecordWriter:
         await self._queue.put(_STOP)
         await self._task
         self._task = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        self._metrics.log_queue_depth.set(0)
 
     async def _run(self) -> None:
         while True:
