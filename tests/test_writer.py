@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from model_gateway.metrics import Metrics
 from model_gateway.records import PredictionRecord, new_prediction_id
 from model_gateway.store.sqlite import SQLiteStore
-from model_gateway.store.writer import RecordWriter
+from model_gateway.store.writer import QUEUE_DEPTH_SAMPLE_SECONDS, RecordWriter
 
 
 def record(i: int) -> PredictionRecord:
@@ -138,6 +138,7 @@ def test_drop_policy_counts_what_it_drops(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
         for i in range(1, 20):
             await writer.submit(record(i))  # never waits
+        await asyncio.sleep(QUEUE_DEPTH_SAMPLE_SECONDS * 2)
         assert sample(metrics, "log_queue_depth") == 5  # bounded
         store.gate.set()
         await writer.close()
