@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install tools run test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "model-gateway needs Python 3.11+"'
@@ -14,6 +16,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## tools: promtool (Debian package prometheus), which the tests use to check metrics and rules
+tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool from Debian's prometheus package"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
 ## run: two demo model servers (fraud v1, v2) and the gateway in front of them on :8080
 run: $(STAMP)
@@ -26,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict src
 
 ## test: lint, then the whole suite
-test: lint
+test: lint tools
 	$(BIN)/pytest
 
 clean:

@@ -129,6 +129,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.log_queue_capacity = Gauge(
+            f"{PREFIX}_log_queue_capacity",
+            "Prediction records the log queue holds before the overflow policy applies.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r
         )

@@ -6,8 +6,10 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -16,6 +18,7 @@ from uvicorn.supervisors import Multiprocess
 from .app import CONFIG_ENV, GatewayApp
 from .config import LoadedConfig
 from .demo import create_model_server
+from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("model_gateway")
 
@@ -46,8 +49,10 @@ def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -
 def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
     """Run until SIGINT/SIGTERM, then finish requests in flight and flush the log."""
     if workers > 1:
-        # Each worker process builds its own app from the same file.
+        # Each worker process builds its own app from the same file, and writes its metrics
+        # where every worker's /metrics can read them all.
         os.environ[CONFIG_ENV] = os.path.abspath(loaded.source)
+        os.environ[MULTIPROC_ENV] = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
         config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
     else:
         config = gateway_server_config(GatewayApp(loaded), host, port)
@@ -57,6 +62,18 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
         Supervisor(config, sockets=[sock]).run()
     else:
         uvicorn.Server(config).run(sockets=[sock])
+
+
+def prepare_metrics_dir(path: str | None) -> str:
+    """An empty directory for prometheus-client's multiprocess files: the given one emptied
+    (values of an earlier run would otherwise be added in), else a new temporary one."""
+    if not path:
+        return tempfile.mkdtemp(prefix="model-gateway-metrics-")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return str(directory)
 
 
 class Supervisor(Multiprocess):

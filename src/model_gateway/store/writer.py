@@ -44,6 +44,7 @@ class RecordWriter:
         self._retries = write_retries
         self._task: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
+        metrics.log_queue_capacity.set(queue_size)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="model-gateway-record-writer")
