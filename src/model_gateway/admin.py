@@ -19,6 +19,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .config import RouteConfig
+from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
+from .feedback import MAX_ITEMS, FeedbackBodyError, parse_body, validate_item
 from .metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -39,13 +41,47 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
     def guarded(handler: Handler) -> Handler:
         async def check_token(request: Request) -> Response:
             token = gateway.loaded.config.admin.effective_token()
-            if token:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    return error_response(401, "unauthorized", "a valid bearer token is required")
+            if token and not _bearer_matches(request, token):
+                return error_response(401, "unauthorized", "a valid bearer token is required")
             return await handler(request)
 
         return check_token
+
+    async def feedback(request: Request) -> Response:
+        admin = gateway.loaded.config.admin
+        tokens = [t for t in (admin.feedback_token, admin.effective_token()) if t]
+        if tokens and not any(_bearer_matches(request, t) for t in tokens):
+            return error_response(401, "unauthorized", "a valid bearer token is required")
+        try:
+            body = await _read_capped(request, MAX_FEEDBACK_BYTES)
+        except _TooLarge:
+            return error_response(413, "payload_too_large", f"over {MAX_FEEDBACK_BYTES} bytes")
+        try:
+            items = parse_body(body, request.headers.get("content-type"))
+        except FeedbackBodyError as exc:
+            return error_response(400, "bad_request", str(exc))
+        if not items:
+            return error_response(400, "bad_request", "no feedback items in the body")
+        if len(items) > MAX_ITEMS:
+            return error_response(413, "payload_too_large", f"over {MAX_ITEMS} items")
+        now = time.time()
+        accepted, errors = [], []
+        for index, item in enumerate(items):
+            result = validate_item(item, now)
+            if isinstance(result, str):
+                errors.append({"index": index, "reason": result})
+            else:
+                accepted.append(result.as_row(now))
+        if accepted:
+            await gateway.store.insert_feedback(accepted)
+            await gateway.joiner.join_pending()
+        metrics = gateway.state.metrics
+        metrics.feedback_received.labels("accepted").inc(len(accepted))
+        metrics.feedback_received.labels("rejected").inc(len(errors))
+        return json_response(
+            {"accepted": len(accepted), "rejected": len(errors), "errors": errors},
+            200 if accepted else 422,
+        )
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok", "config_version": gateway.state.active.version})
@@ -58,7 +94,18 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         record = await gateway.store.get_prediction(prediction_id)
         if record is None:
             return error_response(404, "not_found", f"no prediction {prediction_id!r}")
-        return json_response(_jsonable(record))
+        out = _jsonable(record)
+        labels = await gateway.store.feedback_for(prediction_id)
+        out["feedback"] = [
+            {
+                **f,
+                "label_time": format_rfc3339(f["label_time"]),
+                "received_at": format_rfc3339(f["received_at"]),
+            }
+            for f in labels
+        ]
+        out["label"] = labels[-1]["label"] if labels else None
+        return json_response(out)
 
     async def reload(request: Request) -> Response:
         result = await gateway.reloader.reload("POST /admin/reload")
@@ -105,8 +152,31 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         Route("/metrics", metrics),
         Route("/admin/predictions/{prediction_id}", guarded(prediction)),
         Route("/admin/reload", guarded(reload), methods=["POST"]),
+        Route("/feedback", feedback, methods=["POST"]),
         Route("/admin/routing", guarded(routing)),
     ]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _bearer_matches(request: Request, token: str) -> bool:
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_rfc3339(text: str) -> float:

@@ -14,13 +14,14 @@ from starlette.applications import Starlette
 
 from .admin import control_routes
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
+from .feedback import FeedbackJoiner
 from .health import HealthMonitor
 from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
 from .reload import ConfigReloader
 from .runtime import ActiveConfig, GatewayState
-from .store import open_store
+from .store import Store, open_store
 from .store.writer import RecordWriter
 from .upstream import create_session
 
@@ -40,6 +41,7 @@ class GatewayApp:
         self._store = open_store(loaded.config.storage.url)
         self._control = Starlette(routes=control_routes(self))
         self.reloader = ConfigReloader(self)
+        self.joiner = FeedbackJoiner(self)
 
     @property
     def state(self) -> GatewayState:
@@ -48,7 +50,7 @@ class GatewayApp:
         return self._state
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         return self._store
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -101,6 +103,7 @@ class GatewayApp:
         await self.activate(self.loaded, time.time())
         self._proxy = ProxyApp(self._state)
         self.reloader.start()
+        self.joiner.start()
         log.info(
             "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
         )
@@ -118,6 +121,7 @@ class GatewayApp:
         # record is already queued: write them all, then close what they needed.
         state = self.state
         await self.reloader.stop()
+        await self.joiner.stop()
         await state.health.close()
         await state.writer.close()
         await state.session.close()

@@ -68,6 +68,8 @@ class StorageConfig(_Strict):
 
 class AdminConfig(_Strict):
     token: str | None = None
+    #: a token that grants /feedback only (for label pipelines); the admin token works too
+    feedback_token: str | None = None
 
     def effective_token(self) -> str | None:
         """The configured token, else ``$MODEL_GATEWAY_ADMIN_TOKEN``; empty means none."""
@@ -152,6 +154,28 @@ class HealthConfig(_Strict):
         return path
 
 
+class EvaluationConfig(_Strict):
+    """How a response yields the prediction that feedback labels are compared with."""
+
+    task: Literal["binary", "multiclass", "regression"] = "binary"
+    #: JSON pointer to the predicted label (or value, for regression); unset: V2
+    #: ``/outputs/0/data/0``, else KServe V1 ``/predictions/0``, else the score by ``threshold``
+    prediction: str | None = None
+    #: JSON pointer to a score in [0, 1] (binary: the positive class's probability)
+    score: str | None = None
+    #: the label that counts as positive in binary tasks
+    positive_label: str | int | bool = 1
+    #: binary tasks without a prediction pointer: predicted positive when score >= threshold
+    threshold: float = Field(default=0.5, ge=0, le=1)
+
+    @field_validator("prediction", "score")
+    @classmethod
+    def _pointer_syntax(cls, pointer: str | None) -> str | None:
+        if pointer is not None and pointer != "" and not pointer.startswith("/"):
+            raise ValueError("must be a JSON pointer starting with '/'")
+        return pointer
+
+
 class RouteConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
@@ -168,6 +192,8 @@ class RouteConfig(_Strict):
     capture: CaptureConfig = CaptureConfig()
     version: VersionSource = VersionSource()
     health: HealthConfig = HealthConfig()
+    #: set to measure precision, recall, F1 (or MAE/RMSE) from /feedback labels
+    evaluation: EvaluationConfig | None = None
     variants: list[VariantConfig] = Field(min_length=1)
 
     @field_validator("path")

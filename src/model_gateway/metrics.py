@@ -33,6 +33,8 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # The *_created series double the exposition for no use here; multiprocess mode has none.
@@ -110,6 +112,38 @@ class Metrics:
             ["route", "variant", "result"],
             registry=r,
         )
+        self.prediction_score = Histogram(
+            f"{PREFIX}_prediction_score",
+            "Scores the model servers returned, on [0, 1], for routes with evaluation.score.",
+            ["route", "variant", "model_version"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.feedback_received = Counter(
+            f"{PREFIX}_feedback_received",
+            "Feedback items posted, by result (accepted, rejected).",
+            ["result"],
+            registry=r,
+        )
+        self.feedback_joined = Counter(
+            f"{PREFIX}_feedback_joined",
+            "Feedback labels joined to their logged prediction.",
+            ["route", "variant", "model_version"],
+            registry=r,
+        )
+        self.feedback_outcomes = Counter(
+            f"{PREFIX}_feedback_outcomes",
+            "Binary predictions by outcome once labelled (tp, fp, tn, fn); the first label of "
+            "each prediction counts.",
+            ["route", "variant", "model_version", "outcome"],
+            registry=r,
+        )
+        self.feedback_class_outcomes = Counter(
+            f"{PREFIX}_feedback_class_outcomes",
+            "Multiclass predictions once labelled, one-vs-rest per class (tp, fp, fn).",
+            ["route", "variant", "model_version", "class", "outcome"],
+            registry=r,
+        )
         self.log_written = Counter(
             f"{PREFIX}_log_records_written", "Prediction records written to the store.", registry=r
         )
@@ -176,6 +210,9 @@ class Metrics:
 
     def observe_upstream(self, route: str, variant: str, seconds: float) -> None:
         self._child(self.upstream_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
+
+    def observe_score(self, route: str, variant: str, model_version: str, score: float) -> None:
+        self._child(self.prediction_score, route, variant, model_version).observe(score)  # type: ignore[attr-defined]
 
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]

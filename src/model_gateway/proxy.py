@@ -26,6 +26,7 @@ from .errors import (
 )
 from .records import (
     PredictionRecord,
+    extract_prediction,
     model_name_from_path,
     new_prediction_id,
     parse_json_object,
@@ -82,11 +83,13 @@ class Exchange:
 
     __slots__ = (
         "error",
+        "predicted",
         "reported_version",
         "request_body",
         "response_body",
         "response_headers",
         "response_truncated",
+        "score",
         "status",
     )
 
@@ -98,6 +101,8 @@ class Exchange:
         self.response_body: bytes | None = None
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.response_truncated = False
+        self.predicted: str | None = None
+        self.score: float | None = None
 
 
 class ProxyApp:
@@ -168,6 +173,8 @@ class ProxyApp:
         elapsed = time.perf_counter() - started
         version = exchange.reported_version or variant.model_version
         metrics.observe_request(route.name, variant.name, version, exchange.status, elapsed)
+        if exchange.score is not None:
+            metrics.observe_score(route.name, variant.name, version, exchange.score)
         redactor = active.redactors[route.name]
         request_body, request_cut = redactor.body(exchange.request_body)
         response_body, response_cut = redactor.body(exchange.response_body)
@@ -198,6 +205,8 @@ class ProxyApp:
                 response_truncated=response_cut or exchange.response_truncated,
                 request_headers=redactor.headers(scope["headers"]),
                 response_headers=redactor.headers(exchange.response_headers),
+                predicted=exchange.predicted,
+                score=exchange.score,
             )
         )
 
@@ -284,9 +293,9 @@ class ProxyApp:
             and "event-stream" not in (content_type or "")
         ):
             body = await upstream.read()
-            doc = (
-                None if encoded or source.pointer is None else parse_json_object(body, content_type)
-            )
+            evaluation = route.config.evaluation
+            wants_doc = not encoded and (source.pointer is not None or evaluation is not None)
+            doc = parse_json_object(body, content_type) if wants_doc else None
             exchange.reported_version = reported_version(source, upstream.headers, doc)
             exchange.status = upstream.status
             if capture.bodies:
@@ -298,6 +307,8 @@ class ProxyApp:
                 {"type": "http.response.start", "status": upstream.status, "headers": headers}
             )
             await send({"type": "http.response.body", "body": body})
+            if evaluation is not None and 200 <= upstream.status < 300:
+                exchange.predicted, exchange.score = extract_prediction(evaluation, doc)
             return
 
         exchange.reported_version = reported_version(source, upstream.headers, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 import orjson
 import uuid_utils
 
-from .config import VersionSource
+from .config import EvaluationConfig, VersionSource
 
 # Open Inference Protocol V2 and KServe V1 name the model in the path.
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
@@ -49,6 +50,8 @@ class PredictionRecord:
     request_headers: str | None = None
     response_headers: str | None = None
     shadow: bool = False
+    predicted: str | None = None
+    score: float | None = None
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -76,6 +79,8 @@ class PredictionRecord:
             self.request_headers,
             self.response_headers,
             int(self.shadow),
+            self.predicted,
+            self.score,
         )
 
 
@@ -129,3 +134,41 @@ def reported_version(
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
     return None
+
+
+_DEFAULT_PREDICTION_POINTERS = ("/outputs/0/data/0", "/predictions/0")
+
+
+def canonical_label(value: Any) -> str | None:
+    """One spelling per label, so that 1, 1.0, "1" and true all compare equal."""
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str | int | float):
+        return str(value)
+    return None
+
+
+def extract_prediction(
+    evaluation: EvaluationConfig, doc: dict[str, Any] | None
+) -> tuple[str | None, float | None]:
+    """(prediction as canonical text, score) from a parsed response; ``None`` where absent."""
+    if doc is None:
+        return None, None
+    score = None
+    if evaluation.score is not None:
+        raw = resolve_pointer(doc, evaluation.score)
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+            score = float(raw)
+    pointers = (evaluation.prediction,) if evaluation.prediction else _DEFAULT_PREDICTION_POINTERS
+    predicted = None
+    for pointer in pointers:
+        predicted = canonical_label(resolve_pointer(doc, pointer))
+        if predicted is not None:
+            break
+    if predicted is None and score is not None and evaluation.task == "binary":
+        positive = canonical_label(evaluation.positive_label)
+        negative = "0" if positive == "1" else f"not {positive}"
+        predicted = positive if score >= evaluation.threshold else negative
+    return predicted, score

@@ -23,6 +23,19 @@ class Store(Protocol):
     async def config_at(self, at: float) -> dict[str, Any] | None:
         """The configuration activated last at or before ``at`` (Unix seconds)."""
 
+    async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert feedback rows (id, prediction id, request id, label, label time, received
+        at, source) in one transaction."""
+
+    async def join_feedback(self, now: float) -> list[dict[str, Any]]:
+        """Join waiting labels to stored predictions; the rows joined, with ``first`` set when
+        the prediction had no label before."""
+
+    async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]: ...
+
+    async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
+        """Live predictions of a route in [since, until), each with its latest label."""
+
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
 
     async def count_predictions(self) -> int: ...

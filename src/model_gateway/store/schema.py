@@ -48,6 +48,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE predictions ADD COLUMN response_headers TEXT",
         "ALTER TABLE predictions ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # the prediction as JSON text (a label or a value) and its score, for evaluation
+        "ALTER TABLE predictions ADD COLUMN predicted TEXT",
+        "ALTER TABLE predictions ADD COLUMN score DOUBLE PRECISION",
+        """CREATE TABLE feedback (
+            feedback_id TEXT PRIMARY KEY,
+            prediction_id TEXT,
+            request_id TEXT,
+            label TEXT NOT NULL,
+            label_time DOUBLE PRECISION NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            source TEXT,
+            joined_prediction_id TEXT,
+            joined_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX feedback_prediction_id ON feedback (prediction_id)",
+        "CREATE INDEX feedback_request_id ON feedback (request_id)",
+        "CREATE INDEX feedback_joined ON feedback (joined_prediction_id)",
+        "CREATE INDEX feedback_pending ON feedback (joined_at)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -8,12 +8,22 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
+from .queries import PENDING_JOINS, REPORT_ROWS
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
+
+_PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
+_REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
 
 # Column names are the record's own constants, never input; values are always parameters.
 _COLUMN_LIST = ", ".join(COLUMNS)
 _PLACEHOLDERS = ", ".join("?" * len(COLUMNS))
 _INSERT = f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({_PLACEHOLDERS})"  # noqa: S608
+
+
+_INSERT_FEEDBACK = (
+    "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
+    "received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class SQLiteStore:
@@ -92,6 +102,51 @@ class SQLiteStore:
         ) as cur:
             row = await cur.fetchone()
         return None if row is None else dict(row)
+
+    async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            await self.db.executemany(_INSERT_FEEDBACK, rows)
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+
+    async def join_feedback(self, now: float) -> list[dict[str, Any]]:
+        """Join every waiting label whose prediction is now stored; mark it joined."""
+        async with self.db.execute(_PENDING_JOINS) as cur:
+            found = [dict(row) for row in await cur.fetchall()]
+        joined = []
+        try:
+            for row in found:
+                async with self.db.execute(
+                    "SELECT 1 FROM feedback WHERE joined_prediction_id = ? LIMIT 1",
+                    (row["prediction_id"],),
+                ) as cur:
+                    row["first"] = await cur.fetchone() is None
+                cur = await self.db.execute(
+                    "UPDATE feedback SET joined_prediction_id = ?, joined_at = ? "
+                    "WHERE feedback_id = ? AND joined_at IS NULL",
+                    (row["prediction_id"], now, row["feedback_id"]),
+                )
+                if cur.rowcount == 1:
+                    joined.append(row)
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+        return joined
+
+    async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:
+        async with self.db.execute(
+            "SELECT feedback_id, label, label_time, received_at, source FROM feedback "
+            "WHERE joined_prediction_id = ? ORDER BY label_time, received_at",
+            (prediction_id,),
+        ) as cur:
+            return [dict(row) for row in await cur.fetchall()]
+
+    async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
+        async with self.db.execute(_REPORT_ROWS, (route, since, until)) as cur:
+            return [dict(row) for row in await cur.fetchall()]
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         async with self.db.execute(

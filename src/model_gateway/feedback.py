@@ -1,0 +1,214 @@
+"""``POST /feedback``: parsing and validating labels, and joining them to predictions.
+
+A body is one JSON object, a JSON array of them, or NDJSON (one object per line). Each item
+names its prediction by ``prediction_id`` (the gateway's ``X-Prediction-Id``) or by the
+client's ``request_id``, and carries a ``label``; ``timestamp`` (RFC 3339 or Unix seconds) and
+``source`` are optional. Items are judged one by one: the valid ones are kept, each invalid
+one is answered with its index and reason. Labels may arrive before their prediction has been
+written; they wait and are joined when it is. A later label for a prediction supersedes an
+earlier one in reports; both are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .records import canonical_label, new_prediction_id
+
+if TYPE_CHECKING:
+    from .app import GatewayApp
+
+log = logging.getLogger("model_gateway.feedback")
+
+MAX_ITEMS = 10_000
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_KEY_LENGTH = 256
+JOIN_INTERVAL_SECONDS = 1.0
+_FIELDS = frozenset({"prediction_id", "request_id", "label", "timestamp", "source"})
+
+
+class FeedbackBodyError(ValueError):
+    """The body as a whole cannot be read (answered with 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackItem:
+    prediction_id: str | None
+    request_id: str | None
+    label: str
+    label_time: float
+    source: str | None
+
+    def as_row(self, received_at: float) -> tuple[Any, ...]:
+        return (
+            new_prediction_id(),
+            self.prediction_id,
+            self.request_id,
+            self.label,
+            self.label_time,
+            received_at,
+            self.source,
+        )
+
+
+def _loads(text: bytes) -> Any:
+    """orjson, else the standard library for what orjson refuses but JSON allows (integers
+    beyond 64 bits); raises ValueError for anything that is not JSON."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as first:
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise first from None
+
+
+def parse_body(body: bytes, content_type: str | None) -> list[Any]:
+    """The items of a body, each still unvalidated; NDJSON lines that are not JSON come back
+    as :class:`FeedbackBodyError` instances so that they are rejected one by one."""
+    ndjson = content_type is not None and ("ndjson" in content_type or "jsonl" in content_type)
+    if not ndjson:
+        try:
+            doc = _loads(body)
+        except ValueError as exc:
+            if body.count(b"\n") < 1:
+                raise FeedbackBodyError(f"malformed JSON: {exc}") from None
+            ndjson = True  # several lines: read them as NDJSON
+        else:
+            if isinstance(doc, dict):
+                return [doc]
+            if isinstance(doc, list):
+                return doc
+            raise FeedbackBodyError("expected a JSON object, an array of objects, or NDJSON")
+    items: list[Any] = []
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(_loads(line))
+        except ValueError:
+            items.append(FeedbackBodyError(f"line {number}: malformed JSON"))
+    return items
+
+
+def validate_item(item: Any, now: float) -> FeedbackItem | str:
+    """A valid item, or the reason it is rejected."""
+    if isinstance(item, FeedbackBodyError):
+        return str(item)
+    if not isinstance(item, dict):
+        return "an item must be a JSON object"
+    unknown = sorted(set(item) - _FIELDS)
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}"
+    keys = {}
+    for name in ("prediction_id", "request_id"):
+        value = item.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
+            return f"{name} must be a non-empty string of at most {MAX_KEY_LENGTH} characters"
+        keys[name] = value
+    if not keys:
+        return "prediction_id or request_id is required"
+    if "label" not in item:
+        return "label is required"
+    raw_label = item["label"]
+    if isinstance(raw_label, float) and not math.isfinite(raw_label):
+        return "label must be finite"
+    label = canonical_label(raw_label)
+    if label is None:
+        return "label must be a string, a number or a boolean"
+    label_time = now
+    if item.get("timestamp") is not None:
+        parsed = _timestamp(item["timestamp"])
+        if parsed is None:
+            return "timestamp must be RFC 3339 with an offset, or Unix seconds"
+        label_time = parsed
+    source = item.get("source")
+    if source is not None and not isinstance(source, str):
+        return "source must be a string"
+    return FeedbackItem(
+        keys.get("prediction_id"), keys.get("request_id"), label, label_time, source
+    )
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) and value >= 0 else None
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return moment.timestamp() if moment.tzinfo is not None else None
+    return None
+
+
+def outcome(positive: str, predicted: str, actual: str) -> str:
+    """Confusion outcome of one binary prediction."""
+    if predicted == positive:
+        return "tp" if actual == positive else "fp"
+    return "fn" if actual == positive else "tn"
+
+
+class FeedbackJoiner:
+    """Joins waiting labels to predictions now in the store, and counts the outcomes."""
+
+    def __init__(self, gateway: GatewayApp) -> None:
+        self._gateway = gateway
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="feedback-joiner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(JOIN_INTERVAL_SECONDS)
+            try:
+                await self.join_pending()
+            except Exception:
+                log.exception("joining feedback failed; retrying")
+
+    async def join_pending(self) -> int:
+        async with self._lock:
+            joined = await self._gateway.store.join_feedback(time.time())
+        metrics = self._gateway.state.metrics
+        routes = {r.name: r for r in self._gateway.loaded.config.routes}
+        for row in joined:
+            labels = (row["route"], row["variant"], row["model_version"])
+            metrics.feedback_joined.labels(*labels).inc()
+            route = routes.get(row["route"])
+            evaluation = route.evaluation if route else None
+            if not row["first"] or evaluation is None or row["predicted"] is None:
+                continue
+            if evaluation.task == "binary":
+                positive = canonical_label(evaluation.positive_label) or ""
+                result = outcome(positive, row["predicted"], row["label"])
+                metrics.feedback_outcomes.labels(*labels, result).inc()
+            elif evaluation.task == "multiclass":
+                predicted, actual = row["predicted"], row["label"]
+                if predicted == actual:
+                    metrics.feedback_class_outcomes.labels(*labels, actual, "tp").inc()
+                else:
+                    metrics.feedback_class_outcomes.labels(*labels, actual, "fn").inc()
+                    metrics.feedback_class_outcomes.labels(*labels, predicted, "fp").inc()
+        return len(joined)

@@ -1,0 +1,35 @@
+"""Queries every store runs, written once with ``%s`` placeholders; each store puts in its own
+parameter style (SQLite ``?``, PostgreSQL ``$n``)."""
+
+from __future__ import annotations
+
+# Waiting labels whose prediction is stored: by prediction id, or by the client's request id
+# (the latest prediction with that id).
+PENDING_JOINS = """
+SELECT f.feedback_id, f.label, p.prediction_id, p.route, p.variant,
+       COALESCE(p.reported_version, p.configured_version) AS model_version,
+       p.predicted, p.score
+FROM feedback f
+JOIN predictions p ON p.prediction_id = COALESCE(
+    f.prediction_id,
+    (SELECT q.prediction_id FROM predictions q WHERE q.request_id = f.request_id
+     ORDER BY q.request_time DESC LIMIT 1))
+WHERE f.joined_at IS NULL
+ORDER BY f.received_at
+"""
+
+# One row per live (not shadow) prediction of a route in [since, until), with its latest label.
+REPORT_ROWS = """
+SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
+       COALESCE(p.reported_version, p.configured_version) AS model_version,
+       l.label
+FROM predictions p
+LEFT JOIN (
+    SELECT joined_prediction_id, label,
+           ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
+                              ORDER BY label_time DESC, received_at DESC) AS rank
+    FROM feedback WHERE joined_prediction_id IS NOT NULL
+) l ON l.joined_prediction_id = p.prediction_id AND l.rank = 1
+WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s AND p.shadow = 0
+ORDER BY p.request_time
+"""
