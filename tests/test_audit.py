@@ -49,8 +49,9 @@ def test_older_database_is_upgraded_in_place(tmp_path: Path) -> None:
             await store.close()
 
     version, record = asyncio.run(upgrade())
-    assert version == LATEST_VERSION == 2
+    assert version == LATEST_VERSION == len(MIGRATIONS)
     assert record is not None and record["shadow"] == 0 and record["request_headers"] is None
+    assert record["predicted"] is None and record["score"] is None
     # opening again is a no-op
     assert asyncio.run(upgrade())[0] == LATEST_VERSION
 
