@@ -5,6 +5,7 @@ Admin endpoints require ``Authorization: Bearer <admin.token>`` when a token is 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import time
@@ -22,9 +23,12 @@ from .config import RouteConfig
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
 from .feedback import MAX_ITEMS, FeedbackBodyError, parse_body, validate_item
 from .metrics import CONTENT_TYPE
+from .quality import build_report
 
 if TYPE_CHECKING:
     from .app import GatewayApp
+
+DAY = 86_400.0
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -147,8 +151,32 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             }
         )
 
+    async def report(request: Request) -> Response:
+        params = request.query_params
+        routes = {r.name: r for r in gateway.loaded.config.routes}
+        name = params.get("route")
+        if name is None and len(routes) == 1:
+            name = next(iter(routes))
+        if name not in routes:
+            return error_response(
+                400, "bad_request", f"route: one of {', '.join(sorted(routes))} is required"
+            )
+        try:
+            until = parse_rfc3339(params["until"]) if "until" in params else time.time()
+            since = parse_rfc3339(params["since"]) if "since" in params else until - DAY
+        except ValueError as exc:
+            return error_response(400, "bad_request", str(exc))
+        if since >= until:
+            return error_response(400, "bad_request", "since must be before until")
+        rows = await gateway.store.report_rows(name, since, until)
+        # the statistics are CPU work: keep them off the event loop
+        result = await asyncio.to_thread(build_report, rows, routes[name], since, until)
+        result["since"], result["until"] = format_rfc3339(since), format_rfc3339(until)
+        return json_response(result)
+
     return [
         Route("/healthz", healthz),
+        Route("/admin/report", guarded(report)),
         Route("/metrics", metrics),
         Route("/admin/predictions/{prediction_id}", guarded(prediction)),
         Route("/admin/reload", guarded(reload), methods=["POST"]),

@@ -48,6 +48,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_arg(text: str) -> float:
+    from .admin import parse_rfc3339
+
+    try:
+        return parse_rfc3339(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    import orjson
+
+    from .admin import DAY, format_rfc3339
+    from .quality import build_report
+    from .store import open_store
+
+    loaded = _load_or_exit(args.config)
+    routes = {r.name: r for r in loaded.config.routes}
+    name = args.route or (next(iter(routes)) if len(routes) == 1 else None)
+    if name not in routes:
+        print(f"--route: one of {', '.join(sorted(routes))} is required", file=sys.stderr)
+        return 2
+    until = args.until if args.until is not None else time.time()
+    since = args.since if args.since is not None else until - DAY
+
+    async def rows() -> list[dict[str, object]]:
+        store = open_store(loaded.config.storage.url)
+        await store.open()
+        try:
+            return await store.report_rows(name, since, until)
+        finally:
+            await store.close()
+
+    report = build_report(asyncio.run(rows()), routes[name], since, until)
+    report["since"], report["until"] = format_rfc3339(since), format_rfc3339(until)
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-gateway",
@@ -68,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file; exit 1 if invalid")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
+
+    report = commands.add_parser(
+        "report", help="per-variant quality, latency and errors of a route, as JSON"
+    )
+    report.add_argument("--config", required=True)
+    report.add_argument("--route", help="route name (default: the only route)")
+    report.add_argument("--since", type=_time_arg, help="RFC 3339 (default: 24 h before --until)")
+    report.add_argument("--until", type=_time_arg, help="RFC 3339 (default: now)")
+    report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="run demo model servers and the gateway")
     with_server_options(demo)

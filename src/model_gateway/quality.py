@@ -1,0 +1,381 @@
+"""Model quality from labelled predictions: point estimates, confidence intervals, A/B tests.
+
+Pure functions over plain lists; :func:`build_report` turns a route's rows from the store into
+the report that ``GET /admin/report`` and ``model-gateway report`` show. Intervals are 95 %:
+Wilson for proportions (precision, recall, accuracy, error ratio), Hanley-McNeil for AUC, a
+seeded bootstrap for F1 and RMSE, the normal approximation for MAE. Differences between a
+challenger and the champion (the route's first variant) come with an interval and a
+two-sided p-value; the traffic split is checked against the weights with a chi-square test
+(sample ratio mismatch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from .config import EvaluationConfig, RouteConfig
+from .records import canonical_label
+
+Z95 = 1.959963984540054
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 20261125
+#: a split whose chi-square p-value is below this is reported as a sample ratio mismatch
+SRM_ALPHA = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    value: float | None
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    metric: str
+    difference: float | None
+    low: float | None
+    high: float | None
+    p_value: float | None
+
+
+def wilson(successes: int, n: int) -> Estimate:
+    if n == 0:
+        return Estimate(None)
+    p = successes / n
+    denominator = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denominator
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Estimate(p, low, high)
+
+
+def f1_from_counts(tp: int, fp: int, fn: int) -> float | None:
+    return None if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def auc_with_se(positive: Sequence[bool], scores: Sequence[float]) -> tuple[float, float] | None:
+    """ROC AUC (Mann-Whitney, ties averaged) and its Hanley-McNeil standard error."""
+    y = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = stats.rankdata(np.asarray(scores, dtype=float))
+    auc = (ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)
+    ) / (n_pos * n_neg)
+    return float(auc), math.sqrt(max(variance, 0.0))
+
+
+def _bootstrap(values: np.ndarray, statistic: Any) -> tuple[float, float] | None:
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    picks = rng.integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))
+    samples = np.array([statistic(values[p]) for p in picks], dtype=float)
+    samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return None
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def _f1_of(outcomes: np.ndarray) -> float:
+    # outcomes: 0 tp, 1 fp, 2 fn, 3 tn
+    counts = np.bincount(outcomes, minlength=4)
+    value = f1_from_counts(int(counts[0]), int(counts[1]), int(counts[2]))
+    return math.nan if value is None else value
+
+
+def binary_quality(
+    labels: Sequence[str], predicted: Sequence[str], scores: Sequence[float | None], positive: str
+) -> dict[str, Any]:
+    truth = [label == positive for label in labels]
+    guess = [p == positive for p in predicted]
+    tp = sum(t and g for t, g in zip(truth, guess, strict=True))
+    fp = sum(g and not t for t, g in zip(truth, guess, strict=True))
+    fn = sum(t and not g for t, g in zip(truth, guess, strict=True))
+    tn = len(truth) - tp - fp - fn
+    outcomes = np.array(
+        [0 if t and g else 1 if g else 2 if t else 3 for t, g in zip(truth, guess, strict=True)],
+        dtype=int,
+    )
+    f1_interval = _bootstrap(outcomes, _f1_of)
+    out: dict[str, Any] = {
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        "precision": wilson(tp, tp + fp),
+        "recall": wilson(tp, tp + fn),
+        "f1": Estimate(f1_from_counts(tp, fp, fn), *(f1_interval or (None, None))),
+        "accuracy": wilson(tp + tn, len(truth)),
+        "auc": Estimate(None),
+    }
+    scored = [(t, s) for t, s in zip(truth, scores, strict=True) if s is not None]
+    if scored:
+        found = auc_with_se([t for t, _ in scored], [s for _, s in scored])
+        if found is not None:
+            auc, se = found
+            out["auc"] = Estimate(auc, max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se))
+            out["auc_se"] = se
+    return out
+
+
+def multiclass_quality(labels: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, and precision / recall / F1 macro-averaged over the classes seen."""
+    classes = sorted(set(labels) | set(predicted))
+    precisions, recalls, f1s = [], [], []
+    for c in classes:
+        tp = sum(t == c and p == c for t, p in zip(labels, predicted, strict=True))
+        fp = sum(t != c and p == c for t, p in zip(labels, predicted, strict=True))
+        fn = sum(t == c and p != c for t, p in zip(labels, predicted, strict=True))
+        precisions.append(tp / (tp + fp) if tp + fp else 0.0)
+        recalls.append(tp / (tp + fn) if tp + fn else 0.0)
+        f1s.append(f1_from_counts(tp, fp, fn) or 0.0)
+    correct = sum(t == p for t, p in zip(labels, predicted, strict=True))
+    return {
+        "classes": classes,
+        "precision": Estimate(float(np.mean(precisions))),
+        "recall": Estimate(float(np.mean(recalls))),
+        "f1": Estimate(float(np.mean(f1s))),
+        "accuracy": wilson(correct, len(labels)),
+    }
+
+
+def regression_quality(actual: Sequence[float], predicted: Sequence[float]) -> dict[str, Any]:
+    errors = np.asarray(predicted, dtype=float) - np.asarray(actual, dtype=float)
+    absolute = np.abs(errors)
+    n = len(errors)
+    mae = float(absolute.mean())
+    half = Z95 * float(absolute.std(ddof=1)) / math.sqrt(n) if n > 1 else None
+    rmse_interval = _bootstrap(errors, lambda e: float(np.sqrt(np.mean(e * e))))
+    return {
+        "mae": Estimate(
+            mae, mae - half if half is not None else None, mae + half if half is not None else None
+        ),
+        "rmse": Estimate(
+            float(np.sqrt(np.mean(errors * errors))), *(rmse_interval or (None, None))
+        ),
+        "mae_se": float(absolute.std(ddof=1)) / math.sqrt(n) if n > 1 else None,
+        "absolute_errors": absolute,
+    }
+
+
+def proportion_difference(metric: str, k1: int, n1: int, k0: int, n0: int) -> Difference:
+    """Challenger (1) minus champion (0): Wald interval, pooled two-proportion z-test."""
+    if n1 == 0 or n0 == 0:
+        return Difference(metric, None, None, None, None)
+    p1, p0 = k1 / n1, k0 / n0
+    diff = p1 - p0
+    se = math.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
+    pooled = (k1 + k0) / (n1 + n0)
+    se_pooled = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n0))
+    p_value = 1.0 if se_pooled == 0 else float(2 * stats.norm.sf(abs(diff) / se_pooled))
+    return Difference(metric, diff, diff - Z95 * se, diff + Z95 * se, p_value)
+
+
+def normal_difference(metric: str, v1: float, se1: float, v0: float, se0: float) -> Difference:
+    diff = v1 - v0
+    se = math.sqrt(se1 * se1 + se0 * se0)
+    p_value = 1.0 if se == 0 else float(2 * stats.norm.sf(abs(diff) / se))
+    return Difference(metric, diff, diff - Z95 * se, diff + Z95 * se, p_value)
+
+
+def bootstrap_f1_difference(challenger: np.ndarray, champion: np.ndarray) -> Difference:
+    """F1 difference with a percentile interval and a bootstrap two-sided p-value."""
+    if len(challenger) < 2 or len(champion) < 2:
+        return Difference("f1", None, None, None, None)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    diffs = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        a = challenger[rng.integers(0, len(challenger), len(challenger))]
+        b = champion[rng.integers(0, len(champion), len(champion))]
+        diffs.append(_f1_of(a) - _f1_of(b))
+    samples = np.array(diffs)
+    samples = samples[~np.isnan(samples)]
+    point = _f1_of(challenger) - _f1_of(champion)
+    if len(samples) == 0 or math.isnan(point):
+        return Difference("f1", None, None, None, None)
+    p_value = min(1.0, 2 * min(float((samples <= 0).mean()), float((samples >= 0).mean())))
+    return Difference(
+        "f1",
+        float(point),
+        float(np.percentile(samples, 2.5)),
+        float(np.percentile(samples, 97.5)),
+        p_value,
+    )
+
+
+def sample_ratio_mismatch(observed: dict[str, int], weights: dict[str, float]) -> dict[str, Any]:
+    """Chi-square goodness of fit of the observed split against the configured weights."""
+    names = [n for n, w in weights.items() if w > 0]
+    total = sum(observed.get(n, 0) for n in names)
+    if len(names) < 2 or total == 0:
+        return {"chi2": None, "p_value": None, "mismatch": False}
+    weight_sum = sum(weights[n] for n in names)
+    expected = [total * weights[n] / weight_sum for n in names]
+    result = stats.chisquare([observed.get(n, 0) for n in names], expected)
+    p_value = float(result.pvalue)
+    return {"chi2": float(result.statistic), "p_value": p_value, "mismatch": p_value < SRM_ALPHA}
+
+
+def _latency(latencies: Sequence[float]) -> dict[str, float | None]:
+    if not latencies:
+        return {"p50": None, "p95": None, "p99": None}
+    values = np.asarray(latencies, dtype=float)
+    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+
+def _variant_quality(rows: list[dict[str, Any]], evaluation: EvaluationConfig) -> dict[str, Any]:
+    labelled = [r for r in rows if r["label"] is not None and r["predicted"] is not None]
+    out: dict[str, Any] = {"labelled": len(labelled)}
+    if not labelled:
+        return out
+    labels = [str(r["label"]) for r in labelled]
+    predicted = [str(r["predicted"]) for r in labelled]
+    if evaluation.task == "binary":
+        positive = canonical_label(evaluation.positive_label) or ""
+        out.update(binary_quality(labels, predicted, [r["score"] for r in labelled], positive))
+    elif evaluation.task == "multiclass":
+        out.update(multiclass_quality(labels, predicted))
+    else:
+        pairs = [(_number(a), _number(p)) for a, p in zip(labels, predicted, strict=True)]
+        numeric = [(a, p) for a, p in pairs if a is not None and p is not None]
+        out["labelled"] = len(numeric)
+        if numeric:
+            out.update(regression_quality([a for a, _ in numeric], [p for _, p in numeric]))
+    return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def build_report(
+    rows: list[dict[str, Any]], route: RouteConfig, since: float, until: float
+) -> dict[str, Any]:
+    """The per-variant report of one route over [since, until) from the store's rows."""
+    evaluation = route.evaluation or EvaluationConfig()
+    by_variant: dict[str, list[dict[str, Any]]] = {v.name: [] for v in route.variants}
+    for row in rows:
+        by_variant.setdefault(row["variant"], []).append(row)
+    variants: dict[str, dict[str, Any]] = {}
+    internals: dict[str, dict[str, Any]] = {}
+    for name, vrows in by_variant.items():
+        errors = sum(1 for r in vrows if r["status"] >= 500)
+        quality = _variant_quality(vrows, evaluation) if route.evaluation else {"labelled": 0}
+        internals[name] = quality
+        variants[name] = {
+            "requests": len(vrows),
+            "model_versions": sorted({r["model_version"] for r in vrows}),
+            "error_ratio": wilson(errors, len(vrows)),
+            "latency_ms": _latency([r["latency_ms"] for r in vrows]),
+            **{
+                k: v for k, v in quality.items() if k not in ("absolute_errors", "auc_se", "mae_se")
+            },
+        }
+    champion = route.variants[0].name
+    comparisons = []
+    if route.evaluation:
+        for name in by_variant:
+            if name != champion:
+                comparisons.append(
+                    {
+                        "challenger": name,
+                        "champion": champion,
+                        "differences": [
+                            asdict(d)
+                            for d in _differences(internals[name], internals[champion], evaluation)
+                        ],
+                    }
+                )
+    observed = {name: len(vrows) for name, vrows in by_variant.items()}
+    return {
+        "route": route.name,
+        "task": evaluation.task if route.evaluation else None,
+        "since": since,
+        "until": until,
+        "champion": champion,
+        "variants": {name: _plain(v) for name, v in variants.items()},
+        "comparisons": comparisons,
+        "sample_ratio": {
+            "observed": observed,
+            "weights": {v.name: v.weight for v in route.variants},
+            **sample_ratio_mismatch(observed, {v.name: v.weight for v in route.variants}),
+        },
+    }
+
+
+def _differences(
+    challenger: dict[str, Any], champion: dict[str, Any], evaluation: EvaluationConfig
+) -> list[Difference]:
+    if not challenger.get("labelled") or not champion.get("labelled"):
+        return []
+    if evaluation.task == "regression":
+        if challenger.get("mae_se") is None or champion.get("mae_se") is None:
+            return []
+        return [
+            normal_difference(
+                "mae",
+                challenger["mae"].value,
+                challenger["mae_se"],
+                champion["mae"].value,
+                champion["mae_se"],
+            )
+        ]
+    if evaluation.task == "multiclass":
+        c1, c0 = challenger["accuracy"], champion["accuracy"]
+        n1, n0 = challenger["labelled"], champion["labelled"]
+        return [
+            proportion_difference("accuracy", round(c1.value * n1), n1, round(c0.value * n0), n0)
+        ]
+    m1, m0 = challenger["confusion"], champion["confusion"]
+    out = [
+        proportion_difference(
+            "precision", m1["tp"], m1["tp"] + m1["fp"], m0["tp"], m0["tp"] + m0["fp"]
+        ),
+        proportion_difference(
+            "recall", m1["tp"], m1["tp"] + m1["fn"], m0["tp"], m0["tp"] + m0["fn"]
+        ),
+        proportion_difference(
+            "accuracy", m1["tp"] + m1["tn"], sum(m1.values()), m0["tp"] + m0["tn"], sum(m0.values())
+        ),
+        bootstrap_f1_difference(_outcome_array(m1), _outcome_array(m0)),
+    ]
+    if challenger["auc"].value is not None and champion["auc"].value is not None:
+        out.append(
+            normal_difference(
+                "auc",
+                challenger["auc"].value,
+                challenger["auc_se"],
+                champion["auc"].value,
+                champion["auc_se"],
+            )
+        )
+    return out
+
+
+def _outcome_array(confusion: dict[str, int]) -> np.ndarray:
+    return np.repeat(
+        np.arange(4), [confusion["tp"], confusion["fp"], confusion["fn"], confusion["tn"]]
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Estimate):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
