@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
 
-from .config import LoadedConfig, load_config
+from .config import LoadedConfig, RouteConfig, load_config
 from .errors import ConfigError
 from .logs import configure_logging
+from .store import Store, open_store
 
 
 def _load_or_exit(path: str) -> LoadedConfig:
@@ -57,37 +63,105 @@ def _time_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    import asyncio
-    import time
+T = TypeVar("T")
 
-    import orjson
 
-    from .admin import DAY, format_rfc3339
-    from .quality import build_report
-    from .store import open_store
+def _with_store(loaded: LoadedConfig, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``work`` against the configured store, opened (and migrated) for it."""
 
-    loaded = _load_or_exit(args.config)
+    async def run() -> T:
+        store = open_store(loaded.config.storage.url)
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _route_and_window(
+    args: argparse.Namespace, loaded: LoadedConfig
+) -> tuple[RouteConfig, float, float]:
+    from .admin import DAY
+
     routes = {r.name: r for r in loaded.config.routes}
     name = args.route or (next(iter(routes)) if len(routes) == 1 else None)
     if name not in routes:
         print(f"--route: one of {', '.join(sorted(routes))} is required", file=sys.stderr)
-        return 2
+        raise SystemExit(2)
     until = args.until if args.until is not None else time.time()
     since = args.since if args.since is not None else until - DAY
+    return routes[name], since, until
 
-    async def rows() -> list[dict[str, object]]:
-        store = open_store(loaded.config.storage.url)
-        await store.open()
-        try:
-            return await store.report_rows(name, since, until)
-        finally:
-            await store.close()
 
-    report = build_report(asyncio.run(rows()), routes[name], since, until)
+def cmd_report(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .admin import format_rfc3339
+    from .quality import build_report
+
+    loaded = _load_or_exit(args.config)
+    route, since, until = _route_and_window(args, loaded)
+    rows = _with_store(loaded, lambda store: store.report_rows(route.name, since, until))
+    report = build_report(rows, route, since, until)
     report["since"], report["until"] = format_rfc3339(since), format_rfc3339(until)
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .datafiles import export
+
+    loaded = _load_or_exit(args.config)
+    route, since, until = _route_and_window(args, loaded)
+    out = Path(args.out)
+    count = _with_store(
+        loaded, lambda store: export(store, route.name, since, until, args.format, out)
+    )
+    print(f"{count} predictions of route {route.name} written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .datafiles import sample
+
+    loaded = _load_or_exit(args.config)
+    route, since, until = _route_and_window(args, loaded)
+    out = Path(args.out)
+    count = _with_store(
+        loaded, lambda store: sample(store, route.name, since, until, args.n, args.seed, out)
+    )
+    print(f"{count} predictions sampled to {out} (seed {args.seed})", file=sys.stderr)
+    return 0
+
+
+def cmd_feedback_import(args: argparse.Namespace) -> int:
+    from .datafiles import read_labels
+
+    loaded = _load_or_exit(args.config)
+    accepted: list[tuple[object, ...]] = []
+    now = time.time()
+    rejected = 0
+    for line, result in read_labels(Path(args.file), args.source):
+        if isinstance(result, str):
+            rejected += 1
+            print(f"{args.file}:{line}: {result}", file=sys.stderr)
+        else:
+            accepted.append(result.as_row(now))
+
+    async def load(store: Store) -> int:
+        if accepted:
+            await store.insert_feedback(accepted)
+        return len(await store.join_feedback(time.time()))
+
+    joined = _with_store(loaded, load)
+    print(
+        f"{len(accepted)} labels imported ({joined} joined to predictions now, the rest when "
+        f"their predictions are logged), {rejected} rejected",
+        file=sys.stderr,
+    )
+    return 1 if rejected and not accepted else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,14 +185,40 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
 
+    def with_window(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True)
+        p.add_argument("--route", help="route name (default: the only route)")
+        p.add_argument("--since", type=_time_arg, help="RFC 3339 (default: 24 h before --until)")
+        p.add_argument("--until", type=_time_arg, help="RFC 3339 (default: now)")
+
     report = commands.add_parser(
         "report", help="per-variant quality, latency and errors of a route, as JSON"
     )
-    report.add_argument("--config", required=True)
-    report.add_argument("--route", help="route name (default: the only route)")
-    report.add_argument("--since", type=_time_arg, help="RFC 3339 (default: 24 h before --until)")
-    report.add_argument("--until", type=_time_arg, help="RFC 3339 (default: now)")
+    with_window(report)
     report.set_defaults(func=cmd_report)
+
+    export = commands.add_parser("export", help="predictions joined with labels, to a file")
+    with_window(export)
+    export.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    export.add_argument("--out", required=True, help="file to write")
+    export.set_defaults(func=cmd_export)
+
+    sample = commands.add_parser("sample", help="random predictions to a CSV for hand labelling")
+    with_window(sample)
+    sample.add_argument("--n", type=int, required=True, help="how many")
+    sample.add_argument("--seed", type=int, default=0, help="same seed, same sample")
+    sample.add_argument("--out", required=True, help="CSV file to write")
+    sample.set_defaults(func=cmd_sample)
+
+    feedback = commands.add_parser("feedback", help="labels")
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    importer = feedback_commands.add_parser(
+        "import", help="labels from a CSV (prediction_id or request_id, label[, timestamp, source])"
+    )
+    importer.add_argument("file")
+    importer.add_argument("--config", required=True)
+    importer.add_argument("--source", help="source recorded for rows that name none")
+    importer.set_defaults(func=cmd_feedback_import)
 
     demo = commands.add_parser("demo", help="run demo model servers and the gateway")
     with_server_options(demo)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 
@@ -35,6 +35,14 @@ class Store(Protocol):
 
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
         """Live predictions of a route in [since, until), each with its latest label."""
+
+    async def count_rows(self, route: str, since: float, until: float) -> int: ...
+
+    def iter_export(
+        self, route: str, since: float, until: float, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Predictions with their latest label, in batches, in prediction id order."""
+        ...
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
 

@@ -33,3 +33,25 @@ LEFT JOIN (
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s AND p.shadow = 0
 ORDER BY p.request_time
 """
+
+# Predictions of a route in [since, until) with their latest label, for export and sampling.
+EXPORT_ROWS = """
+SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
+       p.configured_version, p.reported_version, p.config_version, p.assignment,
+       p.request_time, p.latency_ms, p.status, p.error, p.predicted, p.score, p.shadow,
+       l.label, l.label_time
+FROM predictions p
+LEFT JOIN (
+    SELECT joined_prediction_id, label, label_time,
+           ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
+                              ORDER BY label_time DESC, received_at DESC) AS rank
+    FROM feedback WHERE joined_prediction_id IS NOT NULL
+) l ON l.joined_prediction_id = p.prediction_id AND l.rank = 1
+WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
+ORDER BY p.prediction_id
+"""
+
+COUNT_ROWS = """
+SELECT COUNT(*) FROM predictions
+WHERE route = %s AND request_time >= %s AND request_time < %s
+"""

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiosqlite
 
 from ..records import COLUMNS
-from .queries import PENDING_JOINS, REPORT_ROWS
+from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
 _REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
+_EXPORT_ROWS = EXPORT_ROWS.replace("%s", "?")
+_COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
 
 # Column names are the record's own constants, never input; values are always parameters.
 _COLUMN_LIST = ", ".join(COLUMNS)
@@ -147,6 +149,18 @@ class SQLiteStore:
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
         async with self.db.execute(_REPORT_ROWS, (route, since, until)) as cur:
             return [dict(row) for row in await cur.fetchall()]
+
+    async def count_rows(self, route: str, since: float, until: float) -> int:
+        async with self.db.execute(_COUNT_ROWS, (route, since, until)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def iter_export(
+        self, route: str, since: float, until: float, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        async with self.db.execute(_EXPORT_ROWS, (route, since, until)) as cur:
+            while rows := await cur.fetchmany(batch):
+                yield [dict(row) for row in rows]
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         async with self.db.execute(
