@@ -133,16 +133,26 @@ def run_demo(loaded: LoadedConfig, host: str, port: int) -> None:
     config = gateway_server_config(GatewayApp(loaded), host, port)
     sock, url = _bind(config)
     route = loaded.config.routes[0]
-    print(
-        f"\nmodel-gateway listening on {url}; try it:\n"
-        f"  curl -s -i -X POST {url}{route.path}/infer \\\n"
-        "    -H 'Content-Type: application/json' -H 'X-User-Id: alice' \\\n"
-        '    -d \'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", '
-        '"data": [1.2, 0.4, 2.0, 0.1]}]}\'\n',
-        flush=True,
-    )
+    gateway = uvicorn.Server(config)
+
+    def announce() -> None:
+        # only once the gateway answers, so that the line works when it is read
+        while not gateway.started:
+            if gateway.should_exit:
+                return
+            time.sleep(0.02)
+        print(
+            f"\nmodel-gateway listening on {url}; try it:\n"
+            f"  curl -s -i -X POST {url}{route.path}/infer \\\n"
+            "    -H 'Content-Type: application/json' -H 'X-User-Id: alice' \\\n"
+            '    -d \'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", '
+            '"data": [1.2, 0.4, 2.0, 0.1]}]}\'\n',
+            flush=True,
+        )
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        gateway.run(sockets=[sock])
     finally:
         for server in servers:
             server.should_exit = True
