@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools run test lint clean
+.PHONY: install tools run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "model-gateway needs Python 3.11+"'
@@ -17,12 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## tools: promtool (Debian package prometheus), which the tests use to check metrics and rules
+# Debian packages the tests and benchmarks use: promtool (prometheus), wrk, nginx.
+DEBS := prometheus:promtool wrk:wrk nginx:nginx
+
+## tools: install what is missing of $(DEBS) from Debian's packages
 tools:
-	@command -v promtool >/dev/null || { \
-	  echo "installing promtool from Debian's prometheus package"; \
+	@missing=""; for pair in $(DEBS); do \
+	  command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing from Debian's packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+## bench: wrk against a direct call, nginx and the gateway; results in benchmarks/results/
+bench: $(STAMP) tools
+	$(BIN)/python benchmarks/run.py
 
 ## run: two demo model servers (fraud v1, v2) and the gateway in front of them on :8080
 run: $(STAMP)
@@ -30,8 +40,8 @@ run: $(STAMP)
 
 ## lint: ruff and mypy --strict, as `make test` runs them
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy --strict src
 
 ## test: lint, then the whole suite

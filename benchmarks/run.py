@@ -1,0 +1,418 @@
+"""The gateway's cost, measured side by side: wrk against a direct call, nginx, and the gateway.
+
+Run with ``make bench``. Targets run alternately (A B A B …) in each round so that drift of
+the machine affects them alike; each figure is the median over rounds. Results go to
+``benchmarks/results/latest.json`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+V2_BODY = (
+    '{"model_name":"fraud","model_version":"1","outputs":[{"name":"score","datatype":"FP32",'
+    '"shape":[1],"data":[0.42]},{"name":"label","datatype":"INT64","shape":[1],"data":[0]}]}'
+)
+PATH = "/v2/models/fraud/infer"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"  # root's PATH may lack /usr/sbin
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the gateway's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        proc_pid, ppid = int(stat.parent.name), int(fields[1])
+        if proc_pid == pid or ppid == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+class Service:
+    def __init__(
+        self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
+    ) -> None:
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        wait_for_port(port)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def nginx(workdir: Path, name: str, server_block: str) -> tuple[list[str], Path]:
+    prefix = workdir / name
+    (prefix / "logs").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    {server_block}
+}}
+"""
+    )
+    return [NGINX, "-p", str(prefix), "-c", str(conf)], prefix
+
+
+@dataclass
+class Run:
+    target: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    cpu_ms_per_request: float | None = None
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    pid: int | None = None
+    db: Path | None = None
+    completed: int = 0
+    connections_used: int = 0
+    runs: list[Run] = field(default_factory=list)
+
+
+def wrk(url: str, connections: int, duration: float) -> tuple[float, float, float, int]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "-s",
+            str(HERE / "post.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+    def percentile(p: str) -> float:
+        value, unit = re.search(rf"{p}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
+    return rps, percentile("50"), percentile("99"), requests
+
+
+def gateway_config(workdir: Path, name: str, fast: int, fast2: int) -> tuple[Path, Path]:
+    db = workdir / f"{name}.db"
+    config = workdir / f"{name}.yaml"
+    config.write_text(
+        f"""
+server: {{config_poll_interval: 0}}
+storage: {{url: "sqlite:///{db}"}}
+routes:
+  - name: fraud
+    path: /v2/models/fraud
+    evaluation: {{task: binary, prediction: /outputs/1/data/0, score: /outputs/0/data/0}}
+    variants:
+      - {{name: champion, url: "http://127.0.0.1:{fast}", model_version: "1", weight: 90}}
+      - {{name: challenger, url: "http://127.0.0.1:{fast2}", model_version: "2", weight: 10}}
+"""
+    )
+    return config, db
+
+
+def records(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        return {
+            str(status): int(count)
+            for status, count in conn.execute(
+                "SELECT status, COUNT(*) FROM predictions GROUP BY status"
+            )
+        }
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=2, help="A B A B rounds")
+    parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    args = parser.parse_args()
+
+    services: list[Service] = []
+    gateways: list[tuple[Service, Target]] = []
+    with tempfile.TemporaryDirectory(prefix="model-gateway-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            fast, fast2, slow, proxy = free_port(), free_port(), free_port(), free_port()
+            cmd, _ = nginx(
+                workdir,
+                "upstream",
+                f"""
+    access_log off;
+    server {{
+        listen 127.0.0.1:{fast} reuseport; listen 127.0.0.1:{fast2};
+        location / {{ default_type application/json; return 200 '{V2_BODY}'; }}
+    }}""",
+            )
+            services.append(Service("fast upstream (nginx)", cmd, fast))
+            services.append(
+                Service(
+                    "20 ms upstream",
+                    [sys.executable, str(HERE / "slow_upstream.py"), str(slow)],
+                    slow,
+                )
+            )
+            cmd, _ = nginx(
+                workdir,
+                "proxy",
+                f"""
+    log_format main '$remote_addr [$time_local] "$request" $status $body_bytes_sent $request_time $upstream_addr';
+    access_log {workdir}/proxy/logs/access.log main;
+    upstream models {{ server 127.0.0.1:{fast} weight=90; server 127.0.0.1:{fast2} weight=10; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{proxy};
+        location / {{
+            proxy_pass http://models; proxy_http_version 1.1; proxy_set_header Connection "";
+        }}
+    }}""",
+            )
+            services.append(Service("nginx proxy", cmd, proxy))
+
+            targets = [
+                Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
+                Target("nginx", f"http://127.0.0.1:{proxy}{PATH}"),
+            ]
+            for workers in (1, 2):
+                config, db = gateway_config(workdir, f"gw{workers}", fast, fast2)
+                port = free_port()
+                service = Service(
+                    f"gateway x{workers}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "model_gateway",
+                        "serve",
+                        "--config",
+                        str(config),
+                        "--port",
+                        str(port),
+                        "--workers",
+                        str(workers),
+                    ],
+                    port,
+                )
+                target = Target(
+                    f"gateway-{workers}w", f"http://127.0.0.1:{port}{PATH}", service.proc.pid, db
+                )
+                time.sleep(1.0)  # workers up
+                gateways.append((service, target))
+                targets.append(target)
+            slow_direct = Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")
+            config, db = gateway_config(workdir, "gw-slow", slow, slow)
+            port = free_port()
+            service = Service(
+                "gateway (20 ms upstream)",
+                [
+                    sys.executable,
+                    "-m",
+                    "model_gateway",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--port",
+                    str(port),
+                ],
+                port,
+            )
+            slow_gateway = Target(
+                "gateway-1w-20ms", f"http://127.0.0.1:{port}{PATH}", service.proc.pid, db
+            )
+            gateways.append((service, slow_gateway))
+
+            plan = [(t, c) for c in (1, 32) for t in targets] + [
+                (slow_direct, 64),
+                (slow_gateway, 64),
+            ]
+            for target, _ in plan:  # warm pools and caches
+                target.completed += wrk(target.url, 8, min(1.0, args.duration))[3]
+                target.connections_used += 8
+            for round_no in range(args.rounds):
+                for target, connections in plan:
+                    before = cpu_seconds(target.pid) if target.pid else None
+                    rps, p50, p99, n = wrk(target.url, connections, args.duration)
+                    cpu = (
+                        (cpu_seconds(target.pid) - before) * 1000 / n
+                        if target.pid and before is not None and n
+                        else None
+                    )
+                    target.completed += n
+                    target.connections_used += connections
+                    target.runs.append(Run(target.name, connections, rps, p50, p99, n, cpu))
+                    print(
+                        f"round {round_no + 1} {target.name:>16} c={connections:<3} {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms",
+                        file=sys.stderr,
+                    )
+        finally:
+            for service, _ in gateways:
+                service.stop()
+            for service in services:
+                service.stop()
+        # every gateway was stopped gracefully: its log must hold every request wrk completed
+        # wrk counts the responses it read before its timer ran out; the requests still in
+        # flight then (at most one per connection per run) reach the log but not wrk's count.
+        completeness = {}
+        for _, target in gateways:
+            assert target.db is not None
+            by_status = records(target.db)
+            completeness[target.name] = {
+                "wrk_completed": target.completed,
+                "records": sum(by_status.values()),
+                "records_by_status": by_status,
+                "in_flight_at_wrk_stops_at_most": target.connections_used,
+            }
+
+    results = summarise([*targets, slow_direct, slow_gateway], completeness, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+def median_run(target: Target, connections: int) -> dict[str, Any] | None:
+    runs = [r for r in target.runs if r.connections == connections]
+    if not runs:
+        return None
+    cpu = [r.cpu_ms_per_request for r in runs if r.cpu_ms_per_request is not None]
+    return {
+        "rps": statistics.median(r.rps for r in runs),
+        "p50_ms": statistics.median(r.p50_ms for r in runs),
+        "p99_ms": statistics.median(r.p99_ms for r in runs),
+        "cpu_ms_per_request": statistics.median(cpu) if cpu else None,
+        "runs": [r.__dict__ for r in runs],
+    }
+
+
+def summarise(
+    targets: list[Target], completeness: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    table: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        for c in (1, 32, 64):
+            m = median_run(target, c)
+            if m:
+                table[f"{target.name} c={c}"] = m
+    ratios = {}
+    for gw in ("gateway-1w", "gateway-2w"):
+        for c in (1, 32):
+            g, d, n = table[f"{gw} c={c}"], table[f"direct c={c}"], table[f"nginx c={c}"]
+            ratios[f"{gw} c={c}"] = {
+                "rps_vs_direct": g["rps"] / d["rps"],
+                "rps_vs_nginx": g["rps"] / n["rps"],
+                "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
+            }
+    ratios["gateway-1w-20ms c=64"] = {
+        "rps_vs_direct": table["gateway-1w-20ms c=64"]["rps"] / table["direct-20ms c=64"]["rps"],
+        "added_p50_ms_vs_direct": table["gateway-1w-20ms c=64"]["p50_ms"]
+        - table["direct-20ms c=64"]["p50_ms"],
+    }
+    ratios["2 workers vs 1 c=32"] = {
+        "rps": table["gateway-2w c=32"]["rps"] / table["gateway-1w c=32"]["rps"]
+    }
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "wrk_threads": 1},
+        "results": table,
+        "ratios": ratios,
+        "log_completeness": completeness,
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"{'case':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}")
+    for name, r in results["results"].items():
+        cpu = f"{r['cpu_ms_per_request']:.3f}" if r["cpu_ms_per_request"] is not None else "-"
+        print(f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{cpu:>12}")
+    print()
+    for name, r in results["ratios"].items():
+        print(f"{name:<26}" + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+    print()
+    for name, c in results["log_completeness"].items():
+        print(
+            f"log {name:<22} wrk completed {c['wrk_completed']}, records {c['records']} "
+            f"{c['records_by_status']} (in flight at wrk stops <= {c['in_flight_at_wrk_stops_at_most']})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

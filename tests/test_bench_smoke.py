@@ -1,0 +1,46 @@
+"""The benchmark harness still runs end to end (one short round); no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--duration",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    for case in (
+        "direct c=1",
+        "nginx c=32",
+        "gateway-1w c=32",
+        "gateway-2w c=1",
+        "gateway-1w-20ms c=64",
+    ):
+        assert results["results"][case]["rps"] > 0, case
+    assert results["results"]["gateway-1w c=32"]["cpu_ms_per_request"] > 0
+    assert {"rps_vs_direct", "rps_vs_nginx"} <= set(results["ratios"]["gateway-1w c=32"])
+    for name, log in results["log_completeness"].items():
+        # every response wrk read is logged; the surplus is what was in flight when wrk stopped
+        surplus = log["records"] - log["wrk_completed"]
+        assert 0 <= surplus <= log["in_flight_at_wrk_stops_at_most"], (name, log)
+    assert "gateway-1w c=32" in done.stdout
