@@ -307,3 +307,46 @@ def test_arbitrary_bytes_get_4xx_never_5xx(
     check()
     deep = b"[" * 100_000 + b"]" * 100_000
     assert httpx.post(f"{gw.url}/feedback", content=deep).status_code == 400
+
+
+def test_multiclass_counts_per_class(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A multiclass route counts each labelled prediction one-vs-rest, per class."""
+    gw = gateway(
+        [
+            route(
+                "fraud",
+                "/v2/models/fraud",
+                [("a", upstreams["a"].url, 1)],
+                evaluation={"task": "multiclass", "prediction": "/outputs/1/data/0"},
+            )
+        ]
+    )
+    expected: Counter[tuple[str, str]] = Counter()
+    labels = []
+    for i in range(12):
+        r = predict(gw, i)
+        predicted = str(r.json()["outputs"][1]["data"][0])
+        actual = ("0", "1", "2")[i % 3]
+        if predicted == actual:
+            expected[(actual, "tp")] += 1
+        else:
+            expected[(actual, "fn")] += 1
+            expected[(predicted, "fp")] += 1
+        labels.append({"prediction_id": r.headers["x-prediction-id"], "label": actual})
+    wait_for_label(gw, labels[-1]["prediction_id"], None)
+    assert httpx.post(f"{gw.url}/feedback", json=labels).json()["accepted"] == 12
+    registry = gw.app.state.metrics.registry
+    for (cls, outcome), count in expected.items():
+        value = registry.get_sample_value(
+            "model_gateway_feedback_class_outcomes_total",
+            {
+                "route": "fraud",
+                "variant": "a",
+                "model_version": "1",
+                "class": cls,
+                "outcome": outcome,
+            },
+        )
+        assert value == count, (cls, outcome)
