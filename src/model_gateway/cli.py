@@ -164,6 +164,20 @@ def cmd_feedback_import(args: argparse.Namespace) -> int:
     return 1 if rejected and not accepted else 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .store.schema import LATEST_VERSION, SchemaTooNewError
+
+    loaded = _load_or_exit(args.config)
+    try:
+        version = _with_store(loaded, lambda store: store.schema_version())
+    except SchemaTooNewError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    where = loaded.config.storage.url.rsplit("@", 1)[-1]  # never print credentials
+    print(f"{where}: schema version {version} (latest {LATEST_VERSION})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-gateway",
@@ -190,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--route", help="route name (default: the only route)")
         p.add_argument("--since", type=_time_arg, help="RFC 3339 (default: 24 h before --until)")
         p.add_argument("--until", type=_time_arg, help="RFC 3339 (default: now)")
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the store's schema up to date (the gateway also does on start)"
+    )
+    migrate.add_argument("--config", required=True)
+    migrate.set_defaults(func=cmd_migrate)
 
     report = commands.add_parser(
         "report", help="per-variant quality, latency and errors of a route, as JSON"

@@ -57,7 +57,11 @@ def open_store(url: str) -> Store:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(sqlite_path(url))
-    raise ValueError(f"unsupported storage url {url!r}: only sqlite:// is available")
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported storage url {url!r}: use sqlite:// or postgresql://")
 
 
 def sqlite_path(url: str) -> str:

@@ -27,9 +27,9 @@ FROM predictions p
 LEFT JOIN (
     SELECT joined_prediction_id, label,
            ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
-                              ORDER BY label_time DESC, received_at DESC) AS rank
+                              ORDER BY label_time DESC, received_at DESC) AS label_rank
     FROM feedback WHERE joined_prediction_id IS NOT NULL
-) l ON l.joined_prediction_id = p.prediction_id AND l.rank = 1
+) l ON l.joined_prediction_id = p.prediction_id AND l.label_rank = 1
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s AND p.shadow = 0
 ORDER BY p.request_time
 """
@@ -44,9 +44,9 @@ FROM predictions p
 LEFT JOIN (
     SELECT joined_prediction_id, label, label_time,
            ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
-                              ORDER BY label_time DESC, received_at DESC) AS rank
+                              ORDER BY label_time DESC, received_at DESC) AS label_rank
     FROM feedback WHERE joined_prediction_id IS NOT NULL
-) l ON l.joined_prediction_id = p.prediction_id AND l.rank = 1
+) l ON l.joined_prediction_id = p.prediction_id AND l.label_rank = 1
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
 ORDER BY p.prediction_id
 """

@@ -1,0 +1,195 @@
+"""The PostgreSQL store for several gateway replicas: the same schema and queries as SQLite.
+
+One asyncpg pool per process. Migrations run under a transaction-scoped advisory lock, so
+replicas starting together apply each migration once. A ``?schema=NAME`` parameter on the
+URL puts the tables in that schema (created if missing), e.g. for one test run or one
+environment per schema.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from ..records import COLUMNS
+from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS
+from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
+
+# An arbitrary constant naming this application's migration lock.
+_MIGRATION_LOCK = 7_236_155_004_211
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _numbered(query: str) -> str:
+    """``%s`` placeholders as asyncpg's ``$1, $2, …``."""
+    counter = iter(range(1, 1000))
+    return re.sub(r"%s", lambda _: f"${next(counter)}", query)
+
+
+_COLUMN_LIST = ", ".join(COLUMNS)
+_INSERT = _numbered(
+    f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"  # noqa: S608
+)
+_INSERT_FEEDBACK = _numbered(
+    "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
+    "received_at, source) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+_PENDING_JOINS = _numbered(PENDING_JOINS)
+_REPORT_ROWS = _numbered(REPORT_ROWS)
+_EXPORT_ROWS = _numbered(EXPORT_ROWS)
+_COUNT_ROWS = _numbered(COUNT_ROWS)
+
+
+def split_schema(url: str) -> tuple[str, str | None]:
+    """The URL without ``schema=``, and the schema it named."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    if schema is not None and not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"schema {schema!r}: use lower-case letters, digits and '_'")
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
+class PostgresStore:
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8) -> None:
+        self.url, self.schema = split_schema(url)
+        self._min, self._max = min_size, max_size
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        settings = {"search_path": self.schema} if self.schema else {}
+        if self.schema:
+            conn = await asyncpg.connect(self.url)
+            try:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            finally:
+                await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=self._min, max_size=self._max, server_settings=settings
+        )
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def schema_version(self) -> int:
+        async with self.pool.acquire() as conn:
+            return await self._version(conn)
+
+    async def _version(self, conn: Any) -> int:
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        found = await conn.fetchval("SELECT MAX(version) FROM schema_version")
+        return int(found) if found is not None else 0
+
+    async def _migrate(self) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            current = await self._version(conn)
+            if current > LATEST_VERSION:
+                raise SchemaTooNewError(current)
+            for version in range(current + 1, LATEST_VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    await conn.execute(statement.format(blob="BYTEA"))
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+
+    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT, rows)
+
+    async def record_config(
+        self, version: str, activated_at: float, source: str, text: str
+    ) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO configs (version, activated_at, source, text) VALUES ($1, $2, $3, $4)",
+                version,
+                activated_at,
+                source,
+                text,
+            )
+
+    async def config_at(self, at: float) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT version, activated_at, source, text FROM configs WHERE activated_at <= $1 "
+                "ORDER BY activated_at DESC LIMIT 1",
+                at,
+            )
+        return None if row is None else dict(row)
+
+    async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT_FEEDBACK, rows)
+
+    async def join_feedback(self, now: float) -> list[dict[str, Any]]:
+        joined = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for record in await conn.fetch(_PENDING_JOINS):
+                row = dict(record)
+                row["first"] = (
+                    await conn.fetchval(
+                        "SELECT 1 FROM feedback WHERE joined_prediction_id = $1 LIMIT 1",
+                        row["prediction_id"],
+                    )
+                    is None
+                )
+                # another replica may have joined it meanwhile: only one UPDATE wins
+                status = await conn.execute(
+                    "UPDATE feedback SET joined_prediction_id = $1, joined_at = $2 "
+                    "WHERE feedback_id = $3 AND joined_at IS NULL",
+                    row["prediction_id"],
+                    now,
+                    row["feedback_id"],
+                )
+                if status == "UPDATE 1":
+                    joined.append(row)
+        return joined
+
+    async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT feedback_id, label, label_time, received_at, source FROM feedback "
+                "WHERE joined_prediction_id = $1 ORDER BY label_time, received_at",
+                prediction_id,
+            )
+        return [dict(r) for r in rows]
+
+    async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(_REPORT_ROWS, route, since, until)]
+
+    async def count_rows(self, route: str, since: float, until: float) -> int:
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval(_COUNT_ROWS, route, since, until))
+
+    async def iter_export(
+        self, route: str, since: float, until: float, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            cursor = await conn.cursor(_EXPORT_ROWS, route, since, until)
+            while rows := await cursor.fetch(batch):
+                yield [dict(r) for r in rows]
+
+    async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM predictions WHERE prediction_id = $1", prediction_id
+            )
+        return None if row is None else dict(row)
+
+    async def count_predictions(self) -> int:
+        async with self.pool.acquire() as conn:
+            return int(await conn.fetchval("SELECT COUNT(*) FROM predictions"))

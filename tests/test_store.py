@@ -1,0 +1,186 @@
+"""One suite, both stores: SQLite (a file) and PostgreSQL (a fresh schema per test).
+
+PostgreSQL is the one at MODEL_GATEWAY_TEST_POSTGRES (default: 127.0.0.1:5432, database
+``test``). It is required: these tests fail, never skip, when it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from model_gateway.records import PredictionRecord, new_prediction_id
+from model_gateway.store import Store, open_store
+from model_gateway.store.schema import LATEST_VERSION
+
+from .conftest import GatewayFactory, Upstream, route
+
+POSTGRES = os.environ.get(
+    "MODEL_GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    schema = f"mg_test_{uuid.uuid4().hex[:12]}"
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(POSTGRES)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    sep = "&" if "?" in POSTGRES else "?"
+    yield f"{POSTGRES}{sep}schema={schema}"
+    asyncio.run(drop())
+
+
+def record(
+    i: int, *, route_name: str = "r", variant: str = "a", t: float = 1000.0
+) -> PredictionRecord:
+    return PredictionRecord(
+        prediction_id=new_prediction_id(),
+        request_id=f"req-{i}",
+        route=route_name,
+        variant=variant,
+        model_name="m",
+        configured_version="1",
+        reported_version="1.1" if i % 2 else None,
+        assignment="random",
+        routing_key=None,
+        config_version="c1",
+        method="POST",
+        path="/p",
+        request_time=t + i,
+        response_time=t + i + 0.01,
+        latency_ms=10.0 + i,
+        status=200,
+        error=None,
+        request_body=b"\x00\xffbody",
+        response_body=None,
+        request_truncated=False,
+        response_truncated=True,
+        predicted=str(i % 2),
+        score=0.1 * (i % 10),
+    )
+
+
+async def with_store(url: str, work: Any) -> Any:
+    store: Store = open_store(url)
+    await store.open()
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def test_schema_records_configs_and_lookups(store_url: str) -> None:
+    records = [record(i) for i in range(10)]
+
+    async def work(store: Store) -> None:
+        assert await store.schema_version() == LATEST_VERSION
+        await store.write_predictions([r.as_row() for r in records])
+        assert await store.count_predictions() == 10
+        got = await store.get_prediction(records[3].prediction_id)
+        assert got is not None
+        assert got["request_body"] == b"\x00\xffbody"
+        assert got["reported_version"] == "1.1" and got["response_truncated"] == 1
+        assert await store.get_prediction("nope") is None
+        await store.record_config("v1", 100.0, "a.yaml", "routes: []")
+        await store.record_config("v2", 200.0, "a.yaml", "routes: [x]")
+        assert (await store.config_at(150.0))["version"] == "v1"  # type: ignore[index]
+        assert (await store.config_at(200.0))["version"] == "v2"  # type: ignore[index]
+        assert await store.config_at(50.0) is None
+
+    asyncio.run(with_store(store_url, work))
+    # opening again neither migrates nor loses anything
+    assert asyncio.run(with_store(store_url, lambda s: s.count_predictions())) == 10
+
+
+def test_feedback_join_report_and_export(store_url: str) -> None:
+    records = [record(i) for i in range(6)]
+
+    async def work(store: Store) -> None:
+        await store.write_predictions([r.as_row() for r in records[:4]])
+        await store.insert_feedback(
+            [
+                ("f1", records[0].prediction_id, None, "1", 10.0, 10.0, "s"),
+                ("f2", None, "req-1", "0", 10.0, 10.0, None),
+                ("f3", records[0].prediction_id, None, "0", 20.0, 20.0, None),  # supersedes f1
+                ("f4", None, "req-5", "1", 10.0, 10.0, None),  # prediction not stored yet
+            ]
+        )
+        joined = await store.join_feedback(30.0)
+        assert sorted(j["feedback_id"] for j in joined) == ["f1", "f2", "f3"]
+        assert [j["first"] for j in sorted(joined, key=lambda j: j["feedback_id"])] == [
+            True,
+            True,
+            False,
+        ]
+        assert await store.join_feedback(31.0) == []  # nothing joins twice
+        await store.write_predictions([r.as_row() for r in records[4:]])
+        late = await store.join_feedback(40.0)
+        assert [(j["feedback_id"], j["prediction_id"]) for j in late] == [
+            ("f4", records[5].prediction_id)
+        ]
+
+        labels = [f["label"] for f in await store.feedback_for(records[0].prediction_id)]
+        assert labels == ["1", "0"]
+        rows = await store.report_rows("r", 0.0, 1e12)
+        assert len(rows) == 6
+        by_latency = {row["latency_ms"]: row["label"] for row in rows}
+        assert by_latency[10.0] == "0" and by_latency[11.0] == "0" and by_latency[15.0] == "1"
+        assert by_latency[12.0] is None
+        assert await store.report_rows("r", 1003.0, 1005.0) == [
+            row for row in rows if 1003.0 <= 1000.0 + row["latency_ms"] - 10.0 < 1005.0
+        ]
+        assert await store.count_rows("r", 0.0, 1e12) == 6
+        batches = [batch async for batch in store.iter_export("r", 0.0, 1e12, batch=4)]
+        assert [len(b) for b in batches] == [4, 2]
+        exported = [row["prediction_id"] for b in batches for row in b]
+        assert exported == sorted(r.prediction_id for r in records)
+
+    asyncio.run(with_store(store_url, work))
+
+
+def test_gateway_logs_every_request_on_either_store(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream], store_url: str
+) -> None:
+    gw = gateway(
+        [
+            route(
+                "fraud",
+                "/v2/models/fraud",
+                [("a", upstreams["a"].url, 1), ("b", upstreams["b"].url, 1)],
+            )
+        ],
+        storage={"url": store_url},
+    )
+    ids = {}
+    with httpx.Client() as client:
+        for i in range(50):
+            r = client.post(
+                f"{gw.url}/v2/models/fraud/infer",
+                json={"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [i]}]},
+            )
+            ids[r.headers["x-prediction-id"]] = r.headers["x-model-variant"]
+    gw.stop()
+
+    async def work(store: Store) -> dict[str, str]:
+        assert len(await store.report_rows("fraud", 0.0, 1e12)) == 50
+        assert await store.count_predictions() == 50
+        return {pid: (await store.get_prediction(pid))["variant"] for pid in ids}  # type: ignore[index]
+
+    assert asyncio.run(with_store(store_url, work)) == ids
