@@ -1,0 +1,221 @@
+"""Fault injection with real processes and sockets: broken upstreams, a locked store, kills."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import asyncpg
+import httpx
+import yaml
+
+from .conftest import GatewayFactory, Upstream, route
+from .test_processes import INFER, GatewayProcess
+from .test_store import POSTGRES
+
+
+@contextmanager
+def raw_upstream(behaviour: Callable[[socket.socket], None], accept: bool = True) -> Iterator[str]:
+    """A TCP server on an ephemeral port that treats each connection with ``behaviour``."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)  # the request
+                    behaviour(conn)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    if accept:
+        thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        if accept:
+            thread.join(timeout=5)
+        server.close()
+
+
+def reset(conn: socket.socket) -> None:
+    # SO_LINGER 0: close() sends RST instead of FIN
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def resets_mid_body(conn: socket.socket) -> None:
+    conn.sendall(
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"par'
+    )
+    time.sleep(0.05)
+    reset(conn)
+
+
+def resets_mid_stream(conn: socket.socket) -> None:
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    conn.sendall(b"e\r\ndata: first\n\n\r\n")
+    time.sleep(0.05)
+    reset(conn)
+
+
+def garbage(conn: socket.socket) -> None:
+    conn.sendall(b"\x00\x01 this is not HTTP at all \xff\xfe\r\n\r\n")
+
+
+def test_broken_upstreams_get_502_and_are_logged(gateway: GatewayFactory) -> None:
+    with raw_upstream(resets_mid_body) as mid_body, raw_upstream(garbage) as junk:
+        gw = gateway(
+            [
+                route("reset", "/reset", [("r", mid_body, 1)], health={"passive_failures": 0}),
+                route("junk", "/junk", [("j", junk, 1)], health={"passive_failures": 0}),
+            ]
+        )
+        for path in ("/reset", "/junk"):
+            for _ in range(3):
+                r = httpx.get(f"{gw.url}{path}")
+                assert r.status_code == 502, (path, r.text)
+                assert r.json()["error"]["code"] == "bad_gateway"
+        gw.stop()
+    records = gw.records()
+    assert len(records) == 6
+    assert all(rec["status"] == 502 and rec["error"].startswith("bad_gateway") for rec in records)
+
+
+def test_reset_mid_stream_truncates_the_stream_and_is_logged(gateway: GatewayFactory) -> None:
+    with raw_upstream(resets_mid_stream) as upstream:
+        gw = gateway([route("s", "/s", [("s", upstream, 1)])])
+        received = b""
+        try:
+            with httpx.stream("GET", f"{gw.url}/s", timeout=10) as r:
+                assert r.status_code == 200
+                for chunk in r.iter_raw():
+                    received += chunk
+        except httpx.HTTPError:
+            pass  # the client sees the stream end early, as behind nginx
+        assert received.startswith(b"data: first")
+        gw.stop()
+    (record,) = gw.records()
+    assert record["status"] == 200 and record["error"].startswith("bad_gateway")
+
+
+def test_upstream_that_never_accepts_times_out(gateway: GatewayFactory) -> None:
+    with raw_upstream(lambda conn: None, accept=False) as silent:
+        gw = gateway(
+            [route("q", "/q", [("q", silent, 1)], timeouts={"connect": 0.3, "total": 0.5})]
+        )
+        r = httpx.get(f"{gw.url}/q", timeout=10)
+        assert r.status_code == 504
+        gw.stop()
+    assert gw.records()[0]["error"].startswith("timeout")
+
+
+def test_locked_sqlite_store_delays_records_but_not_requests(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. Another process holds an exclusive lock on the SQLite file for a second.
+    2. Requests during it are answered; their records wait in the queue.
+    3. Once the lock is gone, every record is written.
+    """
+    gw = gateway([route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])])
+    httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)  # the file and tables exist
+    time.sleep(0.2)
+    locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(20):
+            assert httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
+        time.sleep(1.0)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    gw.stop()
+    assert len(gw.records()) == 21
+
+
+def test_locked_postgres_table_delays_records_but_not_requests(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    schema = f"mg_lock_{uuid.uuid4().hex[:12]}"
+    gw = gateway(
+        [route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])],
+        storage={"url": f"{POSTGRES}?schema={schema}"},
+    )
+
+    async def scenario() -> int:
+        conn = await asyncpg.connect(POSTGRES, server_settings={"search_path": schema})
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE")
+                async with httpx.AsyncClient() as client:
+                    for _ in range(20):
+                        r = await client.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)
+                        assert r.status_code == 200
+                await asyncio.sleep(1.0)
+            await asyncio.to_thread(gw.stop)
+            return int(await conn.fetchval("SELECT COUNT(*) FROM predictions"))
+        finally:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await conn.close()
+
+    assert asyncio.run(scenario()) == 20
+
+
+def test_sigkill_loses_at_most_the_unwritten_records(
+    tmp_path: Path, upstreams: dict[str, Upstream]
+) -> None:
+    """Records are written as soon as the writer is free, so after a pause every answered
+    request is in the store even if the process is then killed without warning."""
+    db = tmp_path / "log.db"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"url": f"sqlite:///{db}"},
+                "routes": [
+                    {
+                        "name": "fraud",
+                        "path": "/v2/models/fraud",
+                        "variants": [
+                            {"name": "a", "url": upstreams["a"].url, "model_version": "1"}
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    gw = GatewayProcess(config)
+    with httpx.Client() as client:
+        for _ in range(100):
+            assert client.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
+    time.sleep(0.5)
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.proc.wait(timeout=30)
+    gw.drain.join(timeout=10)
+    assert gw.proc.stderr is not None
+    gw.proc.stderr.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 100
+    conn.close()
