@@ -219,3 +219,110 @@ def test_sigkill_loses_at_most_the_unwritten_records(
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 100
     conn.close()
+
+
+class Forwarder:
+    """A TCP forwarder in front of PostgreSQL that a test can take down and bring back: the
+    database becomes unreachable for the gateway without touching the shared server."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.up()
+
+    def _run(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)  # type: ignore[arg-type]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers.update({writer, up_writer})
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def up(self) -> None:
+        async def start() -> None:
+            self.server = await asyncio.start_server(
+                self._handle, "127.0.0.1", self.port, reuse_address=True
+            )
+
+        self._run(start())
+
+    def down(self) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+            for writer in self.writers:
+                writer.transport.abort()
+            self.writers.clear()
+            await self.server.wait_closed()
+
+        self._run(stop())
+
+    def close(self) -> None:
+        if self.server is not None and self.server.is_serving():
+            self.down()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+def test_database_outage_keeps_serving_and_writes_when_it_returns(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. The gateway's PostgreSQL goes away (its connections cut, new ones refused).
+    2. 30 requests during the outage are answered; their records wait in the queue.
+    3. The database comes back: every record is written, none counted lost.
+    """
+    schema = f"mg_outage_{uuid.uuid4().hex[:12]}"
+    host = POSTGRES.split("@", 1)[1].split("/", 1)[0]
+    forwarder = Forwarder((host.split(":")[0], int(host.split(":")[1])))
+    url = POSTGRES.replace(host, f"127.0.0.1:{forwarder.port}") + f"?schema={schema}"
+    try:
+        gw = gateway(
+            [route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])],
+            storage={"url": url},
+        )
+        for _ in range(10):
+            assert httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
+        time.sleep(0.3)
+        forwarder.down()
+        for _ in range(30):
+            assert httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
+        time.sleep(1.5)  # several failed attempts
+        metrics = gw.app.state.metrics.registry
+        assert (metrics.get_sample_value("model_gateway_log_write_failures_total") or 0) >= 1
+        # the control plane says what is wrong instead of failing with a 500
+        down = httpx.get(f"{gw.url}/admin/predictions/x")
+        assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+        forwarder.up()
+        gw.stop()
+        assert metrics.get_sample_value("model_gateway_log_write_errors_total") == 0
+        assert metrics.get_sample_value("model_gateway_log_records_written_total") == 40
+
+        async def count() -> int:
+            conn = await asyncpg.connect(POSTGRES, server_settings={"search_path": schema})
+            try:
+                return int(await conn.fetchval("SELECT COUNT(*) FROM predictions"))
+            finally:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                await conn.close()
+
+        assert asyncio.run(count()) == 40
+    finally:
+        forwarder.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .app import GatewayApp
 
 DAY = 86_400.0
+log = logging.getLogger("model_gateway.admin")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -39,6 +41,13 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    """What the control plane answers when the store fails under it (e.g. a database outage):
+    a clear 503, logged once, rather than a bare 500."""
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return error_response(503, "store_unavailable", "the prediction store is not available")
 
 
 def control_routes(gateway: GatewayApp) -> list[BaseRoute]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from .admin import control_routes
+from .admin import control_routes, store_unavailable
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
@@ -22,6 +22,7 @@ from .proxy import ProxyApp
 from .reload import ConfigReloader
 from .runtime import ActiveConfig, GatewayState
 from .store import Store, open_store
+from .store.base import STORE_ERRORS
 from .store.writer import RecordWriter
 from .upstream import create_session
 
@@ -39,7 +40,10 @@ class GatewayApp:
         self._state: GatewayState | None = None
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
-        self._control = Starlette(routes=control_routes(self))
+        self._control = Starlette(
+            routes=control_routes(self),
+            exception_handlers=dict.fromkeys(STORE_ERRORS, store_unavailable),
+        )
         self.reloader = ConfigReloader(self)
         self.joiner = FeedbackJoiner(self)
 
@@ -90,6 +94,7 @@ class GatewayApp:
             batch_size=storage.batch_size,
             overflow=storage.overflow,
             write_retries=storage.write_retries,
+            close_timeout=storage.close_timeout,
         )
         writer.start()
         session = create_session()

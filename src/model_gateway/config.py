@@ -56,7 +56,11 @@ class StorageConfig(_Strict):
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
     #: what a request does when the log queue is full: wait for room, or drop and count
     overflow: Literal["block", "drop"] = "block"
-    write_retries: int = Field(default=3, ge=0)
+    #: retries of a failing write before its records are counted lost; unset: until the
+    #: store is back (records wait in the queue meanwhile)
+    write_retries: int | None = Field(default=None, ge=0)
+    #: seconds shutdown keeps retrying a failing store before counting the rest lost
+    close_timeout: float = Field(default=10.0, ge=0)
 
     @field_validator("url")
     @classmethod

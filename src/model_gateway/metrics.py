@@ -157,6 +157,11 @@ class Metrics:
             "Prediction records lost because the store refused them after every retry.",
             registry=r,
         )
+        self.log_write_failures = Counter(
+            f"{PREFIX}_log_write_failures",
+            "Failed attempts to write a batch of records (each is retried).",
+            registry=r,
+        )
         self.log_queue_depth = Gauge(
             f"{PREFIX}_log_queue_depth",
             "Prediction records waiting to be written.",

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
+
+import asyncpg
+
+#: what a store raises when the database under it fails (not a bug in a query)
+STORE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 class Store(Protocol):

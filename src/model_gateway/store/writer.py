@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Literal
 
 from ..metrics import Metrics
@@ -22,6 +23,9 @@ log = logging.getLogger("model_gateway.writer")
 
 _STOP = object()
 _RETRY_BASE_DELAY = 0.1
+RETRY_MAX_DELAY = 2.0
+#: how long shutdown keeps retrying a failing store before counting the rest as lost
+DEFAULT_CLOSE_TIMEOUT = 10.0
 QUEUE_DEPTH_SAMPLE_SECONDS = 0.5
 
 
@@ -34,7 +38,8 @@ class RecordWriter:
         queue_size: int,
         batch_size: int,
         overflow: Literal["block", "drop"],
-        write_retries: int,
+        write_retries: int | None,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -42,6 +47,8 @@ class RecordWriter:
         self._batch_size = batch_size
         self._block = overflow == "block"
         self._retries = write_retries
+        self._close_timeout = close_timeout
+        self._close_deadline: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
         metrics.log_queue_capacity.set(queue_size)
@@ -70,6 +77,7 @@ class RecordWriter:
         """Write every queued record, then stop. Call after the server stopped taking requests."""
         if self._task is None:
             return
+        self._close_deadline = time.monotonic() + self._close_timeout
         await self._queue.put(_STOP)
         await self._task
         self._task = None
@@ -105,19 +113,31 @@ class RecordWriter:
 
     async def _write(self, batch: list[PredictionRecord]) -> None:
         rows = [record.as_row() for record in batch]
-        for attempt in range(self._retries + 1):
+        attempt = 0
+        while True:
             try:
                 await self._store.write_predictions(rows)
-            except Exception:
-                log.exception(
-                    "writing %d prediction records failed (attempt %d of %d)",
-                    len(rows),
-                    attempt + 1,
-                    self._retries + 1,
-                )
-                if attempt < self._retries:
-                    await asyncio.sleep(_RETRY_BASE_DELAY * 2**attempt)
+            except Exception as exc:
+                attempt += 1
+                self._metrics.log_write_failures.inc()
+                if self._gives_up(attempt):
+                    log.error(
+                        "giving up on %d prediction records after %d attempts: %s",
+                        len(rows),
+                        attempt,
+                        exc,
+                    )
+                    self._metrics.log_write_errors.inc(len(rows))
+                    return
+                # one line per failure, not a traceback per retry while a store is down
+                log.warning("writing %d records failed (attempt %d): %s", len(rows), attempt, exc)
+                await asyncio.sleep(min(_RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
             else:
                 self._metrics.log_written.inc(len(rows))
                 return
-        self._metrics.log_write_errors.inc(len(rows))
+
+    def _gives_up(self, attempt: int) -> bool:
+        if self._retries is not None and attempt > self._retries:
+            return True
+        # shutting down with the store still failing: keep trying only so long
+        return self._close_deadline is not None and time.monotonic() > self._close_deadline
