@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sqlite3
 import threading
@@ -26,6 +27,28 @@ from .upstreams import UpstreamControl, create_upstream
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def wait_until(condition: Callable[[], object], what: str, seconds: float = 20) -> None:
+    """Poll until ``condition()`` is true; fail naming ``what`` if it never becomes true.
+
+    A bound on how long a test may hang, not a check of speed: every caller waits for
+    something that must happen eventually (a record written, a worker reloaded).
+    """
+    give_up = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > give_up:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+async def wait_until_async(condition: Callable[[], object], what: str, seconds: float = 20) -> None:
+    """:func:`wait_until` for a test running on an event loop."""
+    give_up = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > give_up:
+            pytest.fail(f"gave up waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 class ServerThread:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections import Counter
 from typing import Any
 
@@ -12,7 +11,7 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, route
+from .conftest import GatewayFactory, RunningGateway, Upstream, route, wait_until
 
 
 def features(i: int) -> dict[str, Any]:
@@ -47,13 +46,16 @@ def predict(gw: RunningGateway, i: int, request_id: str | None = None) -> httpx.
 
 
 def wait_for_label(gw: RunningGateway, prediction_id: str, label: str | None) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while True:
-        found = httpx.get(f"{gw.url}/admin/predictions/{prediction_id}")
-        if found.status_code == 200 and found.json()["label"] == label:
-            return found.json()  # type: ignore[no-any-return]
-        assert time.monotonic() < deadline, found.text
-        time.sleep(0.05)
+    """The record once it is in the store with ``label`` as its latest label."""
+    found: dict[str, Any] = {}
+
+    def labelled() -> bool:
+        answer = httpx.get(f"{gw.url}/admin/predictions/{prediction_id}")
+        found.update(answer.json())
+        return answer.status_code == 200 and found["label"] == label
+
+    wait_until(labelled, f"{prediction_id} labelled {label!r}")
+    return found
 
 
 def test_single_array_and_ndjson_by_prediction_or_request_id(

@@ -3,20 +3,18 @@ and one configuration history."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
 import yaml
 
 from model_gateway.cli import main
 
-from .conftest import Upstream
+from .conftest import Upstream, wait_until
 from .test_processes import INFER, GatewayProcess
-from .test_store import POSTGRES
+from .test_store import POSTGRES, drop_schema
 
 
 def test_two_replicas_share_log_feedback_history_and_reports(
@@ -81,17 +79,11 @@ def test_two_replicas_share_log_feedback_history_and_reports(
                 {"prediction_id": r.headers["x-prediction-id"], "label": 1}
                 for r in by_replica[source.url]
             ]
-            deadline = time.monotonic() + 20
-            while True:
-                answer = httpx.post(f"{target.url}/feedback", json=items).json()
-                assert answer["accepted"] == 40
-                found = httpx.get(
-                    f"{target.url}/admin/predictions/{items[-1]['prediction_id']}"
-                ).json()
-                if found.get("label") == "1":
-                    break
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            answer = httpx.post(f"{target.url}/feedback", json=items).json()
+            assert answer["accepted"] == 40
+            last = f"{target.url}/admin/predictions/{items[-1]['prediction_id']}"
+            # joined at once if the prediction is stored, else by the joiner within a second
+            wait_until(lambda url=last: httpx.get(url).json().get("label") == "1", "the join")
 
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
         routing = [
@@ -106,12 +98,4 @@ def test_two_replicas_share_log_feedback_history_and_reports(
     finally:
         one.terminate_and_wait()
         two.terminate_and_wait()
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(POSTGRES)
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
-
-        asyncio.run(drop())
+        drop_schema(schema)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import httpx
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, running
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Upstream,
+    dead_url,
+    route,
+    running,
+    wait_until,
+)
 from .upstreams import create_upstream
 
 
@@ -17,13 +24,6 @@ def gauge(gw: RunningGateway, name: str, **labels: str) -> float | None:
         if line.startswith(f"{name}{{") and line[len(name) + 1 : line.index("}")] == wanted:
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def wait_until(condition, what: str, seconds: float = 15) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def split(gw: RunningGateway, n: int = 40) -> Counter[str]:

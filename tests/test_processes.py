@@ -10,14 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from .conftest import Upstream
+from .conftest import Upstream, wait_until, wait_until_async
 
 INFER = {
     "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
@@ -54,15 +53,13 @@ class GatewayProcess:
         assert self.url, "".join(self.lines)
         self.drain = threading.Thread(target=self._drain, daemon=True)
         self.drain.start()
-        deadline = time.monotonic() + 20
-        while True:  # workers start after the socket is bound
-            try:
-                if httpx.get(f"{self.url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "".join(self.lines)
-            time.sleep(0.05)
+        wait_until(self.healthy, "the workers to start")  # after the socket is bound
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
@@ -142,11 +139,10 @@ def test_sigterm_under_load_finishes_requests_and_flushes_every_record(
             slow = [
                 asyncio.ensure_future(client.get(f"{gw.url}/slow?seconds=0.5")) for _ in range(40)
             ]
-            deadline = time.monotonic() + 20
-            while upstreams["a"].control.requests + upstreams["b"].control.requests < 40:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
-            # all 40 are now waiting on the upstreams
+            await wait_until_async(
+                lambda: upstreams["a"].control.requests + upstreams["b"].control.requests >= 40,
+                "40 requests waiting on the upstreams",
+            )
             exit_code = asyncio.ensure_future(asyncio.to_thread(gw.terminate_and_wait))
             results = await asyncio.gather(*slow)
             # uvicorn re-raises the signal once shut down, so the parent sees "killed by SIGTERM"
@@ -203,19 +199,23 @@ def test_sighup_reloads_every_worker(
             doc["routes"][0]["variants"][1]["weight"] = 1
             config.write_text(yaml.safe_dump(doc))
             gw.proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 20
-            while len(seen := versions()) != 1 or v1 in seen:  # every worker on one new version
-                assert time.monotonic() < deadline, "".join(gw.lines)
-                time.sleep(0.05)
+            seen: set[str] = set()
+
+            def reloaded() -> bool:  # every worker on one new version
+                seen.clear()
+                seen.update(versions())
+                return len(seen) == 1 and v1 not in seen
+
+            wait_until(reloaded, "every worker to reload")
             (v2,) = seen
             assert client.get(f"{gw.url}/slow?seconds=0").json()["upstream"] == "b"
 
             config.write_text("routes: {broken")
             gw.proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 20
-            while sum("failed; version" in line for line in gw.lines) < workers:
-                assert time.monotonic() < deadline, "".join(gw.lines)
-                time.sleep(0.05)
+            wait_until(
+                lambda: sum("failed; version" in line for line in gw.lines) >= workers,
+                "every worker to refuse the broken file",
+            )
             assert versions() == {v2}
             assert gw.proc.poll() is None
     finally:

@@ -13,7 +13,14 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, route
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Upstream,
+    route,
+    wait_until,
+    wait_until_async,
+)
 
 
 def rfc3339(seconds: float) -> str:
@@ -131,10 +138,10 @@ def test_file_change_is_picked_up(gateway: GatewayFactory, upstreams: dict[str, 
     )
     v1 = gw.app.loaded.version
     rewrite(gw, lambda d: [v.update(weight=1 - v["weight"]) for v in d["routes"][0]["variants"]])
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{gw.url}/healthz").json()["config_version"] == v1:
-        assert time.monotonic() < deadline, "the file change was not picked up"
-        time.sleep(0.05)
+    wait_until(
+        lambda: httpx.get(f"{gw.url}/healthz").json()["config_version"] != v1,
+        "the file change to be picked up",
+    )
     assert httpx.get(f"{gw.url}/echo/x").json()["upstream"] == "b"
 
 
@@ -153,10 +160,7 @@ async def test_in_flight_requests_finish_on_the_config_they_started_with(
     v1 = gw.app.loaded.version
     async with httpx.AsyncClient(timeout=20) as client:
         slow = asyncio.ensure_future(client.get(f"{gw.url}/slow?seconds=0.6"))
-        deadline = time.monotonic() + 10
-        while upstreams["a"].control.requests == 0:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: upstreams["a"].control.requests > 0, "the slow request")
         rewrite(
             gw, lambda d: [v.update(weight=1 - v["weight"]) for v in d["routes"][0]["variants"]]
         )

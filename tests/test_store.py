@@ -34,6 +34,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
     schema = f"mg_test_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in POSTGRES else "?"
+    yield f"{POSTGRES}{sep}schema={schema}"
+    drop_schema(schema)
+
+
+def drop_schema(schema: str) -> None:
+    """Remove a test's PostgreSQL schema and everything in it."""
 
     async def drop() -> None:
         conn = await asyncpg.connect(POSTGRES)
@@ -42,8 +49,6 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         finally:
             await conn.close()
 
-    sep = "&" if "?" in POSTGRES else "?"
-    yield f"{POSTGRES}{sep}schema={schema}"
     asyncio.run(drop())
 
 
