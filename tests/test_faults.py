@@ -211,11 +211,7 @@ def test_sigkill_loses_at_most_the_unwritten_records(
         for _ in range(100):
             assert client.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
     time.sleep(0.5)
-    gw.proc.send_signal(signal.SIGKILL)
-    gw.proc.wait(timeout=30)
-    gw.drain.join(timeout=10)
-    assert gw.proc.stderr is not None
-    gw.proc.stderr.close()
+    assert gw.terminate_and_wait(signal.SIGKILL) == -signal.SIGKILL
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 100
     conn.close()

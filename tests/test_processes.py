@@ -66,8 +66,9 @@ class GatewayProcess:
         for line in self.proc.stderr:
             self.lines.append(line)
 
-    def terminate_and_wait(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate_and_wait(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (SIGTERM: a graceful stop), wait for the end, close the pipe."""
+        self.proc.send_signal(sig)
         code = self.proc.wait(timeout=60)
         self.drain.join(timeout=10)
         assert self.proc.stderr is not None
