@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 V2_BODY = (
@@ -71,6 +73,7 @@ class Service:
         self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
     ) -> None:
         self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             cmd,
             stdout=subprocess.DEVNULL,
@@ -112,6 +115,21 @@ http {{
 """
     )
     return [NGINX, "-p", str(prefix), "-c", str(conf)], prefix
+
+
+def start_gateway(name: str, config: Path, workers: int) -> Service:
+    """`model-gateway serve` on a free port, once every worker answers /healthz."""
+    port = free_port()
+    command = [sys.executable, "-m", "model_gateway", "serve", "--config", str(config)]
+    service = Service(name, [*command, "--port", str(port), "--workers", str(workers)], port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the socket is bound before the workers start
+        try:
+            if httpx.get(f"{service.url}/healthz", timeout=1).status_code == 200:
+                return service
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not become healthy")
 
 
 @dataclass
@@ -250,49 +268,14 @@ def main() -> int:
             ]
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}", fast, fast2)
-                port = free_port()
-                service = Service(
-                    f"gateway x{workers}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "model_gateway",
-                        "serve",
-                        "--config",
-                        str(config),
-                        "--port",
-                        str(port),
-                        "--workers",
-                        str(workers),
-                    ],
-                    port,
-                )
-                target = Target(
-                    f"gateway-{workers}w", f"http://127.0.0.1:{port}{PATH}", service.proc.pid, db
-                )
-                time.sleep(1.0)  # workers up
+                service = start_gateway(f"gateway x{workers}", config, workers)
+                target = Target(f"gateway-{workers}w", service.url + PATH, service.proc.pid, db)
                 gateways.append((service, target))
                 targets.append(target)
             slow_direct = Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")
             config, db = gateway_config(workdir, "gw-slow", slow, slow)
-            port = free_port()
-            service = Service(
-                "gateway (20 ms upstream)",
-                [
-                    sys.executable,
-                    "-m",
-                    "model_gateway",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--port",
-                    str(port),
-                ],
-                port,
-            )
-            slow_gateway = Target(
-                "gateway-1w-20ms", f"http://127.0.0.1:{port}{PATH}", service.proc.pid, db
-            )
+            service = start_gateway("gateway (20 ms upstream)", config, 1)
+            slow_gateway = Target("gateway-1w-20ms", service.url + PATH, service.proc.pid, db)
             gateways.append((service, slow_gateway))
 
             plan = [(t, c) for c in (1, 32) for t in targets] + [

@@ -105,7 +105,7 @@ class GatewayApp:
             metrics=metrics,
             health=HealthMonitor(metrics, session),
         )
-        await self.activate(self.loaded, time.time())
+        await self.activate(self.loaded, time.time(), self._state.active)
         self._proxy = ProxyApp(self._state)
         self.reloader.start()
         self.joiner.start()
@@ -113,11 +113,14 @@ class GatewayApp:
             "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
         )
 
-    async def activate(self, loaded: LoadedConfig, at: float) -> None:
-        """Make ``loaded`` the live configuration and add it to the history."""
+    async def activate(
+        self, loaded: LoadedConfig, at: float, active: ActiveConfig | None = None
+    ) -> None:
+        """Make ``loaded`` the live configuration and add it to the history; ``active`` is
+        its routing tables when the caller has already built them."""
         await self._store.record_config(loaded.version, at, loaded.source, _history_text(loaded))
         self.loaded = loaded
-        self.state.active = ActiveConfig.build(loaded)
+        self.state.active = active or ActiveConfig.build(loaded)
         self.state.health.configure(self.state.active.table.routes)
         self.state.metrics.set_config_version(loaded.version)
 

@@ -70,6 +70,8 @@ _RESPONSE_REPLACED = frozenset(
 # Responses up to this size with a Content-Length are read whole, so the served version can
 # be read from the body; anything larger, chunked, or an event stream passes through as it comes.
 BUFFER_LIMIT = 1024 * 1024
+_NOT_FORWARDED = HOP_BY_HOP | _REQUEST_REBUILT
+_NOT_RELAYED = HOP_BY_HOP | _RESPONSE_REPLACED
 _DOT_SEGMENTS = frozenset({".", ".."})
 _JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
 
@@ -278,7 +280,7 @@ class ProxyApp:
         headers = [
             (name, value)
             for name, value in upstream.raw_headers
-            if name.lower() not in HOP_BY_HOP and name.lower() not in _RESPONSE_REPLACED
+            if name.lower() not in _NOT_RELAYED
         ]
         exchange.response_headers = headers
         content_type = upstream.headers.get("Content-Type")
@@ -378,14 +380,14 @@ def _upstream_url(base: str, scope: Scope) -> URL:
 
 def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[str, str]]:
     headers = scope["headers"]
-    dropped = set(HOP_BY_HOP)
+    dropped = _NOT_FORWARDED
     forwarded_for = host = None
     for name, value in headers:
         if name == b"connection":
             # RFC 9110 §7.6.1: headers the client marked connection-specific go too
-            dropped.update(
+            dropped = dropped | {
                 token.strip().lower().encode() for token in value.decode("latin-1").split(",")
-            )
+            }
         elif name == b"x-forwarded-for":
             forwarded_for = value.decode("latin-1")
         elif name == b"host":
@@ -393,7 +395,7 @@ def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[str, str]]:
     out = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if name not in dropped and name not in _REQUEST_REBUILT
+        if name not in dropped
     ]
     client = scope.get("client")
     if client:
