@@ -14,7 +14,7 @@ Hierarchy::
     ConfigError                  invalid configuration; carries path-qualified messages
 
 Upstream client exceptions are translated in exactly one place,
-:func:`model_gateway.upstream.translate_client_errors`.
+:class:`model_gateway.upstream.UpstreamErrors`.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from .records import (
 )
 from .routing import Route, Variant, choose_variant
 from .runtime import ActiveConfig, GatewayState
-from .upstream import translate_client_errors
+from .upstream import UpstreamErrors
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -235,7 +235,7 @@ class ProxyApp:
                 receive, route.config.max_body_bytes, content_length
             )
             sent = time.perf_counter()
-            with translate_client_errors(variant.name):
+            with UpstreamErrors(variant.name):
                 upstream = await self.state.session.request(
                     scope["method"],
                     _upstream_url(variant.url, scope),
@@ -246,7 +246,7 @@ class ProxyApp:
                 )
             complete = False
             try:
-                with translate_client_errors(variant.name):
+                with UpstreamErrors(variant.name):
                     await self._relay(send, receive, route, variant, upstream, ours, exchange)
                 complete = True
                 self.state.metrics.observe_upstream(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -105,17 +106,23 @@ def parse_json_object(body: bytes, content_type: str | None) -> dict[str, Any] |
 
 def resolve_pointer(doc: Any, pointer: str) -> Any:
     """RFC 6901 JSON pointer lookup; ``None`` when the path does not exist."""
-    if pointer == "":
-        return doc
-    for token in pointer[1:].split("/"):
-        token = token.replace("~1", "/").replace("~0", "~")
+    for key, index in _pointer_tokens(pointer):
         if isinstance(doc, dict):
-            doc = doc.get(token)
-        elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
-            doc = doc[int(token)]
+            doc = doc.get(key)
+        elif isinstance(doc, list) and index is not None and index < len(doc):
+            doc = doc[index]
         else:
             return None
     return doc
+
+
+@functools.lru_cache(maxsize=256)
+def _pointer_tokens(pointer: str) -> tuple[tuple[str, int | None], ...]:
+    # Pointers come from the configuration, so each is split once rather than per request.
+    if pointer == "":
+        return ()
+    tokens = (t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/"))
+    return tuple((t, int(t) if t.isdigit() else None) for t in tokens)
 
 
 def reported_version(
