@@ -73,8 +73,9 @@ def test_consecutive_failures_eject_a_variant_for_a_while(
     """1. Variant d points at a port nobody listens on; passive ejection after 3 failures.
     2. Requests that land on d fail with 502 until the third, then d is out: no more 502s.
     3. After ejection_seconds d is let back in (and would be taken out again).
+    The ejection lasts long enough (5 s) that step 2 fits in it on a slow, loaded machine.
     """
-    health = {"passive_failures": 3, "ejection_seconds": 1.0}
+    health = {"passive_failures": 3, "ejection_seconds": 5.0}
     gw = gateway(
         [route("r", "/echo", [("a", upstreams["a"].url, 1), ("d", dead_url(), 1)], health=health)]
     )
