@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests and benchmarks use: promtool (prometheus), wrk, nginx.
-DEBS := prometheus:promtool wrk:wrk nginx:nginx
+# Debian packages the tests and benchmarks use, each as package:command-or-file: promtool
+# (prometheus), wrk, nginx, and nginx's echo module (the benchmark's 20 ms model server).
+DEBS := prometheus:promtool wrk:wrk nginx:nginx \
+	libnginx-mod-http-echo:/usr/lib/nginx/modules/ngx_http_echo_module.so
 
 ## tools: install what is missing of $(DEBS) from Debian's packages
 tools:
-	@missing=""; for pair in $(DEBS); do \
-	  command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	@missing=""; for pair in $(DEBS); do what=$${pair#*:}; \
+	  { [ -e "$$what" ] || command -v "$$what" >/dev/null; } || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing from Debian's packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

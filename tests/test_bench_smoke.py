@@ -35,6 +35,7 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "gateway-1w c=32",
         "gateway-2w c=1",
         "gateway-1w-20ms c=64",
+        "gateway-2w-20ms c=64",
     ):
         assert results["results"][case]["rps"] > 0, case
     assert results["results"]["gateway-1w c=32"]["cpu_ms_per_request"] > 0
