@@ -19,6 +19,7 @@ import pytest
 
 from model_gateway.records import PredictionRecord, new_prediction_id
 from model_gateway.store import Store, open_store
+from model_gateway.store.base import STORE_ERRORS
 from model_gateway.store.schema import LATEST_VERSION
 
 from .conftest import GatewayFactory, Upstream, route
@@ -112,6 +113,34 @@ def test_schema_records_configs_and_lookups(store_url: str) -> None:
     asyncio.run(with_store(store_url, work))
     # opening again neither migrates nor loses anything
     assert asyncio.run(with_store(store_url, lambda s: s.count_predictions())) == 10
+
+
+def test_batches_of_any_size_are_written_whole_and_exact(store_url: str) -> None:
+    """Sizes around the multi-row statements' power-of-two chunks and past the largest one;
+    a batch with a duplicate id is refused whole, so a retry cannot half-write it."""
+    sizes = [1, 2, 3, 7, 64, 83, 1024, 1031]
+    batches = [
+        [record(i, t=1000.0 + 10_000 * n) for i in range(size)] for n, size in enumerate(sizes)
+    ]
+
+    async def work(store: Store) -> None:
+        for batch in batches:
+            await store.write_predictions([r.as_row() for r in batch])
+        assert await store.count_predictions() == sum(sizes)
+        for batch in batches:
+            for sample in (batch[0], batch[len(batch) // 2], batch[-1]):
+                got = await store.get_prediction(sample.prediction_id)
+                assert got is not None
+                assert got["request_time"] == sample.request_time
+                assert got["latency_ms"] == sample.latency_ms
+                assert got["score"] == sample.score
+                assert bytes(got["request_body"]) == sample.request_body
+        fresh = [record(i) for i in range(70)]
+        with pytest.raises(STORE_ERRORS):
+            await store.write_predictions([r.as_row() for r in [*fresh, batches[0][0]]])
+        assert await store.count_predictions() == sum(sizes)
+
+    asyncio.run(with_store(store_url, work))
 
 
 def test_feedback_join_report_and_export(store_url: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -18,14 +20,22 @@ _COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
 
 # Column names are the record's own constants, never input; values are always parameters.
 _COLUMN_LIST = ", ".join(COLUMNS)
-_PLACEHOLDERS = ", ".join("?" * len(COLUMNS))
-_INSERT = f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({_PLACEHOLDERS})"  # noqa: S608
+_ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+# SQLite binds at most 32,766 parameters per statement (999 before 3.32).
+_MAX_PARAMETERS = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+_MAX_ROWS_PER_STATEMENT = 1 << ((_MAX_PARAMETERS // len(COLUMNS)).bit_length() - 1)
 
 
 _INSERT_FEEDBACK = (
     "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
     "received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_rows(count: int) -> str:
+    values = ", ".join([_ROW_PLACEHOLDERS] * count)
+    return f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES {values}"  # noqa: S608
 
 
 class SQLiteStore:
@@ -80,8 +90,18 @@ class SQLiteStore:
             raise
 
     async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        # Multi-row INSERTs, not executemany: executemany steps once per row and gives up
+        # and takes back the GIL around each step, so under load the writer thread waited for
+        # the event loop on every row (a 500-row batch took up to a second) and forced the
+        # loop to hand over the GIL just as often. Statements of power-of-two sizes keep the
+        # prepared-statement cache to a handful of entries.
         try:
-            await self.db.executemany(_INSERT, rows)
+            start = 0
+            while start < len(rows):
+                size = min(_MAX_ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
+                chunk = rows[start : start + size]
+                await self.db.execute(_insert_rows(size), [v for row in chunk for v in row])
+                start += size
             await self.db.commit()
         except BaseException:
             await self.db.rollback()
