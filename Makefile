@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install tools run test lint bench clean
+.PHONY: install tools run test lint bench bench-instructions clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "model-gateway needs Python 3.11+"'
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages the tests and benchmarks use, each as package:command-or-file: promtool
-# (prometheus), wrk, nginx, and nginx's echo module (the benchmark's 20 ms model server).
-DEBS := prometheus:promtool wrk:wrk nginx:nginx \
+# (prometheus), wrk, nginx, valgrind (instruction counts), and nginx's echo module (the
+# benchmark's 20 ms model server).
+DEBS := prometheus:promtool wrk:wrk nginx:nginx valgrind:valgrind \
 	libnginx-mod-http-echo:/usr/lib/nginx/modules/ngx_http_echo_module.so
 
 ## tools: install what is missing of $(DEBS) from Debian's packages
@@ -35,6 +36,10 @@ tools:
 ## bench: wrk against a direct call, nginx and the gateway; results in benchmarks/results/
 bench: $(STAMP) tools
 	$(BIN)/python benchmarks/run.py
+
+## bench-instructions: instructions per request under callgrind, gateway vs the bare proxy
+bench-instructions: $(STAMP) tools
+	$(BIN)/python benchmarks/instructions.py
 
 ## run: two demo model servers (fraud v1, v2) and the gateway in front of them on :8080
 run: $(STAMP)

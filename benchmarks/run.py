@@ -275,9 +275,23 @@ def main() -> int:
             )
             services.append(Service("nginx proxy", cmd, proxy))
 
+            bare = free_port()
+            services.append(
+                Service(
+                    "bare uvicorn + aiohttp proxy",
+                    [
+                        sys.executable,
+                        str(HERE / "bare_proxy.py"),
+                        str(bare),
+                        f"http://127.0.0.1:{fast}",
+                    ],
+                    bare,
+                )
+            )
             targets = [
                 Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
                 Target("nginx", f"http://127.0.0.1:{proxy}{PATH}"),
+                Target("bare-proxy", f"http://127.0.0.1:{bare}{PATH}", services[-1].proc.pid),
             ]
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}", fast, fast2)
@@ -371,6 +385,7 @@ def summarise(
             ratios[f"{gw} c={c}"] = {
                 "rps_vs_direct": g["rps"] / d["rps"],
                 "rps_vs_nginx": g["rps"] / n["rps"],
+                "rps_vs_bare_proxy": g["rps"] / table[f"bare-proxy c={c}"]["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
     for gw in ("gateway-1w-20ms", "gateway-2w-20ms"):
