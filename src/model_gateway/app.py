@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
+from . import heap
 from .admin import control_routes, store_unavailable
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .feedback import FeedbackJoiner
@@ -35,8 +36,10 @@ CONFIG_ENV = "MODEL_GATEWAY_CONFIG"
 class GatewayApp:
     """The gateway as one ASGI callable; nothing is opened until the lifespan starts."""
 
-    def __init__(self, loaded: LoadedConfig) -> None:
+    def __init__(self, loaded: LoadedConfig, *, settle_heap: bool = False) -> None:
         self.loaded = loaded
+        # only a process that is the gateway (serve) tunes the collector; tests embed the app
+        self._settle_heap = settle_heap
         self._state: GatewayState | None = None
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
@@ -108,6 +111,8 @@ class GatewayApp:
         await self.activate(self.loaded, time.time(), self._state.active)
         self._proxy = ProxyApp(self._state)
         self.reloader.start()
+        if self._settle_heap:
+            heap.settle()
         self.joiner.start()
         log.info(
             "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
@@ -165,4 +170,4 @@ def create_app(config_path: str) -> GatewayApp:
 def app_from_env() -> GatewayApp:
     """The factory each worker process of ``serve --workers N`` calls."""
     configure_logging()
-    return create_app(os.environ[CONFIG_ENV])
+    return GatewayApp(load_config(os.environ[CONFIG_ENV]), settle_heap=True)

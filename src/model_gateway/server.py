@@ -55,7 +55,7 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
         os.environ[MULTIPROC_ENV] = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
         config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
     else:
-        config = gateway_server_config(GatewayApp(loaded), host, port)
+        config = gateway_server_config(GatewayApp(loaded, settle_heap=True), host, port)
     sock, url = _bind(config)
     log.info("model-gateway listening on %s (%d worker%s)", url, workers, "s"[: workers - 1])
     if workers > 1:
