@@ -52,7 +52,12 @@ async def send_requests(url: str, count: int) -> None:
 
 
 def callgrind_control(*args: str) -> None:
-    subprocess.run(["callgrind_control", *args], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["callgrind_control", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def count(
