@@ -201,3 +201,43 @@ def test_failing_writes_are_retried_then_counted(
     assert len(stored_request_ids(tmp_path / "log.db")) == kept
     assert sample(metrics, "log_records_written_total") == kept
     assert sample(metrics, "log_write_errors_total") == 5 - kept
+
+
+class CountingStore(SQLiteStore):
+    """A real SQLite store that remembers the size of every batch it was given."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        self.batches.append(len(rows))
+        await super().write_predictions(rows)
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.5])
+def test_linger_gathers_records_that_find_the_writer_idle(tmp_path: Path, linger: float) -> None:
+    """Ten records a few event-loop turns apart: with no linger each is written alone as it
+    comes; lingering, the first waits and the rest join its batch. Nothing is lost either way."""
+
+    async def scenario() -> list[int]:
+        store = CountingStore(str(tmp_path / "log.db"))
+        await store.open()
+        writer = RecordWriter(
+            store, Metrics(), queue_size=100, batch_size=100, overflow="block",
+            write_retries=0, linger=linger,
+        )  # fmt: skip
+        writer.start()
+        for i in range(10):
+            await writer.submit(record(i))
+            # long enough for an idle writer with no linger to write the record alone
+            while linger == 0 and len(store.batches) <= i:
+                await asyncio.sleep(0.001)
+        await writer.close()
+        await store.close()
+        return store.batches
+
+    batches = asyncio.run(scenario())
+    assert sum(batches) == 10
+    assert batches == ([1] * 10 if linger == 0 else [10])
+    assert sorted(stored_request_ids(tmp_path / "log.db")) == sorted(f"req-{i}" for i in range(10))

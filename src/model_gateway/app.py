@@ -95,6 +95,7 @@ class GatewayApp:
             metrics,
             queue_size=storage.queue_size,
             batch_size=storage.batch_size,
+            linger=storage.linger,
             overflow=storage.overflow,
             write_retries=storage.write_retries,
             close_timeout=storage.close_timeout,

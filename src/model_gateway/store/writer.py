@@ -2,8 +2,9 @@
 
 Requests hand records to a bounded queue and never wait on the store. One task takes every
 record waiting, writes them in one transaction, and repeats: batches grow by themselves when
-the store is slower than the traffic (group commit), and a record waits only as long as the
-write before it. When the queue is full the overflow policy applies: ``block`` makes the
+the store is slower than the traffic (group commit). When a record finds the writer idle, the
+writer lingers a few milliseconds for others to join it, so that light traffic does not cost
+one transaction per request. When the queue is full the overflow policy applies: ``block`` makes the
 request wait for room (nothing lost, back-pressure), ``drop`` drops and counts the record.
 """
 
@@ -38,6 +39,7 @@ class RecordWriter:
         queue_size: int,
         batch_size: int,
         overflow: Literal["block", "drop"],
+        linger: float = 0.0,
         write_retries: int | None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
@@ -45,6 +47,7 @@ class RecordWriter:
         self._metrics = metrics
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=queue_size)
         self._batch_size = batch_size
+        self._linger = linger
         self._block = overflow == "block"
         self._retries = write_retries
         self._close_timeout = close_timeout
@@ -94,6 +97,8 @@ class RecordWriter:
             stop = item is _STOP
             if not stop:
                 batch.append(item)  # type: ignore[arg-type]
+                if self._linger and self._queue.qsize() < self._batch_size:
+                    await asyncio.sleep(self._linger)
                 while len(batch) < self._batch_size:
                     try:
                         item = self._queue.get_nowait()
