@@ -125,27 +125,13 @@ def main() -> int:
         upstream = run.Service("fast upstream (nginx)", cmd, fast)
         try:
             port = run.free_port()
-            bare = [
-                sys.executable,
-                str(run.HERE / "bare_proxy.py"),
-                str(port),
-                f"http://127.0.0.1:{fast}",
-            ]
+            bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}")
             results["bare-proxy"] = count(
                 "bare proxy", bare, port, "/", args.requests, workdir / "bare.cg"
             )
             config, db = run.gateway_config(workdir, "gw", fast, fast2)
             port = run.free_port()
-            gateway = [
-                sys.executable,
-                "-m",
-                "model_gateway",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-            ]
+            gateway = run.gateway_command(config, port)
             results["gateway-1w"] = count(
                 "gateway", gateway, port, "/healthz", args.requests, workdir / "gw.cg"
             )

@@ -124,11 +124,21 @@ http {{
     return [NGINX, "-p", str(prefix), "-c", str(conf)], prefix
 
 
+def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
+    return [
+        *(sys.executable, "-m", "model_gateway", "serve", "--config", str(config)),
+        *("--port", str(port), "--workers", str(workers)),
+    ]
+
+
+def bare_proxy_command(port: int, upstream_url: str) -> list[str]:
+    return [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url]
+
+
 def start_gateway(name: str, config: Path, workers: int) -> Service:
     """`model-gateway serve` on a free port, once every worker answers /healthz."""
     port = free_port()
-    command = [sys.executable, "-m", "model_gateway", "serve", "--config", str(config)]
-    service = Service(name, [*command, "--port", str(port), "--workers", str(workers)], port)
+    service = Service(name, gateway_command(config, port, workers), port)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the socket is bound before the workers start
         try:
@@ -276,18 +286,8 @@ def main() -> int:
             services.append(Service("nginx proxy", cmd, proxy))
 
             bare = free_port()
-            services.append(
-                Service(
-                    "bare uvicorn + aiohttp proxy",
-                    [
-                        sys.executable,
-                        str(HERE / "bare_proxy.py"),
-                        str(bare),
-                        f"http://127.0.0.1:{fast}",
-                    ],
-                    bare,
-                )
-            )
+            command = bare_proxy_command(bare, f"http://127.0.0.1:{fast}")
+            services.append(Service("bare uvicorn + aiohttp proxy", command, bare))
             targets = [
                 Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
                 Target("nginx", f"http://127.0.0.1:{proxy}{PATH}"),
