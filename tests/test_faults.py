@@ -186,8 +186,8 @@ def test_locked_postgres_table_delays_records_but_not_requests(
 def test_sigkill_loses_at_most_the_unwritten_records(
     tmp_path: Path, upstreams: dict[str, Upstream]
 ) -> None:
-    """Records are written as soon as the writer is free, so after a pause every answered
-    request is in the store even if the process is then killed without warning."""
+    """Records are written within a linger and one write of their response, so after a pause
+    every answered request is in the store even if the process is then killed without warning."""
     db = tmp_path / "log.db"
     config = tmp_path / "gateway.yaml"
     config.write_text(

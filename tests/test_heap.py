@@ -16,10 +16,12 @@ from model_gateway.app import GatewayApp
 from model_gateway.config import load_config
 
 async def main(settle):
+    default = gc.get_threshold()[0]
     app = GatewayApp(load_config(sys.argv[1]), settle_heap=settle)
     await app.startup()
     try:
-        return {"threshold": gc.get_threshold()[0], "frozen": gc.get_freeze_count()}
+        threshold, frozen = gc.get_threshold()[0], gc.get_freeze_count()
+        return {"default": default, "threshold": threshold, "frozen": frozen}
     finally:
         await app.shutdown()
 
@@ -53,4 +55,5 @@ routes:
     assert settled["threshold"] == YOUNG_THRESHOLD
     assert settled["frozen"] > 10_000  # the imports and the configuration
     embedded = started(config, "embedded")
-    assert embedded == {"threshold": 700, "frozen": 0}
+    assert embedded["threshold"] == embedded["default"] != YOUNG_THRESHOLD
+    assert embedded["frozen"] == 0

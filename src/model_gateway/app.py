@@ -164,11 +164,11 @@ def _is_control_path(path: str) -> bool:
     return False
 
 
-def create_app(config_path: str) -> GatewayApp:
-    return GatewayApp(load_config(config_path))
+def create_app(config_path: str, *, settle_heap: bool = False) -> GatewayApp:
+    return GatewayApp(load_config(config_path), settle_heap=settle_heap)
 
 
 def app_from_env() -> GatewayApp:
     """The factory each worker process of ``serve --workers N`` calls."""
     configure_logging()
-    return GatewayApp(load_config(os.environ[CONFIG_ENV]), settle_heap=True)
+    return create_app(os.environ[CONFIG_ENV], settle_heap=True)
