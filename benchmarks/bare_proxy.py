@@ -1,22 +1,34 @@
-"""The floor: uvicorn and aiohttp's client with nothing else, the same stack as the gateway.
+"""The floors: uvicorn and aiohttp's client with nothing else, the same stack as the gateway.
 
 No routing, logging, metrics, header handling or error handling: what the gateway would cost
-if it did nothing but pass bytes. ``python bare_proxy.py PORT UPSTREAM_URL``.
+if it did nothing but pass bytes. Two of them:
+
+- ``asgi``: a plain ASGI function, the leanest this stack gets;
+- ``starlette``: the same behind a Starlette route, ``Request`` and ``Response`` — the "bare
+  Starlette + aiohttp proxy" that the gateway's hot path (plain ASGI) is meant to beat.
+
+``python bare_proxy.py PORT UPSTREAM_URL [asgi|starlette]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 UPSTREAM = sys.argv[2]
 session: aiohttp.ClientSession | None = None
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     global session
     if scope["type"] == "lifespan":
         await receive()
@@ -40,9 +52,30 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
+@contextlib.asynccontextmanager
+async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    global session
+    session = aiohttp.ClientSession(auto_decompress=False)
+    yield
+    await session.close()
+
+
+async def forward(request: Request) -> Response:
+    assert session is not None
+    body = await request.body()
+    async with session.post(UPSTREAM + request.url.path, data=body) as upstream:
+        answer = await upstream.read()
+    return Response(answer, status_code=upstream.status, media_type="application/json")
+
+
+starlette_app = Starlette(
+    routes=[Route("/{path:path}", forward, methods=["GET", "POST"])], lifespan=lifespan
+)
+
 if __name__ == "__main__":
+    kind = sys.argv[3] if len(sys.argv) > 3 else "asgi"
     uvicorn.run(
-        app,
+        {"asgi": asgi_app, "starlette": starlette_app}[kind],  # type: ignore[arg-type]
         host="127.0.0.1",
         port=int(sys.argv[1]),
         loop="uvloop",

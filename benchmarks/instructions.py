@@ -1,4 +1,4 @@
-"""Instructions per proxied request, counted by callgrind: the gateway against the bare proxy.
+"""Instructions per proxied request, counted by callgrind: the gateway against the bare proxies.
 
 Run with ``make bench-instructions``. Wall-clock figures on a shared two-core machine drift by
 tens of percent from one minute to the next; an instruction count does not. Each server runs
@@ -124,11 +124,10 @@ def main() -> int:
         )
         upstream = run.Service("fast upstream (nginx)", cmd, fast)
         try:
-            port = run.free_port()
-            bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}")
-            results["bare-proxy"] = count(
-                "bare proxy", bare, port, "/", args.requests, workdir / "bare.cg"
-            )
+            for kind, name in (("asgi", "bare-proxy"), ("starlette", "starlette-proxy")):
+                port = run.free_port()
+                bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
+                results[name] = count(name, bare, port, "/", args.requests, workdir / f"{name}.cg")
             config, db = run.gateway_config(workdir, "gw", fast, fast2)
             port = run.free_port()
             gateway = run.gateway_command(config, port)
@@ -148,12 +147,14 @@ def main() -> int:
         "requests": args.requests,
         "instructions_per_request": results,
         "gateway_vs_bare_proxy": results["gateway-1w"] / results["bare-proxy"],
+        "gateway_vs_starlette_proxy": results["gateway-1w"] / results["starlette-proxy"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     for name, value in results.items():
-        print(f"{name:<12} {value / 1000:8.1f} k instructions per request")
+        print(f"{name:<16} {value / 1000:8.1f} k instructions per request")
     print(f"gateway / bare proxy: {summary['gateway_vs_bare_proxy']:.2f}")
+    print(f"gateway / Starlette proxy: {summary['gateway_vs_starlette_proxy']:.2f}")
     return 0
 
 

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,16 +132,33 @@ def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
     ]
 
 
-def bare_proxy_command(port: int, upstream_url: str) -> list[str]:
-    return [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url]
+def bare_proxy_command(port: int, upstream_url: str, kind: str = "asgi") -> list[str]:
+    """``kind``: "asgi" (the plain ASGI floor) or "starlette" (the same behind Starlette)."""
+    return [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url, kind]
 
 
 def start_gateway(name: str, config: Path, workers: int) -> Service:
-    """`model-gateway serve` on a free port, once every worker answers /healthz."""
+    """`model-gateway serve` on a free port, once every worker has started and /healthz answers.
+
+    Every worker, not the first: connections opened while only one worker listens all stay
+    with it, and a first round measured so is one worker's figure under a two-worker name.
+    """
     port = free_port()
     service = Service(name, gateway_command(config, port, workers), port)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the socket is bound before the workers start
+    started = threading.Semaphore(0)
+
+    def read_log() -> None:  # and keep reading, so that the pipe never fills
+        assert service.proc.stderr is not None
+        for line in service.proc.stderr:
+            if b"model-gateway started" in line:
+                started.release()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    deadline = time.monotonic() + 60
+    for _ in range(workers):
+        if not started.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise RuntimeError(f"{name}: not every worker started")
+    while time.monotonic() < deadline:
         try:
             if httpx.get(f"{service.url}/healthz", timeout=1).status_code == 200:
                 return service
@@ -285,14 +303,15 @@ def main() -> int:
             )
             services.append(Service("nginx proxy", cmd, proxy))
 
-            bare = free_port()
-            command = bare_proxy_command(bare, f"http://127.0.0.1:{fast}")
-            services.append(Service("bare uvicorn + aiohttp proxy", command, bare))
             targets = [
                 Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
                 Target("nginx", f"http://127.0.0.1:{proxy}{PATH}"),
-                Target("bare-proxy", f"http://127.0.0.1:{bare}{PATH}", services[-1].proc.pid),
             ]
+            for kind, name in (("asgi", "bare-proxy"), ("starlette", "starlette-proxy")):
+                port = free_port()
+                command = bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
+                services.append(Service(f"bare {kind} + aiohttp proxy", command, port))
+                targets.append(Target(name, services[-1].url + PATH, services[-1].proc.pid))
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}", fast, fast2)
                 service = start_gateway(f"gateway x{workers}", config, workers)
@@ -386,6 +405,7 @@ def summarise(
                 "rps_vs_direct": g["rps"] / d["rps"],
                 "rps_vs_nginx": g["rps"] / n["rps"],
                 "rps_vs_bare_proxy": g["rps"] / table[f"bare-proxy c={c}"]["rps"],
+                "rps_vs_starlette_proxy": g["rps"] / table[f"starlette-proxy c={c}"]["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
     for gw in ("gateway-1w-20ms", "gateway-2w-20ms"):

@@ -32,6 +32,8 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
     for case in (
         "direct c=1",
         "nginx c=32",
+        "bare-proxy c=32",
+        "starlette-proxy c=32",
         "gateway-1w c=32",
         "gateway-2w c=1",
         "gateway-1w-20ms c=64",
@@ -39,7 +41,12 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
     ):
         assert results["results"][case]["rps"] > 0, case
     assert results["results"]["gateway-1w c=32"]["cpu_ms_per_request"] > 0
-    assert {"rps_vs_direct", "rps_vs_nginx"} <= set(results["ratios"]["gateway-1w c=32"])
+    assert {
+        "rps_vs_direct",
+        "rps_vs_nginx",
+        "rps_vs_bare_proxy",
+        "rps_vs_starlette_proxy",
+    } <= set(results["ratios"]["gateway-1w c=32"])
     for name, log in results["log_completeness"].items():
         # every response wrk read is logged; the surplus is what was in flight when wrk stopped
         surplus = log["records"] - log["wrk_completed"]
