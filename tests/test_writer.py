@@ -138,6 +138,7 @@ def test_drop_policy_counts_what_it_drops(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
         for i in range(1, 20):
             await writer.submit(record(i))  # never waits
+        assert writer.offer(record(20))  # dropped and counted: nothing left for the caller
         await asyncio.sleep(QUEUE_DEPTH_SAMPLE_SECONDS * 2)
         assert sample(metrics, "log_queue_depth") == 5  # bounded
         store.gate.set()
@@ -148,7 +149,7 @@ def test_drop_policy_counts_what_it_drops(tmp_path: Path) -> None:
     metrics, _ = asyncio.run(scenario())
     assert len(stored_request_ids(tmp_path / "log.db")) == 6
     assert sample(metrics, "log_records_written_total") == 6
-    assert sample(metrics, "log_records_dropped_total") == 14
+    assert sample(metrics, "log_records_dropped_total") == 15
 
 
 def test_block_policy_makes_requests_wait(tmp_path: Path) -> None:
@@ -164,6 +165,7 @@ def test_block_policy_makes_requests_wait(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
         for i in (1, 2):  # the queue is now full
             await writer.submit(record(i))
+        assert not writer.offer(record(99))  # no room, and not queued: the caller must wait
         blocked = asyncio.ensure_future(writer.submit(record(3)))
         await asyncio.sleep(0.05)
         assert not blocked.done()

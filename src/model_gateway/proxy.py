@@ -182,35 +182,35 @@ class ProxyApp:
         response_body, response_cut = redactor.body(exchange.response_body)
         if key is not None and route.config.hash_routing_key:
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
-        await self.state.writer.submit(
-            PredictionRecord(
-                prediction_id=prediction_id,
-                request_id=request_id,
-                route=route.name,
-                variant=variant.name,
-                model_name=route.config.model_name or model_name_from_path(path),
-                configured_version=variant.model_version,
-                reported_version=exchange.reported_version,
-                assignment=assignment,
-                routing_key=key if assignment == "sticky" else None,
-                config_version=active.version,
-                method=method,
-                path=path,
-                request_time=request_time,
-                response_time=request_time + elapsed,
-                latency_ms=elapsed * 1000.0,
-                status=exchange.status,
-                error=exchange.error,
-                request_body=request_body,
-                response_body=response_body,
-                request_truncated=request_cut,
-                response_truncated=response_cut or exchange.response_truncated,
-                request_headers=redactor.headers(scope["headers"]),
-                response_headers=redactor.headers(exchange.response_headers),
-                predicted=exchange.predicted,
-                score=exchange.score,
-            )
+        record = PredictionRecord(
+            prediction_id=prediction_id,
+            request_id=request_id,
+            route=route.name,
+            variant=variant.name,
+            model_name=route.config.model_name or model_name_from_path(path),
+            configured_version=variant.model_version,
+            reported_version=exchange.reported_version,
+            assignment=assignment,
+            routing_key=key if assignment == "sticky" else None,
+            config_version=active.version,
+            method=method,
+            path=path,
+            request_time=request_time,
+            response_time=request_time + elapsed,
+            latency_ms=elapsed * 1000.0,
+            status=exchange.status,
+            error=exchange.error,
+            request_body=request_body,
+            response_body=response_body,
+            request_truncated=request_cut,
+            response_truncated=response_cut or exchange.response_truncated,
+            request_headers=redactor.headers(scope["headers"]),
+            response_headers=redactor.headers(exchange.response_headers),
+            predicted=exchange.predicted,
+            score=exchange.score,
         )
+        if not self.state.writer.offer(record):
+            await self.state.writer.submit(record)  # block: wait for room
 
     async def _exchange(
         self,

@@ -67,15 +67,23 @@ class RecordWriter:
             self._metrics.log_queue_depth.set(self._queue.qsize())
             await asyncio.sleep(QUEUE_DEPTH_SAMPLE_SECONDS)
 
-    async def submit(self, record: PredictionRecord) -> None:
-        """Queue a record; under ``block`` wait for room, under ``drop`` count it and go on."""
+    def offer(self, record: PredictionRecord) -> bool:
+        """Queue a record if there is room; else ``False`` under ``block`` (then `submit` it),
+        ``True`` under ``drop`` (the record is counted as dropped).
+
+        Not a coroutine: the hot path queues one record per request without one."""
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
             if self._block:
-                await self._queue.put(record)
-            else:
-                self._metrics.log_dropped.inc()
+                return False
+            self._metrics.log_dropped.inc()
+        return True
+
+    async def submit(self, record: PredictionRecord) -> None:
+        """Queue a record; under ``block`` wait for room, under ``drop`` count it and go on."""
+        if not self.offer(record):
+            await self._queue.put(record)
 
     async def close(self) -> None:
         """Write every queued record, then stop. Call after the server stopped taking requests."""
