@@ -37,7 +37,7 @@ tools:
 bench: $(STAMP) tools
 	$(BIN)/python benchmarks/run.py
 
-## bench-instructions: instructions per request under callgrind, gateway vs the bare proxy
+## bench-instructions: instructions per request under callgrind, gateway vs the bare proxies
 bench-instructions: $(STAMP) tools
 	$(BIN)/python benchmarks/instructions.py
 
