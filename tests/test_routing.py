@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from model_gateway.config import RouteConfig, VariantConfig
 from model_gateway.errors import NoHealthyVariantError, UnknownVariantError
+from model_gateway.records import model_name_from_path
 from model_gateway.routing import Route, RoutingTable, choose_variant, sticky_point
 
 weights_st = st.lists(st.integers(min_value=0, max_value=100), min_size=1, max_size=6).filter(
@@ -199,3 +200,38 @@ def test_down_variants_get_nothing_and_sticky_keys_of_up_variants_stay(
         counts[chosen.name] += 1
     # the down variants' share is spread over the up ones by weight
     assert_split_matches(counts, up_weights, n)
+
+
+_path_text = st.text(alphabet="abv12:/-._", max_size=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    route_path=st.sampled_from(["/v2/models/", "/v1/models/", "/v2/", "/", "/x/"]).flatmap(
+        lambda head: _path_text.map(lambda tail: head + tail)
+    ),
+    match=st.sampled_from(["prefix", "exact"]),
+    rest=st.one_of(
+        st.just(""), st.sampled_from(["/", ":"]).flatmap(lambda b: _path_text.map(b.__add__))
+    ),
+    configured=st.sampled_from([None, "configured"]),
+)
+def test_model_name_is_what_the_request_path_names(
+    route_path: str, match: str, rest: str, configured: str | None
+) -> None:
+    """Whatever the route's path and whatever request path it matches: the model name read once
+    from the route's path equals the one read from the request's own path (or the configured
+    one), so the hot path need not run the pattern per request."""
+    route = Route.from_config(
+        RouteConfig(
+            name="r",
+            path=route_path,
+            match=match,
+            model_name=configured,
+            variants=[VariantConfig(name="v", url="http://up", model_version="1")],
+        )
+    )
+    path = route_path + rest
+    if not route.matches_path(path):
+        return
+    assert route.model_name_for(path) == (configured or model_name_from_path(path))

@@ -27,7 +27,6 @@ from .errors import (
 from .records import (
     PredictionRecord,
     extract_prediction,
-    model_name_from_path,
     new_prediction_id,
     parse_json_object,
     reported_version,
@@ -187,7 +186,7 @@ class ProxyApp:
             request_id=request_id,
             route=route.name,
             variant=variant.name,
-            model_name=route.config.model_name or model_name_from_path(path),
+            model_name=route.model_name_for(path),
             configured_version=variant.model_version,
             reported_version=exchange.reported_version,
             assignment=assignment,

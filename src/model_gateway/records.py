@@ -88,9 +88,7 @@ class PredictionRecord:
 COLUMNS = tuple(PredictionRecord.__dataclass_fields__)
 
 
-@functools.lru_cache(maxsize=1024)
 def model_name_from_path(path: str) -> str | None:
-    # Clients call the same few paths over and over; a bounded cache keeps any others cheap.
     match = _MODEL_IN_PATH.match(path)
     return match.group(1) if match else None
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from .config import GatewayConfig, RouteConfig, VariantConfig
 from .errors import NoHealthyVariantError, UnknownVariantError
+from .records import model_name_from_path
 
 Assignment = Literal["random", "sticky", "forced"]
 
@@ -46,9 +47,13 @@ class Route:
     total_weight: float = field(init=False)
     last_weighted: int = field(init=False)
     by_name: dict[str, Variant] = field(init=False)
+    #: the configured model name, else the one the route's own path names (/v2/models/NAME);
+    #: ``None`` when only each request's path can tell
+    model_name: str | None = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "model_name", self.config.model_name or model_name_from_path(self.path))
         cumulative = tuple(accumulate(v.weight for v in self.variants))
         set_(self, "cumulative", cumulative)
         set_(self, "total_weight", cumulative[-1])
@@ -67,6 +72,11 @@ class Route:
             allow_override=rc.allow_override,
             config=rc,
         )
+
+    def model_name_for(self, path: str) -> str | None:
+        """The model a request to ``path`` is for. When the route's path names one, every path
+        the route matches names the same (the name ends where a segment boundary does)."""
+        return self.model_name if self.model_name is not None else model_name_from_path(path)
 
     def matches_path(self, path: str) -> bool:
         if self.match == "exact" or path == self.path:
