@@ -112,17 +112,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="model-gateway-instructions-") as tmp:
         workdir = Path(tmp)
         fast, fast2 = run.free_port(), run.free_port()
-        cmd, _ = run.nginx(
-            workdir,
-            "upstream",
-            f"""
-    access_log off;
-    server {{
-        listen 127.0.0.1:{fast}; listen 127.0.0.1:{fast2};
-        location / {{ default_type application/json; return 200 '{run.V2_BODY}'; }}
-    }}""",
-        )
-        upstream = run.Service("fast upstream (nginx)", cmd, fast)
+        upstream = run.fast_upstream(workdir, fast, fast2)
         try:
             for kind, name in (("asgi", "bare-proxy"), ("starlette", "starlette-proxy")):
                 port = run.free_port()

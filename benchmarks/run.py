@@ -125,6 +125,21 @@ http {{
     return [NGINX, "-p", str(prefix), "-c", str(conf)], prefix
 
 
+def fast_upstream(workdir: Path, fast: int, fast2: int) -> Service:
+    """nginx answering every request at once with the V2 body, on two ports (two variants)."""
+    cmd, _ = nginx(
+        workdir,
+        "upstream",
+        f"""
+    access_log off;
+    server {{
+        listen 127.0.0.1:{fast}; listen 127.0.0.1:{fast2};
+        location / {{ default_type application/json; return 200 '{V2_BODY}'; }}
+    }}""",
+    )
+    return Service("fast upstream (nginx)", cmd, fast)
+
+
 def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
     return [
         *(sys.executable, "-m", "model_gateway", "serve", "--config", str(config)),
@@ -263,17 +278,7 @@ def main() -> int:
         workdir = Path(tmp)
         try:
             fast, fast2, slow, proxy = free_port(), free_port(), free_port(), free_port()
-            cmd, _ = nginx(
-                workdir,
-                "upstream",
-                f"""
-    access_log off;
-    server {{
-        listen 127.0.0.1:{fast} reuseport; listen 127.0.0.1:{fast2};
-        location / {{ default_type application/json; return 200 '{V2_BODY}'; }}
-    }}""",
-            )
-            services.append(Service("fast upstream (nginx)", cmd, fast))
+            services.append(fast_upstream(workdir, fast, fast2))
             cmd, _ = nginx(
                 workdir,
                 "slow",

@@ -234,7 +234,8 @@ class ProxyApp:
                 receive, route.config.max_body_bytes, content_length
             )
             sent = time.perf_counter()
-            with UpstreamErrors(variant.name):
+            upstream_errors = UpstreamErrors(variant.name)
+            with upstream_errors:
                 upstream = await self.state.session.request(
                     scope["method"],
                     _upstream_url(variant.url, scope),
@@ -245,7 +246,7 @@ class ProxyApp:
                 )
             complete = False
             try:
-                with UpstreamErrors(variant.name):
+                with upstream_errors:
                     await self._relay(send, receive, route, variant, upstream, ours, exchange)
                 complete = True
                 self.state.metrics.observe_upstream(
