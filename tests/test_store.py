@@ -143,6 +143,20 @@ def test_batches_of_any_size_are_written_whole_and_exact(store_url: str) -> None
     asyncio.run(with_store(store_url, work))
 
 
+def test_sqlite_binds_none_and_bytes_through_identity_adapters() -> None:
+    """The SQLite store registers identity adapters for None and bytes, so that binding them
+    hits sqlite3's adapter registry instead of missing (a raised and cleared AttributeError per
+    value); the values must come out unchanged (the round trips above check the stored side)."""
+    import sqlite3
+
+    import model_gateway.store.sqlite  # noqa: F401  (registers the adapters)
+
+    adapters = sqlite3.adapters
+    body = b"\x00\xffbody"
+    assert adapters[(type(None), sqlite3.PrepareProtocol)](None) is None
+    assert adapters[(bytes, sqlite3.PrepareProtocol)](body) is body
+
+
 def test_feedback_join_report_and_export(store_url: str) -> None:
     records = [record(i) for i in range(6)]
 

@@ -26,6 +26,16 @@ _MAX_PARAMETERS = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 _MAX_ROWS_PER_STATEMENT = 1 << ((_MAX_PARAMETERS // len(COLUMNS)).bit_length() - 1)
 
 
+# sqlite3 binds int, float, str and bytearray as they are, but sends every other value, None
+# and bytes included, through its adapter registry; a miss there raises, formats and clears an
+# AttributeError per value (14 of a record's 26 are None without capture: ~17 k instructions
+# per record, a third of the insert). Registering identity adapters turns the miss into a hit
+# on a C function. Both return the value unchanged, so other users of sqlite3 in the process
+# see no difference; an empty dict's ``get`` is a C function that maps None to None.
+_NO_ADAPTATIONS: dict[None, None] = {}
+sqlite3.register_adapter(type(None), _NO_ADAPTATIONS.get)
+sqlite3.register_adapter(bytes, bytes)
+
 _INSERT_FEEDBACK = (
     "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
     "received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
