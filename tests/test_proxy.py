@@ -203,6 +203,28 @@ def test_large_response_streams_byte_exact(
     assert record["response_truncated"] == 1
 
 
+def test_upstream_connections_go_back_to_the_pool(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """Buffered and streamed responses, read to the end, leave their connection to the
+    gateway's pool: one connection serves every request sent one after another."""
+    url = upstreams["a"].url
+    gw = gateway(
+        [
+            route("peer", "/peer", [("a", url, 1)]),
+            route("big", "/big", [("a", url, 1)]),
+            route("echo", "/echo", [("a", url, 1)]),
+        ]
+    )
+    ports = set()
+    with httpx.Client(timeout=30) as client:
+        for _ in range(5):
+            ports.add(client.get(f"{gw.url}/peer").json()["port"])
+            assert len(client.get(f"{gw.url}/big?bytes=2000000").content) == 2_000_000
+            assert client.post(f"{gw.url}/echo/x", content=b"{}").status_code == 200
+    assert len(ports) == 1
+
+
 def test_gzip_body_passes_through_encoded(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

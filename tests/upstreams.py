@@ -71,6 +71,11 @@ def create_upstream(name: str, version: str, control: UpstreamControl | None = N
 
         return StreamingResponse(chunks(), media_type=media_type)
 
+    async def peer(request: Request) -> Response:
+        # the gateway's side of the connection: the same port means a reused connection
+        port = request.client.port if request.client else 0
+        return Response(orjson.dumps({"port": port}), media_type="application/json")
+
     async def big(request: Request) -> Response:
         size = int(request.query_params.get("bytes", "2000000"))
         return Response(b"x" * size, media_type="application/octet-stream")
@@ -83,6 +88,7 @@ def create_upstream(name: str, version: str, control: UpstreamControl | None = N
             Route("/reports-body", reports_body),
             Route("/stream", stream),
             Route("/big", big),
+            Route("/peer", peer),
             Mount("/", create_model_server("fraud", version)),
         ]
     )

@@ -253,11 +253,13 @@ class ProxyApp:
                     route.name, variant.name, time.perf_counter() - sent
                 )
             finally:
-                # a response not read to the end must not go back to the pool
-                if complete:
-                    upstream.release()
-                else:
+                # A response not read to the end must not go back to the pool. One read to
+                # the end has already given its connection back (``closed``); releasing it
+                # again would only poison its spent stream, at the cost of an exception.
+                if not complete:
                     upstream.close()
+                elif not upstream.closed:
+                    upstream.release()
         except GatewayError as error:
             exchange.error = f"{error.reason}: {error.message}"
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
