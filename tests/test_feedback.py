@@ -92,6 +92,22 @@ def test_single_array_and_ndjson_by_prediction_or_request_id(
     assert wait_for_label(gw, p3, "1")["predicted"] == str(r3.json()["outputs"][1]["data"][0])
 
 
+def test_timestamps_outside_years_1_to_9999_are_refused(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A time the gateway could not write back as RFC 3339 is refused with a reason rather
+    than stored (where it would break every later answer that shows it)."""
+    gw = fraud_gateway(gateway, upstreams)
+    times = ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+00:01", 1e20, "9999-12-31T23:59:59Z"]
+    answer = httpx.post(
+        f"{gw.url}/feedback",
+        json=[{"prediction_id": f"p{i}", "label": 1, "timestamp": t} for i, t in enumerate(times)],
+    ).json()
+    assert answer["accepted"] == 1
+    reason = "timestamp must be RFC 3339 with an offset, or Unix seconds"
+    assert answer["errors"] == [{"index": i, "reason": reason} for i in range(3)]
+
+
 def test_bad_items_get_reasons_and_bad_bodies_get_4xx(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

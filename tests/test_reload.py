@@ -92,7 +92,8 @@ def test_reload_by_api_switches_routing_and_records_history(
     missing = httpx.get(f"{gw.url}/admin/routing", params={"at": rfc3339(before)})
     assert missing.status_code == 404
     assert "no configuration was active" in missing.json()["error"]["message"]
-    for bad in ("yesterday", "2026-01-01T00:00:00"):
+    # not a time, no offset, past year 9999 once in UTC
+    for bad in ("yesterday", "2026-01-01T00:00:00", "9999-12-31T23:59:59-23:59"):
         assert httpx.get(f"{gw.url}/admin/routing", params={"at": bad}).status_code == 400
 
     gw.stop()

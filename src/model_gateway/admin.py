@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from .config import RouteConfig
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
-from .feedback import MAX_ITEMS, FeedbackBodyError, parse_body, validate_item
+from .feedback import MAX_ITEMS, FeedbackBodyError, parse_body, parse_time, validate_item
 from .metrics import CONTENT_TYPE
 from .quality import build_report
 
@@ -100,7 +100,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         return json_response({"status": "ok", "config_version": gateway.state.active.version})
 
     async def metrics(request: Request) -> Response:
-        return Response(gateway.state.metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(await gateway.state.metrics.scrape(), media_type=CONTENT_TYPE)
 
     async def prediction(request: Request) -> Response:
         prediction_id = request.path_params["prediction_id"]
@@ -218,13 +218,16 @@ async def _read_capped(request: Request, limit: int) -> bytes:
 
 def parse_rfc3339(text: str) -> float:
     """Unix seconds from an RFC 3339 timestamp; the offset is required."""
+    seconds = parse_time(text)
+    if seconds is not None:
+        return seconds
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an RFC 3339 time, e.g. 2026-01-31T12:00:00Z") from None
     if moment.tzinfo is None:
         raise ValueError(f"{text!r} has no UTC offset; add Z or +hh:mm")
-    return moment.timestamp()
+    raise ValueError(f"{text!r} is outside years 1 to 9999 in UTC")
 
 
 def format_rfc3339(seconds: float) -> str:

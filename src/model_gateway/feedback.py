@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,6 +34,25 @@ MAX_ITEMS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_KEY_LENGTH = 256
 JOIN_INTERVAL_SECONDS = 1.0
+# Times the gateway can write back as RFC 3339 (years 1 to 9999 in UTC); anything outside
+# would be stored and then fail every answer that shows it.
+EARLIEST_TIME = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+LATEST_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+
+def parse_time(text: str) -> float | None:
+    """Unix seconds from RFC 3339 text with an offset; ``None`` when it is not one, or names a
+    moment outside years 1 to 9999 once converted to UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            return None
+        seconds = moment.timestamp()
+    except (ValueError, OverflowError):
+        return None
+    return seconds if EARLIEST_TIME <= seconds <= LATEST_TIME else None
+
+
 _FIELDS = frozenset({"prediction_id", "request_id", "label", "timestamp", "source"})
 
 
@@ -146,13 +165,9 @@ def _timestamp(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) and value >= 0 else None
+        return float(value) if 0 <= value <= LATEST_TIME else None
     if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return moment.timestamp() if moment.tzinfo is not None else None
+        return parse_time(value)
     return None
 
 
