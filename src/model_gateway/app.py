@@ -89,6 +89,7 @@ class GatewayApp:
     async def startup(self) -> None:
         storage = self.loaded.config.storage
         metrics = Metrics(build_version=_package_version())
+        metrics.start()
         await self._store.open()
         writer = RecordWriter(
             self._store,
@@ -140,6 +141,7 @@ class GatewayApp:
         await state.writer.close()
         await state.session.close()
         await self._store.close()
+        await state.metrics.close()
         state.metrics.process_exited()
         log.info("model-gateway stopped; prediction log flushed")
 

@@ -1,8 +1,13 @@
 """Every Prometheus collector the gateway exports, in one registry owned by the app.
 
 The registry is created in the lifespan and passed down, never a module global, so tests and
-several apps in one process do not collide. Label children are cached per label tuple, so the
-hot path does a dict lookup and an ``inc``/``observe``, nothing more.
+several apps in one process do not collide. Label children are cached per label tuple.
+
+The hot path does not touch a collector. Each answered request appends one tuple to a list,
+and every ``FOLD_SECONDS`` (and before every scrape) the list is folded into the collectors:
+one ``inc`` per counter series and one per histogram bucket touched, instead of prometheus-
+client's two locked updates and a bucket scan per observation, per request (measured: the
+metrics cost ~63 k instructions per request observed one by one).
 
 With ``serve --workers N`` each worker writes its values to files in
 ``$PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, set up by the parent
@@ -11,8 +16,12 @@ before the workers start) and ``/metrics`` on any worker answers for all of them
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import platform
+from bisect import bisect_left
+from collections.abc import Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +43,18 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# prometheus-client's own bucket bounds for these: the configured ones, then +Inf
+LATENCY_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+SCORE_BOUNDS = (*SCORE_BUCKETS, float("inf"))
+
+#: how often each process folds the requests it answered into its collectors
+FOLD_SECONDS = 0.05
+#: with several workers, a scrape waits this long first: every other worker folds within
+#: FOLD_SECONDS, so the answer counts every request answered before the scrape came in
+SCRAPE_SETTLE_SECONDS = 3 * FOLD_SECONDS
+
+# (route, variant, model version, status, seconds, upstream seconds or None, score or None)
+Observation = tuple[str, str, str, int, float, float | None, float | None]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -41,12 +62,29 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-def code_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
 def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def add_observations(
+    histogram: MetricWrapperBase, bounds: Sequence[float], values: list[float]
+) -> None:
+    """What ``histogram.observe(v)`` does for each value, done for all of them at once: the
+    same bucket counts and sum, one update per bucket touched.
+
+    prometheus-client has no call for this, so it reaches into the histogram's ``_sum`` and
+    ``_buckets`` (per-bucket counts, made cumulative when collected; the layout of every
+    release since 0.1). A property test holds it equal to ``observe``.
+    """
+    counts = [0] * len(bounds)
+    for value in values:
+        # observe() counts a value in the first bucket whose bound is >= it
+        counts[bisect_left(bounds, value)] += 1
+    histogram._sum.inc(sum(values))  # type: ignore[attr-defined]
+    buckets = histogram._buckets  # type: ignore[attr-defined]
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
 
 
 class Metrics:
@@ -199,6 +237,28 @@ class Metrics:
         self.build_info.labels(build_version, platform.python_version()).set(1)
         self._config_version: str | None = None
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
+        #: requests being proxied now; the in-flight gauge is set from it at each fold
+        self.requests_in_flight = 0
+        self._pending: list[Observation] = []
+        self._folder: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Fold every FOLD_SECONDS from now on; call inside the event loop."""
+        self._folder = asyncio.create_task(self._fold_periodically(), name="metrics-fold")
+
+    async def close(self) -> None:
+        """Stop folding, and fold what is left, so that nothing observed is lost."""
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folder
+            self._folder = None
+        self.fold()
+
+    async def _fold_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FOLD_SECONDS)
+            self.fold()
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
         key = (id(metric), *labels)
@@ -208,16 +268,48 @@ class Metrics:
         return child
 
     def observe_request(
-        self, route: str, variant: str, model_version: str, status: int, seconds: float
+        self,
+        route: str,
+        variant: str,
+        model_version: str,
+        status: int,
+        seconds: float,
+        upstream_seconds: float | None = None,
+        score: float | None = None,
     ) -> None:
-        self._child(self.requests, route, variant, model_version, code_class(status)).inc()  # type: ignore[attr-defined]
-        self._child(self.request_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
+        """One answered request: counted, its durations and score observed at the next fold."""
+        self._pending.append(
+            (route, variant, model_version, status, seconds, upstream_seconds, score)
+        )
 
-    def observe_upstream(self, route: str, variant: str, seconds: float) -> None:
-        self._child(self.upstream_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
-
-    def observe_score(self, route: str, variant: str, model_version: str, score: float) -> None:
-        self._child(self.prediction_score, route, variant, model_version).observe(score)  # type: ignore[attr-defined]
+    def fold(self) -> None:
+        """Add the requests observed since the last fold to the collectors."""
+        self.in_flight.set(self.requests_in_flight)
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        counts: dict[tuple[str, str, str, int], int] = {}
+        durations: dict[tuple[str, str], list[float]] = {}
+        upstream: dict[tuple[str, str], list[float]] = {}
+        scores: dict[tuple[str, str, str], list[float]] = {}
+        for route, variant, version, status, seconds, upstream_seconds, score in pending:
+            key = (route, variant, version, status // 100)
+            counts[key] = counts.get(key, 0) + 1
+            pair = (route, variant)
+            durations.setdefault(pair, []).append(seconds)
+            if upstream_seconds is not None:
+                upstream.setdefault(pair, []).append(upstream_seconds)
+            if score is not None:
+                scores.setdefault((route, variant, version), []).append(score)
+        for (route, variant, version, status_class), count in counts.items():
+            self._child(self.requests, route, variant, version, f"{status_class}xx").inc(count)  # type: ignore[attr-defined]
+        for pair, values in durations.items():
+            add_observations(self._child(self.request_duration, *pair), LATENCY_BOUNDS, values)
+        for pair, values in upstream.items():
+            add_observations(self._child(self.upstream_duration, *pair), LATENCY_BOUNDS, values)
+        for labels, values in scores.items():
+            add_observations(self._child(self.prediction_score, *labels), SCORE_BOUNDS, values)
 
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]
@@ -229,7 +321,14 @@ class Metrics:
         self.config_info.labels(version).set(1)
         self._config_version = version
 
+    async def scrape(self) -> bytes:
+        """The exposition, counting every request answered before the call, on every worker."""
+        if self.multiprocess:
+            await asyncio.sleep(SCRAPE_SETTLE_SECONDS)
+        return self.exposition()
+
     def exposition(self) -> bytes:
+        self.fold()
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -92,6 +92,7 @@ class Exchange:
         "response_truncated",
         "score",
         "status",
+        "upstream_seconds",
     )
 
     def __init__(self) -> None:
@@ -104,6 +105,7 @@ class Exchange:
         self.response_truncated = False
         self.predicted: str | None = None
         self.score: float | None = None
+        self.upstream_seconds: float | None = None
 
 
 class ProxyApp:
@@ -152,7 +154,7 @@ class ProxyApp:
 
         exchange = Exchange()
         metrics = self.state.metrics
-        metrics.in_flight.inc()
+        metrics.requests_in_flight += 1
         try:
             await self._exchange(
                 scope,
@@ -168,14 +170,20 @@ class ProxyApp:
         except ClientDisconnected:
             exchange.status, exchange.error = 499, "client disconnected"
         finally:
-            metrics.in_flight.dec()
+            metrics.requests_in_flight -= 1
         self.state.health.record_result(route.name, variant.name, exchange.status)
 
         elapsed = time.perf_counter() - started
         version = exchange.reported_version or variant.model_version
-        metrics.observe_request(route.name, variant.name, version, exchange.status, elapsed)
-        if exchange.score is not None:
-            metrics.observe_score(route.name, variant.name, version, exchange.score)
+        metrics.observe_request(
+            route.name,
+            variant.name,
+            version,
+            exchange.status,
+            elapsed,
+            exchange.upstream_seconds,
+            exchange.score,
+        )
         redactor = active.redactors[route.name]
         request_body, request_cut = redactor.body(exchange.request_body)
         response_body, response_cut = redactor.body(exchange.response_body)
@@ -249,9 +257,7 @@ class ProxyApp:
                 with upstream_errors:
                     await self._relay(send, receive, route, variant, upstream, ours, exchange)
                 complete = True
-                self.state.metrics.observe_upstream(
-                    route.name, variant.name, time.perf_counter() - sent
-                )
+                exchange.upstream_seconds = time.perf_counter() - sent
             finally:
                 # A response not read to the end must not go back to the pool. One read to
                 # the end has already given its connection back (``closed``); releasing it
