@@ -135,13 +135,13 @@ class GatewayApp:
         # The server has stopped taking requests and finished those in flight, so every
         # record is already queued: write them all, then close what they needed.
         state = self.state
+        await state.metrics.close()  # every request is answered: fold the last of them
         await self.reloader.stop()
         await self.joiner.stop()
         await state.health.close()
         await state.writer.close()
         await state.session.close()
         await self._store.close()
-        await state.metrics.close()
         state.metrics.process_exited()
         log.info("model-gateway stopped; prediction log flushed")
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import aiohttp
+from aiohttp import hdrs
 from yarl import URL
 
 from .errors import (
@@ -387,31 +388,33 @@ def _upstream_url(base: str, scope: Scope) -> URL:
 
 
 def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[str, str]]:
-    headers = scope["headers"]
-    dropped = _NOT_FORWARDED
+    # One pass over the client's headers (they come lower-cased from the server). The names
+    # the gateway adds are aiohttp's case-insensitive constants where it has them, which its
+    # header handling does not fold again.
+    out = []
     forwarded_for = host = None
-    for name, value in headers:
-        if name == b"connection":
-            # RFC 9110 §7.6.1: headers the client marked connection-specific go too
-            dropped = dropped | {
-                token.strip().lower().encode() for token in value.decode("latin-1").split(",")
-            }
+    named_by_connection: set[str] = set()
+    for name, value in scope["headers"]:
+        if name not in _NOT_FORWARDED:
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
         elif name == b"x-forwarded-for":
             forwarded_for = value.decode("latin-1")
         elif name == b"host":
             host = value.decode("latin-1")
-    out = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-        if name not in dropped
-    ]
+        elif name == b"connection":
+            # RFC 9110 §7.6.1: headers the client marked connection-specific go too
+            named_by_connection.update(
+                token.strip().lower() for token in value.decode("latin-1").split(",")
+            )
+    if named_by_connection:
+        out = [(name, value) for name, value in out if name not in named_by_connection]
     client = scope.get("client")
     if client:
         peer = client[0]
-        out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
-    out.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+        out.append((hdrs.X_FORWARDED_FOR, f"{forwarded_for}, {peer}" if forwarded_for else peer))
+    out.append((hdrs.X_FORWARDED_PROTO, scope.get("scheme", "http")))
     if host:
-        out.append(("X-Forwarded-Host", host))
+        out.append((hdrs.X_FORWARDED_HOST, host))
     out.append(("X-Prediction-Id", prediction_id))
     return out
 
