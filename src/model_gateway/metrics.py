@@ -73,8 +73,8 @@ def add_observations(
     same bucket counts and sum, one update per bucket touched.
 
     prometheus-client has no call for this, so it reaches into the histogram's ``_sum`` and
-    ``_buckets`` (per-bucket counts, made cumulative when collected; the layout of every
-    release since 0.1). A property test holds it equal to ``observe``.
+    ``_buckets`` (per-bucket counts, made cumulative when collected). A property test holds it
+    equal to ``observe``, so a release that changes that layout fails the suite.
     """
     counts = [0] * len(bounds)
     for value in values:
