@@ -18,6 +18,7 @@ from uvicorn.supervisors import Multiprocess
 from .app import CONFIG_ENV, GatewayApp
 from .config import LoadedConfig
 from .demo import create_model_server
+from .http import CoalescingHttpToolsProtocol
 from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("model_gateway")
@@ -35,7 +36,8 @@ def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -
         workers=workers,
         factory=isinstance(app, str),
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools protocol, writing a busy server's responses once per loop turn
+        http=CoalescingHttpToolsProtocol,
         lifespan="on",
         # The gateway writes X-Forwarded-For itself; uvicorn must not rewrite the client address.
         proxy_headers=False,

@@ -1,0 +1,146 @@
+"""The server side's transport: a busy server's writes go out once per loop turn, whole and in
+order; a lone request's go straight through; nothing is held past the turn."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import httpx
+
+from model_gateway.http import CoalescingTransport
+
+from .conftest import GatewayFactory, Upstream, route, wait_until
+
+
+class RecordingTransport:
+    """What the socket was asked to do, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def close(self) -> None:
+        self.closing = True
+        self.calls.append(("close", None))
+
+    def abort(self) -> None:
+        self.closing = True
+        self.calls.append(("abort", None))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: self.calls.append((name, args))
+
+
+def coalescing(in_progress: set[object]) -> tuple[CoalescingTransport, RecordingTransport]:
+    socket = RecordingTransport()
+    transport = CoalescingTransport(socket, asyncio.get_running_loop(), in_progress)  # type: ignore[arg-type]
+    return transport, socket
+
+
+def test_a_lone_request_writes_straight_through() -> None:
+    async def scenario() -> None:
+        transport, socket = coalescing({"this request"})
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"body")
+        assert socket.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\n"), ("write", b"body")]
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_server_writes_once_per_turn_in_order() -> None:
+    async def scenario() -> None:
+        transport, socket = coalescing({"this request", "another"})
+        transport.write(b"head,")
+        transport.writelines([b"body,", b"more"])
+        assert socket.calls == []  # held for the rest of the turn
+        await asyncio.sleep(0)
+        assert socket.calls == [("write", b"head,body,more")]
+        transport.write(b"next turn")
+        await asyncio.sleep(0)
+        assert socket.calls[-1] == ("write", b"next turn")
+        # the socket's other methods are its own
+        transport.pause_reading()
+        assert socket.calls[-1] == ("pause_reading", ())
+
+    asyncio.run(scenario())
+
+
+def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
+    async def scenario() -> None:
+        transport, socket = coalescing({"this request", "another"})
+        transport.write(b"last words")
+        transport.close()
+        assert socket.calls == [("write", b"last words"), ("close", None)]
+        await asyncio.sleep(0)  # the turn's flush finds nothing left to send
+        assert len(socket.calls) == 2
+
+        transport, socket = coalescing({"this request", "another"})
+        transport.write(b"never sent")
+        transport.abort()
+        await asyncio.sleep(0)
+        assert socket.calls == [("abort", None)]
+
+        transport, socket = coalescing({"this request", "another"})
+        transport.write(b"too late")
+        socket.closing = True  # the peer went away within the turn
+        await asyncio.sleep(0)
+        assert socket.calls == []
+
+    asyncio.run(scenario())
+
+
+def in_flight(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("model_gateway_requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no in-flight gauge")
+
+
+def test_concurrent_responses_and_a_stream_while_busy(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. 40 requests at once through a real gateway: each answer whole and its own.
+    2. While a slow request keeps the server busy, a streamed response's first chunk still
+       reaches the client while the upstream holds the second: held writes leave at the end
+       of the turn, not with the next chunk.
+    """
+    url = upstreams["a"].url
+    gw = gateway(
+        [
+            route("echo", "/echo", [("a", url, 1)]),
+            route("stream", "/stream", [("a", url, 1)]),
+            route("slow", "/slow", [("a", url, 1)]),
+        ]
+    )
+
+    async def many() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answers = await asyncio.gather(
+                *(client.post(f"{gw.url}/echo/{i}", content=b"x" * i) for i in range(40))
+            )
+        for i, answer in enumerate(answers):
+            assert answer.status_code == 200
+            assert answer.json()["path"] == f"/echo/{i}"
+            assert answer.json()["body"] == "x" * i
+
+    asyncio.run(many())
+
+    slow = threading.Thread(target=httpx.get, args=(f"{gw.url}/slow?seconds=3",))
+    slow.start()
+    try:
+        wait_until(lambda: in_flight(gw.url) == 1, "the slow request in flight")
+        with httpx.stream("GET", f"{gw.url}/stream", timeout=2) as r:
+            chunks = r.iter_raw()
+            assert next(chunks) == b"data: first\n\n"  # a write held past the turn times out
+            upstreams["a"].control.release.set()
+            assert b"".join(chunks) == b"data: second\n\n"
+    finally:
+        slow.join()
