@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-import time
 
 import httpx
 from hypothesis import given, settings
@@ -15,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from model_gateway.metrics import LATENCY_BOUNDS, LATENCY_BUCKETS, Metrics, add_observations
 
-from .conftest import GatewayFactory, Upstream, dead_url, route
+from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
 
 INFER = {
     "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
@@ -138,8 +137,7 @@ def test_a_scrape_counts_every_request_answered_before_it(
     # a request held by a slow model is in flight while it waits, and not after
     slow = threading.Thread(target=httpx.get, args=(f"{gw.url}/slow?seconds=1",))
     slow.start()
-    deadline = time.monotonic() + 5
-    while scrape(gw.url)["model_gateway_requests_in_flight"] != 1:
-        assert time.monotonic() < deadline, "the slow request never showed as in flight"
+    in_flight = "model_gateway_requests_in_flight"
+    wait_until(lambda: scrape(gw.url)[in_flight] == 1, "the slow request in flight")
     slow.join()
-    assert scrape(gw.url)["model_gateway_requests_in_flight"] == 0
+    assert scrape(gw.url)[in_flight] == 0
