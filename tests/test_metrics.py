@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
-from model_gateway.metrics import LATENCY_BOUNDS, LATENCY_BUCKETS, Metrics, add_observations
+from model_gateway.metrics import LATENCY_BUCKETS, Metrics, add_observations
 
 from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
 
@@ -48,7 +48,7 @@ def test_adding_observations_at_once_equals_observing_each(
         one_by_one.observe(value)
     bounds = sorted({0, len(observed), *(min(c, len(observed)) for c in cuts)})
     for start, end in itertools.pairwise(bounds):
-        add_observations(folded, LATENCY_BOUNDS, observed[start:end])
+        add_observations(folded, observed[start:end])
     want, got = histogram_samples(one_by_one), histogram_samples(folded)
     assert want.keys() == got.keys()
     for name, value in want.items():

@@ -12,7 +12,6 @@ earlier one in reports; both are kept.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .background import cancel_and_wait
 from .records import canonical_label, new_prediction_id
 
 if TYPE_CHECKING:
@@ -190,10 +190,7 @@ class FeedbackJoiner:
         self._task = asyncio.create_task(self._loop(), name="feedback-joiner")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

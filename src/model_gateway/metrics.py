@@ -17,11 +17,9 @@ before the workers start) and ``/metrics`` on any worker answers for all of them
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import platform
 from bisect import bisect_left
-from collections.abc import Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +32,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from .background import cancel_and_wait
+
 PREFIX = "model_gateway"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Boundaries at the usual latency SLOs (0.1, 0.25, 0.5, 1 s) and fine below them, where a
@@ -43,10 +43,6 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
-# prometheus-client's own bucket bounds for these: the configured ones, then +Inf
-LATENCY_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
-SCORE_BOUNDS = (*SCORE_BUCKETS, float("inf"))
-
 #: how often each process folds the requests it answered into its collectors
 FOLD_SECONDS = 0.05
 #: with several workers, a scrape waits this long first: every other worker folds within
@@ -66,16 +62,16 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
 
-def add_observations(
-    histogram: MetricWrapperBase, bounds: Sequence[float], values: list[float]
-) -> None:
+def add_observations(histogram: MetricWrapperBase, values: list[float]) -> None:
     """What ``histogram.observe(v)`` does for each value, done for all of them at once: the
     same bucket counts and sum, one update per bucket touched.
 
-    prometheus-client has no call for this, so it reaches into the histogram's ``_sum`` and
-    ``_buckets`` (per-bucket counts, made cumulative when collected). A property test holds it
-    equal to ``observe``, so a release that changes that layout fails the suite.
+    prometheus-client has no call for this, so it reaches into the histogram's bounds
+    (``_upper_bounds``, +Inf last), ``_sum`` and ``_buckets`` (per-bucket counts, made
+    cumulative when collected). A property test holds it equal to ``observe``, so a release
+    that changes that layout fails the suite.
     """
+    bounds: list[float] = histogram._upper_bounds  # type: ignore[attr-defined]
     counts = [0] * len(bounds)
     for value in values:
         # observe() counts a value in the first bucket whose bound is >= it
@@ -248,11 +244,8 @@ class Metrics:
 
     async def close(self) -> None:
         """Stop folding, and fold what is left, so that nothing observed is lost."""
-        if self._folder is not None:
-            self._folder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._folder
-            self._folder = None
+        await cancel_and_wait(self._folder)
+        self._folder = None
         self.fold()
 
     async def _fold_periodically(self) -> None:
@@ -305,11 +298,11 @@ class Metrics:
         for (route, variant, version, status_class), count in counts.items():
             self._child(self.requests, route, variant, version, f"{status_class}xx").inc(count)  # type: ignore[attr-defined]
         for pair, values in durations.items():
-            add_observations(self._child(self.request_duration, *pair), LATENCY_BOUNDS, values)
+            add_observations(self._child(self.request_duration, *pair), values)
         for pair, values in upstream.items():
-            add_observations(self._child(self.upstream_duration, *pair), LATENCY_BOUNDS, values)
+            add_observations(self._child(self.upstream_duration, *pair), values)
         for labels, values in scores.items():
-            add_observations(self._child(self.prediction_score, *labels), SCORE_BOUNDS, values)
+            add_observations(self._child(self.prediction_score, *labels), values)
 
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]

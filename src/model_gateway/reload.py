@@ -9,7 +9,6 @@ configuration they started with (they hold their own reference to it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from .background import cancel_and_wait
 from .config import LoadedConfig, load_config
 from .errors import ConfigError
 
@@ -70,10 +70,7 @@ class ConfigReloader:
     async def stop(self) -> None:
         if self._signal_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        await cancel_and_wait(self._poller)
         for task in tuple(self._pending):
             await task
 

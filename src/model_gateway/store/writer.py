@@ -12,11 +12,11 @@ record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Literal
 
+from ..background import cancel_and_wait
 from ..metrics import Metrics
 from ..records import PredictionRecord
 from .base import Store
@@ -93,10 +93,7 @@ class RecordWriter:
         await self._queue.put(_STOP)
         await self._task
         self._task = None
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        await cancel_and_wait(self._sampler)
         self._metrics.log_queue_depth.set(0)
 
     async def _run(self) -> None:
