@@ -7,7 +7,8 @@ if it did nothing but pass bytes. Two of them:
 - ``starlette``: the same behind a Starlette route, ``Request`` and ``Response`` — the "bare
   Starlette + aiohttp proxy" that the gateway's hot path (plain ASGI) is meant to beat.
 
-``python bare_proxy.py PORT UPSTREAM_URL [asgi|starlette]``.
+``python bare_proxy.py PORT UPSTREAM_URL [asgi|starlette] [WORKERS]``. Each worker prints
+``bare proxy started`` on stderr once it serves, so that a harness can wait for all of them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,6 +36,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
         session = aiohttp.ClientSession(auto_decompress=False)
         await send({"type": "lifespan.startup.complete"})
+        print("bare proxy started", file=sys.stderr, flush=True)
         await receive()
         await session.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -56,6 +59,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def lifespan(_: Starlette) -> AsyncIterator[None]:
     global session
     session = aiohttp.ClientSession(auto_decompress=False)
+    print("bare proxy started", file=sys.stderr, flush=True)
     yield
     await session.close()
 
@@ -74,8 +78,13 @@ starlette_app = Starlette(
 
 if __name__ == "__main__":
     kind = sys.argv[3] if len(sys.argv) > 3 else "asgi"
+    workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    app_name = {"asgi": "asgi_app", "starlette": "starlette_app"}[kind]
     uvicorn.run(
-        {"asgi": asgi_app, "starlette": starlette_app}[kind],  # type: ignore[arg-type]
+        # several workers import the app by name (each reads the same argv)
+        f"bare_proxy:{app_name}" if workers > 1 else globals()[app_name],
+        app_dir=str(Path(__file__).resolve().parent),
+        workers=workers,
         host="127.0.0.1",
         port=int(sys.argv[1]),
         loop="uvloop",

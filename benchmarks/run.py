@@ -147,25 +147,27 @@ def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
     ]
 
 
-def bare_proxy_command(port: int, upstream_url: str, kind: str = "asgi") -> list[str]:
+def bare_proxy_command(
+    port: int, upstream_url: str, kind: str = "asgi", workers: int = 1
+) -> list[str]:
     """``kind``: "asgi" (the plain ASGI floor) or "starlette" (the same behind Starlette)."""
-    return [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url, kind]
+    command = [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url, kind]
+    return [*command, str(workers)]
 
 
-def start_gateway(name: str, config: Path, workers: int) -> Service:
-    """`model-gateway serve` on a free port, once every worker has started and /healthz answers.
+def start_workers(name: str, command: list[str], port: int, workers: int, marker: bytes) -> Service:
+    """A server on ``port`` once every one of its workers has logged ``marker`` and it answers.
 
     Every worker, not the first: connections opened while only one worker listens all stay
     with it, and a first round measured so is one worker's figure under a two-worker name.
     """
-    port = free_port()
-    service = Service(name, gateway_command(config, port, workers), port)
+    service = Service(name, command, port)
     started = threading.Semaphore(0)
 
     def read_log() -> None:  # and keep reading, so that the pipe never fills
         assert service.proc.stderr is not None
         for line in service.proc.stderr:
-            if b"model-gateway started" in line:
+            if marker in line:
                 started.release()
 
     threading.Thread(target=read_log, daemon=True).start()
@@ -173,6 +175,15 @@ def start_gateway(name: str, config: Path, workers: int) -> Service:
     for _ in range(workers):
         if not started.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise RuntimeError(f"{name}: not every worker started")
+    return service
+
+
+def start_gateway(name: str, config: Path, workers: int) -> Service:
+    """`model-gateway serve` on a free port, every worker started and /healthz answering."""
+    port = free_port()
+    command = gateway_command(config, port, workers)
+    service = start_workers(name, command, port, workers, b"model-gateway started")
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{service.url}/healthz", timeout=1).status_code == 200:
@@ -180,6 +191,12 @@ def start_gateway(name: str, config: Path, workers: int) -> Service:
         except httpx.TransportError:
             time.sleep(0.05)
     raise RuntimeError(f"{name} did not become healthy")
+
+
+def start_bare_proxy(name: str, upstream_url: str, kind: str, workers: int) -> Service:
+    port = free_port()
+    command = bare_proxy_command(port, upstream_url, kind, workers)
+    return start_workers(name, command, port, workers, b"bare proxy started")
 
 
 @dataclass
@@ -312,10 +329,16 @@ def main() -> int:
                 Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
                 Target("nginx", f"http://127.0.0.1:{proxy}{PATH}"),
             ]
-            for kind, name in (("asgi", "bare-proxy"), ("starlette", "starlette-proxy")):
-                port = free_port()
-                command = bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
-                services.append(Service(f"bare {kind} + aiohttp proxy", command, port))
+            # the floors: the same stack with nothing else, one worker and two
+            for kind, workers, name in (
+                ("asgi", 1, "bare-proxy"),
+                ("starlette", 1, "starlette-proxy"),
+                ("asgi", 2, "bare-proxy-2w"),
+            ):
+                url = f"http://127.0.0.1:{fast}"
+                services.append(
+                    start_bare_proxy(f"bare {kind} proxy x{workers}", url, kind, workers)
+                )
                 targets.append(Target(name, services[-1].url + PATH, services[-1].proc.pid))
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}", fast, fast2)
@@ -324,6 +347,17 @@ def main() -> int:
                 gateways.append((service, target))
                 targets.append(target)
             slow_targets = [Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")]
+            for workers in (1, 2):
+                url = f"http://127.0.0.1:{slow}"
+                name = f"bare proxy x{workers} (20 ms upstream)"
+                services.append(start_bare_proxy(name, url, "asgi", workers))
+                slow_targets.append(
+                    Target(
+                        f"bare-proxy-{workers}w-20ms",
+                        services[-1].url + PATH,
+                        services[-1].proc.pid,
+                    )
+                )
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}-slow", slow, slow)
                 service = start_gateway(f"gateway x{workers} (20 ms upstream)", config, workers)
@@ -403,24 +437,31 @@ def summarise(
             if m:
                 table[f"{target.name} c={c}"] = m
     ratios = {}
-    for gw in ("gateway-1w", "gateway-2w"):
+    for gw, bare in (("gateway-1w", "bare-proxy"), ("gateway-2w", "bare-proxy-2w")):
         for c in (1, 32):
             g, d, n = table[f"{gw} c={c}"], table[f"direct c={c}"], table[f"nginx c={c}"]
             ratios[f"{gw} c={c}"] = {
                 "rps_vs_direct": g["rps"] / d["rps"],
                 "rps_vs_nginx": g["rps"] / n["rps"],
-                "rps_vs_bare_proxy": g["rps"] / table[f"bare-proxy c={c}"]["rps"],
+                # against the bare proxy with as many workers
+                "rps_vs_bare_proxy": g["rps"] / table[f"{bare} c={c}"]["rps"],
                 "rps_vs_starlette_proxy": g["rps"] / table[f"starlette-proxy c={c}"]["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
-    for gw in ("gateway-1w-20ms", "gateway-2w-20ms"):
-        g, d = table[f"{gw} c=64"], table["direct-20ms c=64"]
-        ratios[f"{gw} c=64"] = {
-            "rps_vs_direct": g["rps"] / d["rps"],
-            "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
-        }
+    for workers in (1, 2):
+        d = table["direct-20ms c=64"]
+        bare = table[f"bare-proxy-{workers}w-20ms c=64"]
+        for name in (f"gateway-{workers}w-20ms", f"bare-proxy-{workers}w-20ms"):
+            g = table[f"{name} c=64"]
+            ratios[f"{name} c=64"] = {
+                "rps_vs_direct": g["rps"] / d["rps"],
+                "rps_vs_bare_proxy": g["rps"] / bare["rps"],
+                "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
+            }
+    # how far a second worker carries each on these two shared cores
     ratios["2 workers vs 1 c=32"] = {
-        "rps": table["gateway-2w c=32"]["rps"] / table["gateway-1w c=32"]["rps"]
+        "gateway": table["gateway-2w c=32"]["rps"] / table["gateway-1w c=32"]["rps"],
+        "bare_proxy": table["bare-proxy-2w c=32"]["rps"] / table["bare-proxy c=32"]["rps"],
     }
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

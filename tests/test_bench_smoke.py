@@ -33,6 +33,9 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "direct c=1",
         "nginx c=32",
         "bare-proxy c=32",
+        "bare-proxy-2w c=32",
+        "bare-proxy-1w-20ms c=64",
+        "bare-proxy-2w-20ms c=64",
         "starlette-proxy c=32",
         "gateway-1w c=32",
         "gateway-2w c=1",
@@ -51,4 +54,5 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         # every response wrk read is logged; the surplus is what was in flight when wrk stopped
         surplus = log["records"] - log["wrk_completed"]
         assert 0 <= surplus <= log["in_flight_at_wrk_stops_at_most"], (name, log)
+    assert {"gateway", "bare_proxy"} <= set(results["ratios"]["2 workers vs 1 c=32"])
     assert "gateway-1w c=32" in done.stdout
