@@ -197,6 +197,10 @@ class RouteConfig(_Strict):
     hash_routing_key: bool = False
     allow_override: bool = False
     timeouts: Timeouts = Timeouts()
+    #: when a variant refuses the connection or does not accept one within the connect
+    #: timeout, try up to this many other variants that are up, chosen by weight (the request
+    #: never reached the model, so this is safe for any method); 0 turns retries off
+    connect_retries: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=0)
     capture: CaptureConfig = CaptureConfig()
     version: VersionSource = VersionSource()

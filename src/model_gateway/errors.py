@@ -7,9 +7,11 @@ Hierarchy::
     ├── NoRouteError             404  no route matches the path and method
     ├── UnknownVariantError      404  a forced variant the route does not have
     ├── PayloadTooLargeError     413  request body over the route's limit
-    ├── BadGatewayError          502  upstream refused, reset, or answered garbage
+    ├── BadGatewayError          502  upstream reset, or answered garbage
+    │   └── UpstreamConnectError 502  upstream refused the connection (nothing was sent)
     ├── NoHealthyVariantError    503  no variant of the route can take traffic
     └── UpstreamTimeoutError     504  upstream did not answer within the route's timeout
+        └── UpstreamConnectTimeoutError  504  no connection within the connect timeout
 
     ConfigError                  invalid configuration; carries path-qualified messages
 
@@ -31,6 +33,9 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal_error"
     #: the short reason recorded in the log and the upstream-error metric
     reason: ClassVar[str] = "internal"
+    #: the request never reached the model server, so another variant may safely take it
+    #: (whatever the method: nothing was sent)
+    nothing_sent: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -72,6 +77,7 @@ class BadGatewayError(GatewayError):
 
 class UpstreamConnectError(BadGatewayError):
     reason = "connect"
+    nothing_sent = True
 
 
 class NoHealthyVariantError(GatewayError):
@@ -84,6 +90,10 @@ class UpstreamTimeoutError(GatewayError):
     status = 504
     code = "upstream_timeout"
     reason = "timeout"
+
+
+class UpstreamConnectTimeoutError(UpstreamTimeoutError):
+    nothing_sent = True
 
 
 class ConfigError(Exception):

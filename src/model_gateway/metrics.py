@@ -114,6 +114,13 @@ class Metrics:
             ["route", "variant", "reason"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            f"{PREFIX}_upstream_retries",
+            "Requests sent on to another variant after this one refused the connection or did"
+            " not accept one in time (route connect_retries).",
+            ["route", "variant", "reason"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being proxied now.",
@@ -306,6 +313,9 @@ class Metrics:
 
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]
+
+    def upstream_retry(self, route: str, variant: str, reason: str) -> None:
+        self._child(self.upstream_retries, route, variant, reason).inc()  # type: ignore[attr-defined]
 
     def set_config_version(self, version: str) -> None:
         # An earlier version goes to 0 rather than away: multiprocess files cannot drop a series.

@@ -85,7 +85,9 @@ class Exchange:
 
     __slots__ = (
         "error",
+        "key",
         "predicted",
+        "rand",
         "reported_version",
         "request_body",
         "response_body",
@@ -94,9 +96,15 @@ class Exchange:
         "score",
         "status",
         "upstream_seconds",
+        "variant",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, variant: Variant, key: str | None, rand: float) -> None:
+        #: the variant that answered: the one chosen, or another after a connect retry
+        self.variant = variant
+        #: what chose the variant (routing key, uniform draw), to choose again on a retry
+        self.key = key
+        self.rand = rand
         self.status = 0
         self.error: str | None = None
         self.reported_version: str | None = None
@@ -140,12 +148,13 @@ class ProxyApp:
             elif route.routing_key is not None and name == route.routing_key.encode():
                 key = value.decode("latin-1")
 
+        rand = random.random()
         try:
             variant, assignment = choose_variant(
                 route,
                 key=key,
                 forced=forced,
-                rand=random.random(),
+                rand=rand,
                 down=self.state.health.down.get(route.name),
             )
         except (UnknownVariantError, NoHealthyVariantError) as error:
@@ -153,7 +162,7 @@ class ProxyApp:
             self.state.metrics.observe_request(route.name, "", "", error.status, 0.0)
             return
 
-        exchange = Exchange()
+        exchange = Exchange(variant, key, rand)
         metrics = self.state.metrics
         metrics.requests_in_flight += 1
         try:
@@ -163,7 +172,7 @@ class ProxyApp:
                 send,
                 active,
                 route,
-                variant,
+                assignment,
                 prediction_id,
                 content_length,
                 exchange,
@@ -172,6 +181,7 @@ class ProxyApp:
             exchange.status, exchange.error = 499, "client disconnected"
         finally:
             metrics.requests_in_flight -= 1
+        variant = exchange.variant
         self.state.health.record_result(route.name, variant.name, exchange.status)
 
         elapsed = time.perf_counter() - started
@@ -227,32 +237,51 @@ class ProxyApp:
         send: Any,
         active: ActiveConfig,
         route: Route,
-        variant: Variant,
+        assignment: str,
         prediction_id: str,
         content_length: int,
         exchange: Exchange,
     ) -> None:
-        ours = [
-            (b"x-prediction-id", prediction_id.encode()),
-            (b"x-model-variant", variant.name.encode()),
-        ]
+        variant = exchange.variant
         try:
             if not _DOT_SEGMENTS.isdisjoint(scope["path"].split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
             exchange.request_body = await _read_body(
                 receive, route.config.max_body_bytes, content_length
             )
-            sent = time.perf_counter()
-            upstream_errors = UpstreamErrors(variant.name)
-            with upstream_errors:
-                upstream = await self.state.session.request(
-                    scope["method"],
-                    _upstream_url(variant.url, scope),
-                    data=exchange.request_body or None,
-                    headers=_forward_headers(scope, prediction_id),
-                    timeout=active.timeouts[route.name],
-                    allow_redirects=False,
-                )
+            headers = _forward_headers(scope, prediction_id)
+            retries_left = route.config.connect_retries if assignment != "forced" else 0
+            tried: set[str] | None = None  # built only on a retry
+            while True:
+                sent = time.perf_counter()
+                upstream_errors = UpstreamErrors(variant.name)
+                try:
+                    with upstream_errors:
+                        upstream = await self.state.session.request(
+                            scope["method"],
+                            _upstream_url(variant.url, scope),
+                            data=exchange.request_body or None,
+                            headers=headers,
+                            timeout=active.timeouts[route.name],
+                            allow_redirects=False,
+                        )
+                    break
+                except GatewayError as error:
+                    if not (error.nothing_sent and retries_left):
+                        raise
+                    tried = {variant.name} if tried is None else tried | {variant.name}
+                    following = self._next_variant(route, exchange, tried)
+                    if following is None:
+                        raise
+                    retries_left -= 1
+                    self.state.metrics.upstream_retry(route.name, variant.name, error.reason)
+                    # the failed attempt counts toward the variant's passive ejection
+                    self.state.health.record_result(route.name, variant.name, error.status)
+                    variant = exchange.variant = following
+            ours = [
+                (b"x-prediction-id", prediction_id.encode()),
+                (b"x-model-variant", variant.name.encode()),
+            ]
             complete = False
             try:
                 with upstream_errors:
@@ -272,9 +301,25 @@ class ProxyApp:
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
                 exchange.status = error.status
-                ours.append((b"x-model-version", variant.model_version.encode()))
+                ours = [
+                    (b"x-prediction-id", prediction_id.encode()),
+                    (b"x-model-variant", variant.name.encode()),
+                    (b"x-model-version", variant.model_version.encode()),
+                ]
                 await _send_error(send, error, ours)
             # else the response had begun: the client sees a truncated body, as from nginx
+
+    def _next_variant(self, route: Route, exchange: Exchange, tried: set[str]) -> Variant | None:
+        """Another variant for a request no variant in ``tried`` would connect for: chosen as
+        the first was, by the same key or draw, among the variants that are up and untried."""
+        down = self.state.health.down.get(route.name, frozenset()) | tried
+        try:
+            variant, _ = choose_variant(
+                route, key=exchange.key, forced=None, rand=exchange.rand, down=frozenset(down)
+            )
+        except NoHealthyVariantError:
+            return None
+        return variant
 
     async def _relay(
         self,

@@ -8,7 +8,12 @@ from types import TracebackType
 import aiohttp
 
 from .config import Timeouts
-from .errors import BadGatewayError, UpstreamConnectError, UpstreamTimeoutError
+from .errors import (
+    BadGatewayError,
+    UpstreamConnectError,
+    UpstreamConnectTimeoutError,
+    UpstreamTimeoutError,
+)
 
 # Idle keep-alive connections are reused for this long; model servers (uvicorn, MLServer,
 # Triton) keep theirs for 5 s or more, so 4 s avoids racing their close.
@@ -60,6 +65,10 @@ class UpstreamErrors:
         if exc is None:
             return
         variant = self.variant
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            raise UpstreamConnectTimeoutError(
+                f"variant {variant!r} did not accept a connection in time"
+            ) from exc
         if isinstance(exc, TimeoutError):  # aiohttp's timeout errors subclass it
             raise UpstreamTimeoutError(f"variant {variant!r} did not answer in time") from exc
         if isinstance(exc, aiohttp.ClientConnectorError):
