@@ -232,3 +232,55 @@ def test_gateway_logs_every_request_on_either_store(
         return {pid: (await store.get_prediction(pid))["variant"] for pid in ids}  # type: ignore[index]
 
     assert asyncio.run(with_store(store_url, work)) == ids
+
+
+def test_shadow_copies_share_the_live_label_and_never_take_a_request_id_join(
+    store_url: str,
+) -> None:
+    """A shadow's record names its live prediction: the report gives it that prediction's
+    label and answer, the audit view of the live prediction lists it, and a label keyed by
+    the client's request id (which the copy carries too) joins the live prediction."""
+    live = [record(i) for i in range(3)]
+    copies = [
+        PredictionRecord(
+            **{
+                **{f: getattr(r, f) for f in r.__dataclass_fields__},
+                "prediction_id": new_prediction_id(),
+                "variant": "s",
+                "assignment": "shadow",
+                "request_time": r.request_time + 0.5,  # the copy leaves after the live answer
+                "predicted": "1",
+                "shadow": True,
+                "shadow_of": r.prediction_id,
+            }
+        )
+        for r in live
+    ]
+
+    async def work(store: Store) -> None:
+        await store.write_predictions([r.as_row() for r in [*live, *copies]])
+        await store.insert_feedback(
+            [
+                ("f0", live[0].prediction_id, None, "1", 10.0, 10.0, None),
+                ("f1", None, "req-1", "0", 10.0, 10.0, None),
+            ]
+        )
+        joined = await store.join_feedback(30.0)
+        assert {j["prediction_id"] for j in joined} == {
+            live[0].prediction_id,
+            live[1].prediction_id,
+        }
+        rows = await store.report_rows("r", 0.0, 10_000.0)
+        assert len(rows) == 6
+        live_answers = [r["live_predicted"] for r in rows if r["shadow"]]
+        assert live_answers == [r.predicted for r in live]
+        copy_labels = [r["label"] for r in rows if r["shadow"]]  # in request time order
+        assert copy_labels == ["1", "0", None]
+        assert all(r["live_predicted"] is None for r in rows if not r["shadow"])
+        (copy,) = await store.shadows_of(live[2].prediction_id)
+        assert copy["prediction_id"] == copies[2].prediction_id and copy["variant"] == "s"
+        assert await store.shadows_of(copies[2].prediction_id) == []
+        got = await store.get_prediction(copies[0].prediction_id)
+        assert got is not None and got["shadow_of"] == live[0].prediction_id
+
+    asyncio.run(with_store(store_url, work))

@@ -71,6 +71,17 @@ def create_upstream(name: str, version: str, control: UpstreamControl | None = N
 
         return StreamingResponse(chunks(), media_type=media_type)
 
+    async def held(request: Request) -> Response:
+        # answers only once the test releases it (as echo, without the headers)
+        control.requests += 1
+        body = await request.body()
+        while not control.release.is_set():
+            await asyncio.sleep(0.01)
+        return Response(
+            orjson.dumps({"upstream": name, "model_version": version, "body": body.decode()}),
+            media_type="application/json",
+        )
+
     async def peer(request: Request) -> Response:
         # the gateway's side of the connection: the same port means a reused connection
         port = request.client.port if request.client else 0
@@ -89,6 +100,7 @@ def create_upstream(name: str, version: str, control: UpstreamControl | None = N
             Route("/stream", stream),
             Route("/big", big),
             Route("/peer", peer),
+            Route("/held/{rest:path}", held, methods=["GET", "POST"]),
             Mount("/", create_model_server("fraud", version)),
         ]
     )

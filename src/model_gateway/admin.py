@@ -118,6 +118,8 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             for f in labels
         ]
         out["label"] = labels[-1]["label"] if labels else None
+        # the shadows' answers to the same request (a shadow's own record has shadow_of)
+        out["shadows"] = [_jsonable(copy) for copy in await gateway.store.shadows_of(prediction_id)]
         return json_response(out)
 
     async def reload(request: Request) -> Response:

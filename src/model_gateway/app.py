@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .proxy import ProxyApp
 from .reload import ConfigReloader
 from .runtime import ActiveConfig, GatewayState
+from .shadow import ShadowMirror
 from .store import Store, open_store
 from .store.base import STORE_ERRORS
 from .store.writer import RecordWriter
@@ -109,6 +110,7 @@ class GatewayApp:
             writer=writer,
             metrics=metrics,
             health=HealthMonitor(metrics, session),
+            mirror=ShadowMirror(session, writer, metrics),
         )
         await self.activate(self.loaded, time.time(), self._state.active)
         self._proxy = ProxyApp(self._state)
@@ -135,6 +137,7 @@ class GatewayApp:
         # The server has stopped taking requests and finished those in flight, so every
         # record is already queued: write them all, then close what they needed.
         state = self.state
+        await state.mirror.close()  # shadow copies still in flight end, and are queued too
         await state.metrics.close()  # every request is answered: fold the last of them
         await self.reloader.stop()
         await self.joiner.stop()

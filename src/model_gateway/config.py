@@ -122,6 +122,16 @@ class VersionSource(_Strict):
         return pointer
 
 
+def http_base_url(url: str) -> str:
+    """An upstream's base URL: http(s), a host, no query or fragment; no trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query or fragment")
+    return url.rstrip("/")
+
+
 class VariantConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     url: str
@@ -131,12 +141,27 @@ class VariantConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _http_base_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query or fragment")
-        return url.rstrip("/")
+        return http_base_url(url)
+
+
+class ShadowConfig(_Strict):
+    """A model server that gets a copy of some of the route's requests; its answers are
+    logged (marked shadow) and never reach the client."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    model_version: str = Field(min_length=1)
+    #: share of the route's requests copied to this shadow; one draw per request serves all
+    #: of a route's shadows, so a shadow at 10 % sees a subset of what one at 50 % sees
+    percent: float = Field(default=100.0, ge=0, le=100)
+    #: copies waiting for this shadow's answer at most; past it a copy is skipped and counted
+    #: (a slow shadow costs memory, never the client's time)
+    max_in_flight: int = Field(default=100, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _http_base_url(cls, url: str) -> str:
+        return http_base_url(url)
 
 
 class HealthConfig(_Strict):
@@ -208,6 +233,8 @@ class RouteConfig(_Strict):
     #: set to measure precision, recall, F1 (or MAE/RMSE) from /feedback labels
     evaluation: EvaluationConfig | None = None
     variants: list[VariantConfig] = Field(min_length=1)
+    #: copies of live traffic (Seldon's shadow, Istio's mirror): logged, never answered
+    shadows: list[ShadowConfig] = []
 
     @field_validator("path")
     @classmethod
@@ -359,6 +386,13 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
                     f"{where}.variants[{j}].name: duplicate variant name {variant.name!r}"
                 )
             variant_names.add(variant.name)
+        for j, shadow in enumerate(route.shadows):
+            if shadow.name in variant_names:
+                problems.append(
+                    f"{where}.shadows[{j}].name: {shadow.name!r} already names a variant"
+                    " or shadow of this route"
+                )
+            variant_names.add(shadow.name)
         if sum(v.weight for v in route.variants) <= 0:
             problems.append(f"{where}.variants: at least one weight must be > 0")
     return problems

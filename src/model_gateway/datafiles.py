@@ -39,6 +39,7 @@ EXPORT_COLUMNS = (
     "predicted",
     "score",
     "shadow",
+    "shadow_of",
     "label",
     "label_time",
 )
@@ -136,7 +137,9 @@ async def sample(
     with an empty ``label`` column, ready for hand labelling and ``feedback import``."""
     rows: list[dict[str, Any]] = []
     async for batch in store.iter_export(route, since, until):
-        rows.extend(batch)  # in prediction id order, so the draw is reproducible
+        # in prediction id order, so the draw is reproducible; live predictions only: a label
+        # given for one measures its shadow copies too
+        rows.extend(row for row in batch if not row["shadow"])
     chosen = random.Random(seed).sample(rows, min(n, len(rows)))
     with out.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)

@@ -153,6 +153,25 @@ class Metrics:
             ["route", "variant", "result"],
             registry=r,
         )
+        self.shadow_requests = Counter(
+            f"{PREFIX}_shadow_requests",
+            "Copies of live requests answered by shadow variants (never seen by clients).",
+            ["route", "variant", "model_version", "code"],
+            registry=r,
+        )
+        self.shadow_duration = Histogram(
+            f"{PREFIX}_shadow_duration_seconds",
+            "Time from a copy sent to a shadow variant to its whole answer read.",
+            ["route", "variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_skipped = Counter(
+            f"{PREFIX}_shadow_skipped",
+            "Copies not sent because the shadow already had max_in_flight copies outstanding.",
+            ["route", "variant"],
+            registry=r,
+        )
         self.prediction_score = Histogram(
             f"{PREFIX}_prediction_score",
             "Scores the model servers returned, on [0, 1], for routes with evaluation.score.",
@@ -313,6 +332,16 @@ class Metrics:
 
     def upstream_error(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_errors, route, variant, reason).inc()  # type: ignore[attr-defined]
+
+    def observe_shadow(
+        self, route: str, variant: str, model_version: str, status: int, seconds: float
+    ) -> None:
+        code = f"{status // 100}xx"
+        self._child(self.shadow_requests, route, variant, model_version, code).inc()  # type: ignore[attr-defined]
+        self._child(self.shadow_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
+
+    def skip_shadow(self, route: str, variant: str) -> None:
+        self._child(self.shadow_skipped, route, variant).inc()  # type: ignore[attr-defined]
 
     def upstream_retry(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_retries, route, variant, reason).inc()  # type: ignore[attr-defined]

@@ -32,8 +32,9 @@ from .records import (
     parse_json_object,
     reported_version,
 )
-from .routing import Route, Variant, choose_variant
+from .routing import Route, Variant, choose_variant, shadows_for
 from .runtime import ActiveConfig, GatewayState
+from .shadow import LiveRequest
 from .upstream import UpstreamErrors
 
 Scope = dict[str, Any]
@@ -85,6 +86,7 @@ class Exchange:
 
     __slots__ = (
         "error",
+        "forwarded_headers",
         "key",
         "predicted",
         "rand",
@@ -105,6 +107,8 @@ class Exchange:
         #: what chose the variant (routing key, uniform draw), to choose again on a retry
         self.key = key
         self.rand = rand
+        #: the headers sent upstream; set once the whole request body has been read
+        self.forwarded_headers: list[tuple[str, str]] | None = None
         self.status = 0
         self.error: str | None = None
         self.reported_version: str | None = None
@@ -229,6 +233,19 @@ class ProxyApp:
         )
         if not self.state.writer.offer(record):
             await self.state.writer.submit(record)  # block: wait for room
+        if route.shadows and exchange.forwarded_headers is not None:
+            shadows = shadows_for(route, random.random())  # a draw of its own, not the variant's
+            if shadows:
+                live = LiveRequest(
+                    prediction_id=prediction_id,
+                    request_id=request_id,
+                    method=method,
+                    path=path,
+                    url_tail=_url_tail(scope),
+                    headers=exchange.forwarded_headers,
+                    body=exchange.request_body,
+                )
+                self.state.mirror.send(active, route, shadows, live)
 
     async def _exchange(
         self,
@@ -249,7 +266,7 @@ class ProxyApp:
             exchange.request_body = await _read_body(
                 receive, route.config.max_body_bytes, content_length
             )
-            headers = _forward_headers(scope, prediction_id)
+            headers = exchange.forwarded_headers = _forward_headers(scope, prediction_id)
             retries_left = route.config.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
             while True:
@@ -424,18 +441,23 @@ async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
 def _upstream_url(base: str, scope: Scope) -> URL:
     # The host always comes from the configuration; the client supplies only path and query,
     # kept as the client encoded them.
+    return URL(base + _url_tail(scope), encoded=True)
+
+
+def _url_tail(scope: Scope) -> str:
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-    target = base + raw_path.decode("latin-1")
+    tail = raw_path.decode("latin-1")
     query: bytes = scope.get("query_string", b"")
     if query:
-        target += "?" + query.decode("latin-1")
-    return URL(target, encoded=True)
+        tail += "?" + query.decode("latin-1")
+    return tail
 
 
 def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[str, str]]:
     # One pass over the client's headers (they come lower-cased from the server). The names
     # the gateway adds are aiohttp's case-insensitive constants where it has them, which its
-    # header handling does not fold again.
+    # header handling does not fold again. X-Prediction-Id comes last: a shadow copy of the
+    # request swaps in its own.
     out = []
     forwarded_for = host = None
     named_by_connection: set[str] = set()

@@ -264,35 +264,41 @@ def _number(text: str) -> float | None:
 def build_report(
     rows: list[dict[str, Any]], route: RouteConfig, since: float, until: float
 ) -> dict[str, Any]:
-    """The per-variant report of one route over [since, until) from the store's rows."""
+    """The per-variant report of one route over [since, until) from the store's rows.
+
+    Shadows are reported beside the live variants, measured against the labels of the live
+    predictions they copy, with how often each agreed with the live answer; they take no part
+    in the traffic split.
+    """
     evaluation = route.evaluation or EvaluationConfig()
     by_variant: dict[str, list[dict[str, Any]]] = {v.name: [] for v in route.variants}
+    by_shadow: dict[str, list[dict[str, Any]]] = {s.name: [] for s in route.shadows}
     for row in rows:
-        by_variant.setdefault(row["variant"], []).append(row)
-    variants: dict[str, dict[str, Any]] = {}
+        (by_shadow if row.get("shadow") else by_variant).setdefault(row["variant"], []).append(row)
     internals: dict[str, dict[str, Any]] = {}
-    for name, vrows in by_variant.items():
-        errors = sum(1 for r in vrows if r["status"] >= 500)
-        quality = _variant_quality(vrows, evaluation) if route.evaluation else {"labelled": 0}
-        internals[name] = quality
-        variants[name] = {
-            "requests": len(vrows),
-            "model_versions": sorted({r["model_version"] for r in vrows}),
-            "error_ratio": wilson(errors, len(vrows)),
-            "latency_ms": _latency([r["latency_ms"] for r in vrows]),
-            **{
-                k: v for k, v in quality.items() if k not in ("absolute_errors", "auc_se", "mae_se")
-            },
-        }
+    variants = {
+        name: _summary(vrows, route, evaluation, internals, name)
+        for name, vrows in by_variant.items()
+    }
+    shadows = {}
+    for name, srows in by_shadow.items():
+        shadows[name] = _summary(srows, route, evaluation, internals, name)
+        compared = [
+            r for r in srows if r["predicted"] is not None and r.get("live_predicted") is not None
+        ]
+        agreed = sum(1 for r in compared if r["predicted"] == r["live_predicted"])
+        shadows[name]["compared_with_live"] = len(compared)
+        shadows[name]["agreement_with_live"] = wilson(agreed, len(compared))
     champion = route.variants[0].name
     comparisons = []
     if route.evaluation:
-        for name in by_variant:
+        for name in [*by_variant, *by_shadow]:
             if name != champion:
                 comparisons.append(
                     {
                         "challenger": name,
                         "champion": champion,
+                        "shadow": name in by_shadow,
                         "differences": [
                             asdict(d)
                             for d in _differences(internals[name], internals[champion], evaluation)
@@ -307,12 +313,34 @@ def build_report(
         "until": until,
         "champion": champion,
         "variants": {name: _plain(v) for name, v in variants.items()},
+        "shadows": {name: _plain(v) for name, v in shadows.items()},
         "comparisons": comparisons,
         "sample_ratio": {
             "observed": observed,
             "weights": {v.name: v.weight for v in route.variants},
             **sample_ratio_mismatch(observed, {v.name: v.weight for v in route.variants}),
         },
+    }
+
+
+def _summary(
+    rows: list[dict[str, Any]],
+    route: RouteConfig,
+    evaluation: EvaluationConfig,
+    internals: dict[str, dict[str, Any]],
+    name: str,
+) -> dict[str, Any]:
+    """Requests, versions, errors, latency and quality of one variant's (or shadow's) rows;
+    the quality with its internals (for the comparisons) is kept in ``internals[name]``."""
+    errors = sum(1 for r in rows if r["status"] >= 500)
+    quality = _variant_quality(rows, evaluation) if route.evaluation else {"labelled": 0}
+    internals[name] = quality
+    return {
+        "requests": len(rows),
+        "model_versions": sorted({r["model_version"] for r in rows}),
+        "error_ratio": wilson(errors, len(rows)),
+        "latency_ms": _latency([r["latency_ms"] for r in rows]),
+        **{k: v for k, v in quality.items() if k not in ("absolute_errors", "auc_se", "mae_se")},
     }
 
 

@@ -53,6 +53,8 @@ class PredictionRecord:
     shadow: bool = False
     predicted: str | None = None
     score: float | None = None
+    #: a shadow's record: the prediction id of the live answer to the same request
+    shadow_of: str | None = None
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -82,6 +84,7 @@ class PredictionRecord:
             int(self.shadow),
             self.predicted,
             self.score,
+            self.shadow_of,
         )
 
 

@@ -1,4 +1,5 @@
-"""Which route answers a request, and which variant of it: weighted, sticky or forced.
+"""Which route answers a request, which variant of it (weighted, sticky or forced), and
+which shadows get a copy.
 
 Pure functions over precomputed tables; no I/O, no clock, no process-random hashing, so the
 same routing key lands on the same variant on every replica and after every restart.
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Literal
 
-from .config import GatewayConfig, RouteConfig, VariantConfig
+from .config import GatewayConfig, RouteConfig, ShadowConfig, VariantConfig
 from .errors import NoHealthyVariantError, UnknownVariantError
 from .records import model_name_from_path
 
@@ -34,6 +35,16 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class Shadow:
+    name: str
+    url: str
+    model_version: str
+    #: share of requests copied, in [0, 1]
+    fraction: float
+    max_in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path: str
@@ -43,6 +54,7 @@ class Route:
     routing_key: str | None
     allow_override: bool
     config: RouteConfig
+    shadows: tuple[Shadow, ...] = ()
     cumulative: tuple[float, ...] = field(init=False)
     total_weight: float = field(init=False)
     last_weighted: int = field(init=False)
@@ -71,6 +83,7 @@ class Route:
             routing_key=rc.routing_key.lower() if rc.routing_key else None,
             allow_override=rc.allow_override,
             config=rc,
+            shadows=tuple(_shadow(s) for s in rc.shadows),
         )
 
     def model_name_for(self, path: str) -> str | None:
@@ -88,6 +101,19 @@ class Route:
 
 def _variant(vc: VariantConfig) -> Variant:
     return Variant(name=vc.name, url=vc.url, model_version=vc.model_version, weight=vc.weight)
+
+
+def _shadow(sc: ShadowConfig) -> Shadow:
+    return Shadow(sc.name, sc.url, sc.model_version, sc.percent / 100.0, sc.max_in_flight)
+
+
+def shadows_for(route: Route, rand: float) -> list[Shadow]:
+    """The shadows that get a copy of one request, for a uniform draw ``rand`` in [0, 1).
+
+    One draw for all of a route's shadows: a shadow at a smaller share sees a subset of the
+    requests one at a larger share sees, so their answers can be compared request by request.
+    """
+    return [shadow for shadow in route.shadows if rand < shadow.fraction]
 
 
 class RoutingTable:

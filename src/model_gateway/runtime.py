@@ -15,6 +15,7 @@ from .health import HealthMonitor
 from .metrics import Metrics
 from .redaction import Redactor
 from .routing import RoutingTable
+from .shadow import ShadowMirror
 from .store.writer import RecordWriter
 from .upstream import client_timeout
 
@@ -50,3 +51,4 @@ class GatewayState:
     writer: RecordWriter
     metrics: Metrics
     health: HealthMonitor
+    mirror: ShadowMirror

@@ -45,7 +45,8 @@ class Store(Protocol):
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]: ...
 
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
-        """Live predictions of a route in [since, until), each with its latest label."""
+        """Predictions of a route in [since, until), each with its latest label (a shadow's:
+        its live prediction's) and, for shadows, the live prediction's answer."""
 
     async def count_rows(self, route: str, since: float, until: float) -> int: ...
 
@@ -56,6 +57,9 @@ class Store(Protocol):
         ...
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
+
+    async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
+        """The shadow copies of a live prediction, each a summary of its answer."""
 
     async def count_predictions(self) -> int: ...
 

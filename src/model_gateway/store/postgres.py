@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from ..records import COLUMNS
-from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS
+from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS, SHADOWS_OF
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 # An arbitrary constant naming this application's migration lock.
@@ -42,6 +42,7 @@ _PENDING_JOINS = _numbered(PENDING_JOINS)
 _REPORT_ROWS = _numbered(REPORT_ROWS)
 _EXPORT_ROWS = _numbered(EXPORT_ROWS)
 _COUNT_ROWS = _numbered(COUNT_ROWS)
+_SHADOWS_OF = _numbered(SHADOWS_OF)
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
@@ -189,6 +190,10 @@ class PostgresStore:
                 "SELECT * FROM predictions WHERE prediction_id = $1", prediction_id
             )
         return None if row is None else dict(row)
+
+    async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(_SHADOWS_OF, prediction_id)]
 
     async def count_predictions(self) -> int:
         async with self.pool.acquire() as conn:

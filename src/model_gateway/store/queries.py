@@ -4,7 +4,7 @@ parameter style (SQLite ``?``, PostgreSQL ``$n``)."""
 from __future__ import annotations
 
 # Waiting labels whose prediction is stored: by prediction id, or by the client's request id
-# (the latest prediction with that id).
+# (the latest live prediction with that id; its shadow copies carry the same request id).
 PENDING_JOINS = """
 SELECT f.feedback_id, f.label, p.prediction_id, p.route, p.variant,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
@@ -13,24 +13,26 @@ FROM feedback f
 JOIN predictions p ON p.prediction_id = COALESCE(
     f.prediction_id,
     (SELECT q.prediction_id FROM predictions q WHERE q.request_id = f.request_id
-     ORDER BY q.request_time DESC LIMIT 1))
+     AND q.shadow = 0 ORDER BY q.request_time DESC LIMIT 1))
 WHERE f.joined_at IS NULL
 ORDER BY f.received_at
 """
 
-# One row per live (not shadow) prediction of a route in [since, until), with its latest label.
+# One row per prediction of a route in [since, until), with its latest label. A shadow's row
+# has the label of the live prediction it copies, and that prediction's answer.
 REPORT_ROWS = """
 SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
-       l.label
+       l.label, p.shadow, live.predicted AS live_predicted
 FROM predictions p
+LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
 LEFT JOIN (
     SELECT joined_prediction_id, label,
            ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
                               ORDER BY label_time DESC, received_at DESC) AS label_rank
     FROM feedback WHERE joined_prediction_id IS NOT NULL
-) l ON l.joined_prediction_id = p.prediction_id AND l.label_rank = 1
-WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s AND p.shadow = 0
+) l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id) AND l.label_rank = 1
+WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
 ORDER BY p.request_time
 """
 
@@ -39,14 +41,14 @@ EXPORT_ROWS = """
 SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
        p.configured_version, p.reported_version, p.config_version, p.assignment,
        p.request_time, p.latency_ms, p.status, p.error, p.predicted, p.score, p.shadow,
-       l.label, l.label_time
+       p.shadow_of, l.label, l.label_time
 FROM predictions p
 LEFT JOIN (
     SELECT joined_prediction_id, label, label_time,
            ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
                               ORDER BY label_time DESC, received_at DESC) AS label_rank
     FROM feedback WHERE joined_prediction_id IS NOT NULL
-) l ON l.joined_prediction_id = p.prediction_id AND l.label_rank = 1
+) l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id) AND l.label_rank = 1
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
 ORDER BY p.prediction_id
 """
@@ -54,4 +56,11 @@ ORDER BY p.prediction_id
 COUNT_ROWS = """
 SELECT COUNT(*) FROM predictions
 WHERE route = %s AND request_time >= %s AND request_time < %s
+"""
+
+# The shadow copies of one live prediction, for the audit view of that prediction.
+SHADOWS_OF = """
+SELECT prediction_id, variant, COALESCE(reported_version, configured_version) AS model_version,
+       status, error, predicted, score, latency_ms
+FROM predictions WHERE shadow_of = %s ORDER BY variant, prediction_id
 """

@@ -68,6 +68,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX feedback_joined ON feedback (joined_prediction_id)",
         "CREATE INDEX feedback_pending ON feedback (joined_at)",
     ),
+    (
+        # a shadow's record names the live prediction it copied, to compare the two
+        "ALTER TABLE predictions ADD COLUMN shadow_of TEXT",
+        "CREATE INDEX predictions_shadow_of ON predictions (shadow_of)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -10,13 +10,14 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
-from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS
+from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS, SHADOWS_OF
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
 _REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
 _EXPORT_ROWS = EXPORT_ROWS.replace("%s", "?")
 _COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
+_SHADOWS_OF = SHADOWS_OF.replace("%s", "?")
 
 # Column names are the record's own constants, never input; values are always parameters.
 _COLUMN_LIST = ", ".join(COLUMNS)
@@ -198,6 +199,10 @@ class SQLiteStore:
         ) as cur:
             row = await cur.fetchone()
         return None if row is None else dict(row)
+
+    async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
+        async with self.db.execute(_SHADOWS_OF, (prediction_id,)) as cur:
+            return [dict(row) for row in await cur.fetchall()]
 
     async def count_predictions(self) -> int:
         async with self.db.execute("SELECT COUNT(*) FROM predictions") as cur:

@@ -1,0 +1,204 @@
+"""Shadow traffic: copies of live requests sent to shadow model servers in the background.
+
+A route's ``shadows`` get a copy of a share of its requests once the live answer has gone to
+the client, so the client never waits for a shadow and never sees its answer (Seldon's
+shadow, Istio's mirror). Each copy's answer is read, evaluated and logged like a live one:
+its own prediction id, ``shadow`` set, and ``shadow_of`` naming the live prediction it copies,
+so the two answers to one request can be compared, and a label given for the live prediction
+measures the shadow too.
+
+A slow or dead shadow costs memory, never latency: each shadow has at most ``max_in_flight``
+copies outstanding, and a copy past that is skipped and counted. Shutdown waits for the copies
+in flight (each bounded by the route's timeouts), so their records are written like the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+from yarl import URL
+
+from .errors import GatewayError
+from .metrics import Metrics
+from .records import (
+    PredictionRecord,
+    extract_prediction,
+    new_prediction_id,
+    parse_json_object,
+    reported_version,
+)
+from .routing import Route, Shadow
+from .store.writer import RecordWriter
+from .upstream import UpstreamErrors
+
+if TYPE_CHECKING:
+    from .runtime import ActiveConfig
+
+# A shadow's answer is read whole up to this size, to be evaluated; past it the rest is read
+# and dropped (the copy's latency is to the end of the answer), and it is not evaluated.
+READ_LIMIT = 1024 * 1024
+
+
+class LiveRequest:
+    """What a shadow copy needs of the live request it copies."""
+
+    __slots__ = ("body", "headers", "method", "path", "prediction_id", "request_id", "url_tail")
+
+    def __init__(
+        self,
+        *,
+        prediction_id: str,
+        request_id: str | None,
+        method: str,
+        path: str,
+        url_tail: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        self.prediction_id = prediction_id
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        #: path and query as the client encoded them, appended to the shadow's base URL
+        self.url_tail = url_tail
+        #: the headers forwarded to the live variant, ``X-Prediction-Id`` last
+        self.headers = headers
+        self.body = body
+
+
+class ShadowMirror:
+    def __init__(
+        self, session: aiohttp.ClientSession, writer: RecordWriter, metrics: Metrics
+    ) -> None:
+        self._session = session
+        self._writer = writer
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[tuple[str, str], int] = {}
+
+    def send(
+        self, active: ActiveConfig, route: Route, shadows: list[Shadow], live: LiveRequest
+    ) -> None:
+        """Start a copy of ``live`` to each of ``shadows``; returns at once."""
+        for shadow in shadows:
+            key = (route.name, shadow.name)
+            waiting = self._in_flight.get(key, 0)
+            if waiting >= shadow.max_in_flight:
+                self._metrics.skip_shadow(route.name, shadow.name)
+                continue
+            self._in_flight[key] = waiting + 1
+            task = asyncio.get_running_loop().create_task(self._copy(active, route, shadow, live))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Wait for every copy in flight; each ends within its route's total timeout."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _copy(
+        self, active: ActiveConfig, route: Route, shadow: Shadow, live: LiveRequest
+    ) -> None:
+        try:
+            record = await self._exchange(active, route, shadow, live)
+        finally:
+            self._in_flight[(route.name, shadow.name)] -= 1
+        if not self._writer.offer(record):
+            await self._writer.submit(record)
+
+    async def _exchange(
+        self, active: ActiveConfig, route: Route, shadow: Shadow, live: LiveRequest
+    ) -> PredictionRecord:
+        prediction_id = new_prediction_id()
+        headers = [*live.headers[:-1], ("X-Prediction-Id", prediction_id)]
+        request_time = time.time()
+        started = time.perf_counter()
+        status, error = 0, None
+        body: bytes | None = None
+        response_headers: list[tuple[bytes, bytes]] = []
+        version: str | None = None
+        predicted: str | None = None
+        score: float | None = None
+        truncated = False
+        try:
+            with UpstreamErrors(shadow.name):
+                async with self._session.request(
+                    live.method,
+                    URL(shadow.url + live.url_tail, encoded=True),
+                    data=live.body or None,
+                    headers=headers,
+                    timeout=active.timeouts[route.name],
+                    allow_redirects=False,
+                ) as response:
+                    status = response.status
+                    response_headers = list(response.raw_headers)
+                    body, truncated = await _read_capped(response.content)
+            evaluation = route.config.evaluation
+            wants_doc = not truncated and "Content-Encoding" not in response.headers
+            doc = (
+                parse_json_object(body, response.headers.get("Content-Type"))
+                if wants_doc and (route.config.version.pointer is not None or evaluation)
+                else None
+            )
+            version = reported_version(route.config.version, response.headers, doc)
+            if evaluation is not None and 200 <= status < 300:
+                predicted, score = extract_prediction(evaluation, doc)
+        except GatewayError as failure:
+            status = status or failure.status
+            error = f"{failure.reason}: {failure.message}"
+        elapsed = time.perf_counter() - started
+        served = version or shadow.model_version
+        self._metrics.observe_shadow(route.name, shadow.name, served, status, elapsed)
+        redactor = active.redactors[route.name]
+        request_body, request_cut = redactor.body(live.body)
+        response_body, response_cut = redactor.body(body)
+        return PredictionRecord(
+            prediction_id=prediction_id,
+            request_id=live.request_id,
+            route=route.name,
+            variant=shadow.name,
+            model_name=route.model_name_for(live.path),
+            configured_version=shadow.model_version,
+            reported_version=version,
+            assignment="shadow",
+            routing_key=None,
+            config_version=active.version,
+            method=live.method,
+            path=live.path,
+            request_time=request_time,
+            response_time=request_time + elapsed,
+            latency_ms=elapsed * 1000.0,
+            status=status,
+            error=error,
+            request_body=request_body,
+            response_body=response_body,
+            request_truncated=request_cut,
+            response_truncated=response_cut or truncated,
+            request_headers=redactor.headers(
+                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers
+            ),
+            response_headers=redactor.headers(response_headers),
+            shadow=True,
+            predicted=predicted,
+            score=score,
+            shadow_of=live.prediction_id,
+        )
+
+
+async def _read_capped(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
+    """The answer up to :data:`READ_LIMIT` bytes, and whether there was more (read and
+    dropped, so that the connection goes back to the pool and the latency is the whole
+    answer's)."""
+    chunks: list[bytes] = []
+    size = 0
+    truncated = False
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size <= READ_LIMIT:
+            chunks.append(chunk)
+        else:
+            truncated = True
+    return b"".join(chunks), truncated
