@@ -80,10 +80,9 @@ if __name__ == "__main__":
     kind = sys.argv[3] if len(sys.argv) > 3 else "asgi"
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     app_name = {"asgi": "asgi_app", "starlette": "starlette_app"}[kind]
-    uvicorn.run(
+    config = uvicorn.Config(
         # several workers import the app by name (each reads the same argv)
         f"bare_proxy:{app_name}" if workers > 1 else globals()[app_name],
-        app_dir=str(Path(__file__).resolve().parent),
         workers=workers,
         host="127.0.0.1",
         port=int(sys.argv[1]),
@@ -92,3 +91,13 @@ if __name__ == "__main__":
         access_log=False,
         log_level="warning",
     )
+    if workers > 1:
+        # the gateway's worker sockets (one per worker, SO_REUSEPORT), so that the floor
+        # spreads connections over its workers as the gateway does
+        from model_gateway.server import Supervisor, bind_one_per_worker
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # the workers import from here
+        sockets, _ = bind_one_per_worker(config, workers)
+        Supervisor(config, sockets=sockets).run()
+    else:
+        uvicorn.Server(config).run()

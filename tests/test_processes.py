@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -219,5 +220,106 @@ def test_sighup_reloads_every_worker(
             )
             assert versions() == {v2}
             assert gw.proc.poll() is None
+    finally:
+        gw.terminate_and_wait()
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes  # gone meanwhile
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _children(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = stat.read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue  # gone meanwhile
+        if ppid == str(parent):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _tcp_sockets(port: int) -> dict[str, str]:
+    """inode -> state ("0A" listening, "01" established) of IPv4 sockets on local ``port``."""
+    found = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            found[fields[9]] = fields[3]
+    return found
+
+
+def test_each_worker_listens_on_its_own_socket_and_connections_spread(
+    tmp_path: Path, upstreams: dict[str, Upstream]
+) -> None:
+    """1. Start `model-gateway serve --workers 2` and wait for both workers.
+    2. Each worker holds a listening socket of its own on the one port (SO_REUSEPORT); a
+       worker killed is replaced on the same socket.
+    3. 32 keep-alive connections opened at once land on both workers (with one shared socket,
+       the worker that woke first could take them all), and a request on each is answered.
+    """
+    config, _ = write_config(tmp_path, upstreams)
+    gw = GatewayProcess(config, 2)
+    try:
+        wait_until(
+            lambda: sum("model-gateway started" in line for line in gw.lines) == 2,
+            "both workers to start",
+        )
+        port = int(gw.url.rsplit(":", 1)[1])
+        workers = _children(gw.proc.pid)
+        listening = {inode for inode, state in _tcp_sockets(port).items() if state == "0A"}
+        held = {pid: _socket_inodes(pid) & listening for pid in workers}
+        serving = {pid: inodes for pid, inodes in held.items() if inodes}
+        assert len(serving) == 2 and len(listening) == 2
+        assert all(len(inodes) == 1 for inodes in serving.values())  # one each, not shared
+
+        # a worker that dies is replaced on its own socket
+        dead, inodes = next(iter(serving.items()))
+        os.kill(dead, signal.SIGKILL)
+
+        def replaced() -> bool:
+            return any(
+                pid != dead and _socket_inodes(pid) >= inodes for pid in _children(gw.proc.pid)
+            )
+
+        wait_until(replaced, "a new worker on the dead one's socket")
+        wait_until(
+            lambda: sum("model-gateway started" in line for line in gw.lines) == 3,
+            "the new worker to start",
+        )
+        serving = {
+            pid: _socket_inodes(pid) & listening
+            for pid in _children(gw.proc.pid)
+            if _socket_inodes(pid) & listening
+        }
+        assert len(serving) == 2 and dead not in serving
+
+        host = gw.url.removeprefix("http://").rsplit(":", 1)[0]
+        connections = [socket.create_connection((host, port), timeout=10) for _ in range(32)]
+        try:
+            for conn in connections:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            for conn in connections:
+                assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            established = {i for i, state in _tcp_sockets(port).items() if state == "01"}
+            per_worker = {pid: len(_socket_inodes(pid) & established) for pid in serving}
+            assert sum(per_worker.values()) == 32
+            assert min(per_worker.values()) > 0, per_worker  # all on one: 2 in 2^32
+        finally:
+            for conn in connections:
+                conn.close()
     finally:
         gw.terminate_and_wait()
