@@ -58,6 +58,10 @@ def test_the_shadow_gets_a_copy_and_the_client_only_the_live_answer(
     audit = httpx.get(f"{gw.url}/admin/predictions/{some_live}").json()
     (listed,) = audit["shadows"]
     assert listed["variant"] == "b" and listed["model_version"] == "2" and listed["status"] == 200
+    (live_route,) = httpx.get(f"{gw.url}/admin/routing").json()["routes"]
+    assert live_route["shadows"] == [
+        {"name": "b", "model_version": "2", "url": upstreams["b"].url, "percent": 100.0}
+    ]
     gw.stop()
     records = gw.records()
     live = {rec["prediction_id"]: rec for rec in records if not rec["shadow"]}

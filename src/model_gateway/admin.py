@@ -237,7 +237,8 @@ def format_rfc3339(seconds: float) -> str:
 
 
 def routing_snapshot(text: str) -> list[dict[str, Any]]:
-    """Routes, variants, versions, weights and shares of a stored configuration text.
+    """Routes, variants, versions, weights and shares (and shadows) of a stored configuration
+    text.
 
     The text was valid when it was activated; it is read again without expanding ``${VAR}``
     references, which need not be set in this process.
@@ -261,6 +262,16 @@ def routing_snapshot(text: str) -> list[dict[str, Any]]:
                         "share": v.weight / total,
                     }
                     for v in rc.variants
+                ],
+                # copied traffic: deployed, logged, never answering clients
+                "shadows": [
+                    {
+                        "name": sh.name,
+                        "model_version": sh.model_version,
+                        "url": sh.url,
+                        "percent": sh.percent,
+                    }
+                    for sh in rc.shadows
                 ],
             }
         )
