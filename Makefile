@@ -41,7 +41,7 @@ bench: $(STAMP) tools
 bench-instructions: $(STAMP) tools
 	$(BIN)/python benchmarks/instructions.py
 
-## run: two demo model servers (fraud v1, v2) and the gateway in front of them on :8080
+## run: three demo model servers (fraud v1, v2 and a shadow v3) and the gateway in front of them on :8080
 run: $(STAMP)
 	$(BIN)/model-gateway demo --config config/gateway.yaml
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_demo_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     """
     example = yaml.safe_load((Path(__file__).parent.parent / "config" / "gateway.yaml").read_text())
     example["storage"]["url"] = f"sqlite:///{tmp_path / 'demo.db'}"
-    for variant in example["routes"][0]["variants"]:
+    for variant in [*example["routes"][0]["variants"], *example["routes"][0]["shadows"]]:
         variant["url"] = f"http://127.0.0.1:{free_port()}"
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(example))
@@ -44,7 +45,7 @@ def test_demo_prints_a_curl_line_that_works(tmp_path: Path) -> None:
             if line.strip().startswith("-d "):
                 break
         text = "".join(printed)
-        assert text.count("demo model server: fraud version") == 2, text
+        assert text.count("demo model server: fraud version") == 3, text  # and the shadow
         command = text[text.index("curl") :]
         answer = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
         assert answer.returncode == 0, answer.stderr
@@ -58,3 +59,15 @@ def test_demo_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         if proc.stdout:
             proc.stdout.close()
+    # the shadow answered a copy of that request; its record names the live prediction
+    prediction_id = re.search(r"x-prediction-id: (\S+)", headers)
+    assert prediction_id is not None
+    db = sqlite3.connect(tmp_path / "demo.db")
+    try:
+        copies = db.execute(
+            "SELECT variant, configured_version FROM predictions WHERE shadow_of = ?",
+            (prediction_id.group(1),),
+        ).fetchall()
+    finally:
+        db.close()
+    assert copies == [("candidate", "3")]

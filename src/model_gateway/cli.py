@@ -28,9 +28,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load_or_exit(args.config)
     routes = loaded.config.routes
     variants = sum(len(r.variants) for r in routes)
-    print(
-        f"{args.config}: ok (version {loaded.version}, {len(routes)} routes, {variants} variants)"
+    shadows = sum(len(r.shadows) for r in routes)
+    summary = f"{len(routes)} routes, {variants} variants" + (
+        f", {shadows} shadows" if shadows else ""
     )
+    print(f"{args.config}: ok (version {loaded.version}, {summary})")
     return 0
 
 

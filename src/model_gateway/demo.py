@@ -1,8 +1,9 @@
 """A small fraud-scoring model server speaking the Open Inference Protocol V2.
 
-Two versions of it stand behind the gateway in ``make run`` and in the tests. Each version is
-a fixed logistic model over the input features, so its answers are deterministic and the two
-versions disagree on some inputs, as a champion and a challenger would.
+Three versions of it stand behind the gateway in ``make run`` (a champion, a challenger and a
+shadow) and in the tests. Each version is a fixed logistic model over the input features, so
+its answers are deterministic and the versions disagree on some inputs, as a champion and a
+challenger would.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.routing import Route
 _MODELS: dict[str, tuple[float, tuple[float, ...]]] = {
     "1": (-2.0, (0.8, 0.5, 0.3, -0.2)),
     "2": (-2.4, (1.1, 0.4, 0.6, -0.1)),
+    "3": (-2.2, (1.0, 0.6, 0.5, -0.3)),
 }
 
 

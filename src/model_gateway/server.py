@@ -173,10 +173,10 @@ def bind_one_per_worker(config: uvicorn.Config, workers: int) -> tuple[list[sock
 
 
 def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
-    """(host, port, model name, version) for each variant served on this machine."""
+    """(host, port, model name, version) for each variant and shadow served on this machine."""
     seen: dict[tuple[str, int], tuple[str, int, str, str]] = {}
     for route in loaded.config.routes:
-        for variant in route.variants:
+        for variant in [*route.variants, *route.shadows]:
             parts = urlsplit(variant.url)
             if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
                 name = route.model_name or route.name
@@ -188,7 +188,8 @@ def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
 
 
 def run_demo(loaded: LoadedConfig, host: str, port: int) -> None:
-    """Start a demo model server for every local variant, then the gateway in front of them."""
+    """Start a demo model server for every local variant and shadow, then the gateway in front
+    of them."""
     servers: list[uvicorn.Server] = []
     for up_host, up_port, model, version in demo_upstreams(loaded):
         server = uvicorn.Server(
