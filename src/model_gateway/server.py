@@ -17,7 +17,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from .app import CONFIG_ENV, GatewayApp
-from .config import LoadedConfig
+from .config import LoadedConfig, ShadowConfig, VariantConfig
 from .demo import create_model_server
 from .http import CoalescingHttpToolsProtocol
 from .metrics import MULTIPROC_ENV
@@ -176,7 +176,8 @@ def demo_upstreams(loaded: LoadedConfig) -> list[tuple[str, int, str, str]]:
     """(host, port, model name, version) for each variant and shadow served on this machine."""
     seen: dict[tuple[str, int], tuple[str, int, str, str]] = {}
     for route in loaded.config.routes:
-        for variant in [*route.variants, *route.shadows]:
+        upstreams: list[VariantConfig | ShadowConfig] = [*route.variants, *route.shadows]
+        for variant in upstreams:
             parts = urlsplit(variant.url)
             if parts.hostname in ("127.0.0.1", "localhost") and parts.port:
                 name = route.model_name or route.name
