@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import GatewayFactory, Upstream, dead_url, route
+from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
 from .test_processes import INFER, GatewayProcess, write_config
 
 ROOT = Path(__file__).parent.parent
@@ -42,6 +42,7 @@ def exported_names(exposition: str) -> set[str]:
 
 def busy_gateway_metrics(gateway: GatewayFactory, upstreams: dict[str, Upstream]) -> str:
     health = {"path": "/v2/health/ready", "interval": 0.05}
+    shadow = {"name": "s", "url": upstreams["b"].url, "model_version": "2"}
     gw = gateway(
         [
             route(
@@ -49,15 +50,31 @@ def busy_gateway_metrics(gateway: GatewayFactory, upstreams: dict[str, Upstream]
                 "/v2/models/fraud",
                 [("a", upstreams["a"].url, 3), ("b", upstreams["b"].url, 1)],
                 health=health,
+                shadows=[shadow],
             ),
             route("dead", "/dead", [("d", dead_url(), 1)]),
+            route(
+                "retried",
+                "/echo",
+                [("d", dead_url(), 1), ("a", upstreams["a"].url, 1)],
+                connect_retries=1,
+                health={"passive_failures": 0},
+            ),
         ]
     )
     for _ in range(20):
         httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)
+        httpx.get(f"{gw.url}/echo/x")
     httpx.get(f"{gw.url}/dead")
     httpx.get(f"{gw.url}/nowhere")
     httpx.post(f"{gw.url}/admin/reload")
+
+    def sampled(name: str) -> bool:
+        return f"\n{name}{{" in httpx.get(f"{gw.url}/metrics").text
+
+    # every kind of series present with samples: shadow copies answered, retries made
+    wait_until(lambda: sampled("model_gateway_shadow_requests_total"), "the shadow copies")
+    assert sampled("model_gateway_upstream_retries_total")
     return httpx.get(f"{gw.url}/metrics").text
 
 
