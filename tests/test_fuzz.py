@@ -9,6 +9,7 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,7 +145,9 @@ TRICKS = [
 BODIES = [b'{"inputs": [', b'{"prediction_id": "x", "label": [1]}', b"\xff\xfe\x00", b"[" * 5000]
 
 
-def test_malformed_requests_never_get_a_5xx_or_reach_another_host(gateway: GatewayFactory) -> None:
+def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
+    gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     model, canary = Recorder(), Recorder()
     with running(model) as upstream, running(canary) as other:
         gw = gateway(
@@ -155,6 +158,8 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(gateway: Gatew
                     "allow_override": True,
                     "max_body_bytes": 1_000_000,
                     "variants": [{"name": "a", "url": upstream.url, "model_version": "1"}],
+                    # copies of the malformed requests too, to the same (recording) upstream
+                    "shadows": [{"name": "s", "url": upstream.url, "model_version": "2"}],
                 }
             ],
             server={"config_poll_interval": 0},
@@ -174,7 +179,16 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(gateway: Gatew
             assert status < 500, (raw[:300], answer[:500])
 
         check()
+        gw.stop()  # waits for the shadow copies
         assert canary.hosts == [], "a request reached a host that is not in the configuration"
         upstream_host = upstream.url.removeprefix("http://").encode()
         assert all(h == upstream_host for h in model.hosts)
         assert sum(statuses.values()) > 1000
+    # every request the live variant answered was copied, and every copy became a record
+    records = gw.records()
+    live = {r["prediction_id"] for r in records if not r["shadow"]}
+    answered = {r["prediction_id"] for r in records if not r["shadow"] and r["status"] == 200}
+    copied = [r["shadow_of"] for r in records if r["shadow"]]
+    assert answered <= set(copied) <= live and len(copied) == len(set(copied))
+    assert len(answered) > 100
+    assert "shadow copy" not in caplog.text

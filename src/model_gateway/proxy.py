@@ -124,6 +124,9 @@ class Exchange:
 class ProxyApp:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
+        # uniform draws from a generator of the proxy's own: the module-level one is shared
+        # state that anything else in the process may seed or consume
+        self._draw = random.Random().random
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -152,7 +155,7 @@ class ProxyApp:
             elif route.routing_key is not None and name == route.routing_key.encode():
                 key = value.decode("latin-1")
 
-        rand = random.random()
+        rand = self._draw()
         try:
             variant, assignment = choose_variant(
                 route,
@@ -234,7 +237,7 @@ class ProxyApp:
         if not self.state.writer.offer(record):
             await self.state.writer.submit(record)  # block: wait for room
         if route.shadows and exchange.forwarded_headers is not None:
-            shadows = shadows_for(route, random.random())  # a draw of its own, not the variant's
+            shadows = shadows_for(route, self._draw())  # a draw of its own, not the variant's
             if shadows:
                 live = LiveRequest(
                     prediction_id=prediction_id,

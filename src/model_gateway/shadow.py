@@ -15,6 +15,7 @@ in flight (each bounded by the route's timeouts), so their records are written l
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,8 @@ from .upstream import UpstreamErrors
 
 if TYPE_CHECKING:
     from .runtime import ActiveConfig
+
+log = logging.getLogger("model_gateway.shadow")
 
 # A shadow's answer is read whole up to this size, to be evaluated; past it the rest is read
 # and dropped (the copy's latency is to the end of the answer), and it is not evaluated.
@@ -104,6 +107,12 @@ class ShadowMirror:
     ) -> None:
         try:
             record = await self._exchange(active, route, shadow, live)
+        except Exception:
+            # a fault in the gateway itself (upstream faults become records): said, not hidden
+            log.exception(
+                "shadow copy of %s to %s/%s failed", live.prediction_id, route.name, shadow.name
+            )
+            return
         finally:
             self._in_flight[(route.name, shadow.name)] -= 1
         if not self._writer.offer(record):
