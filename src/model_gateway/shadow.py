@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -45,31 +46,19 @@ log = logging.getLogger("model_gateway.shadow")
 READ_LIMIT = 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LiveRequest:
     """What a shadow copy needs of the live request it copies."""
 
-    __slots__ = ("body", "headers", "method", "path", "prediction_id", "request_id", "url_tail")
-
-    def __init__(
-        self,
-        *,
-        prediction_id: str,
-        request_id: str | None,
-        method: str,
-        path: str,
-        url_tail: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-    ) -> None:
-        self.prediction_id = prediction_id
-        self.request_id = request_id
-        self.method = method
-        self.path = path
-        #: path and query as the client encoded them, appended to the shadow's base URL
-        self.url_tail = url_tail
-        #: the headers forwarded to the live variant, ``X-Prediction-Id`` last
-        self.headers = headers
-        self.body = body
+    prediction_id: str
+    request_id: str | None
+    method: str
+    path: str
+    #: path and query as the client encoded them, appended to the shadow's base URL
+    url_tail: str
+    #: the headers forwarded to the live variant, ``X-Prediction-Id`` last
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 class ShadowMirror:
