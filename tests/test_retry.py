@@ -7,17 +7,23 @@ import socket
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
 from model_gateway.routing import sticky_point
 
-from .conftest import GatewayFactory, Upstream, dead_url, route
+from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route
 from .test_faults import raw_upstream, resets_mid_body
 from .test_metrics import scrape, series
 
-# passive ejection off: the dead variant stays in rotation, so every request may draw it
-NO_EJECTION = {"passive_failures": 0}
+
+def echo_route(
+    gateway: GatewayFactory, variants: list[tuple[str, str, float]], **settings: Any
+) -> RunningGateway:
+    """A gateway with one route, /echo, over ``variants``, with passive ejection off: a dead
+    variant stays in rotation, so that every request may draw it."""
+    return gateway([route("r", "/echo", variants, health={"passive_failures": 0}, **settings)])
 
 
 @contextmanager
@@ -44,16 +50,8 @@ def never_connects() -> Iterator[str]:
 def test_a_refused_connection_is_retried_on_another_variant(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("dead", dead_url(), 1), ("a", upstreams["a"].url, 1)],
-                connect_retries=1,
-                health=NO_EJECTION,
-            )
-        ]
+    gw = echo_route(
+        gateway, [("dead", dead_url(), 1), ("a", upstreams["a"].url, 1)], connect_retries=1
     )
     answered_by = Counter()
     for _ in range(40):
@@ -78,16 +76,7 @@ def test_a_refused_connection_is_retried_on_another_variant(
 def test_without_connect_retries_the_refusal_is_the_answer(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("dead", dead_url(), 1), ("a", upstreams["a"].url, 1)],
-                health=NO_EJECTION,
-            )
-        ]
-    )
+    gw = echo_route(gateway, [("dead", dead_url(), 1), ("a", upstreams["a"].url, 1)])
     statuses = Counter(httpx.get(f"{gw.url}/echo/x").status_code for _ in range(40))
     gw.stop()
     assert set(statuses) == {200, 502}
@@ -97,9 +86,9 @@ def test_retries_stop_at_the_configured_count_and_the_last_refusal_is_answered(
     gateway: GatewayFactory,
 ) -> None:
     dead = [(f"dead{i}", dead_url(), 1) for i in range(3)]
-    gw = gateway([route("r", "/", dead, connect_retries=1, health=NO_EJECTION)])
+    gw = echo_route(gateway, dead, connect_retries=1)
     for _ in range(5):
-        r = httpx.get(f"{gw.url}/x")
+        r = httpx.get(f"{gw.url}/echo/x")
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "bad_gateway"
     metrics = scrape(gw.url)
@@ -118,8 +107,8 @@ def test_retries_stop_at_the_configured_count_and_the_last_refusal_is_answered(
 
 def test_every_variant_tried_once_at_most(gateway: GatewayFactory) -> None:
     dead = [(f"dead{i}", dead_url(), 1) for i in range(3)]
-    gw = gateway([route("r", "/", dead, connect_retries=10, health=NO_EJECTION)])
-    assert httpx.get(f"{gw.url}/x").status_code == 502
+    gw = echo_route(gateway, dead, connect_retries=10)
+    assert httpx.get(f"{gw.url}/echo/x").status_code == 502
     metrics = scrape(gw.url)
     gw.stop()
     retried = {
@@ -134,17 +123,11 @@ def test_every_variant_tried_once_at_most(gateway: GatewayFactory) -> None:
 def test_a_forced_variant_is_not_replaced(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("dead", dead_url(), 1), ("a", upstreams["a"].url, 1)],
-                connect_retries=1,
-                allow_override=True,
-                health=NO_EJECTION,
-            )
-        ]
+    gw = echo_route(
+        gateway,
+        [("dead", dead_url(), 1), ("a", upstreams["a"].url, 1)],
+        connect_retries=1,
+        allow_override=True,
     )
     r = httpx.get(f"{gw.url}/echo/x", headers={"X-Model-Variant": "dead"})
     gw.stop()
@@ -156,21 +139,11 @@ def test_a_forced_variant_is_not_replaced(
 def test_a_sticky_key_retries_to_the_same_variant_every_time(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [
-                    ("dead", dead_url(), 2),
-                    ("a", upstreams["a"].url, 1),
-                    ("b", upstreams["b"].url, 1),
-                ],
-                connect_retries=1,
-                routing_key="X-User",
-                health=NO_EJECTION,
-            )
-        ]
+    gw = echo_route(
+        gateway,
+        [("dead", dead_url(), 2), ("a", upstreams["a"].url, 1), ("b", upstreams["b"].url, 1)],
+        connect_retries=1,
+        routing_key="X-User",
     )
     for user in range(12):
         served = {
@@ -185,18 +158,12 @@ def test_a_connect_timeout_is_retried_on_another_variant(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
     with never_connects() as stuck:
-        gw = gateway(
-            [
-                route(
-                    "r",
-                    "/echo",
-                    [("stuck", stuck, 1), ("a", upstreams["a"].url, 1)],
-                    connect_retries=1,
-                    routing_key="X-User",
-                    timeouts={"connect": 0.2, "total": 5},
-                    health=NO_EJECTION,
-                )
-            ]
+        gw = echo_route(
+            gateway,
+            [("stuck", stuck, 1), ("a", upstreams["a"].url, 1)],
+            connect_retries=1,
+            routing_key="X-User",
+            timeouts={"connect": 0.2, "total": 5},
         )
         # a key whose own variant is the stuck one
         user = next(f"u{i}" for i in range(100) if sticky_point("r", f"u{i}") < 0.5)
@@ -216,16 +183,8 @@ def test_a_request_that_reached_the_model_is_not_sent_again(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
     with raw_upstream(resets_mid_body) as broken:
-        gw = gateway(
-            [
-                route(
-                    "r",
-                    "/echo",
-                    [("broken", broken, 1), ("a", upstreams["a"].url, 1)],
-                    connect_retries=3,
-                    health=NO_EJECTION,
-                )
-            ]
+        gw = echo_route(
+            gateway, [("broken", broken, 1), ("a", upstreams["a"].url, 1)], connect_retries=3
         )
         statuses = Counter(
             (r.status_code, r.headers["x-model-variant"])

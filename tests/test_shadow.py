@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from model_gateway.config import RouteConfig
 from model_gateway.routing import Route, shadows_for
 
-from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
+from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, wait_until
 from .test_feedback import EVALUATION, features, wait_for_label
 from .test_metrics import scrape, series
 
@@ -26,19 +26,22 @@ def shadow(name: str, url: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "url": url, "model_version": {"b": "2"}.get(name, "9"), **extra}
 
 
+def shadowed(
+    gateway: GatewayFactory,
+    upstreams: dict[str, Upstream],
+    path: str,
+    shadows: list[dict[str, Any]],
+    **settings: Any,
+) -> RunningGateway:
+    """A gateway with one route, ``path``, answered by upstream a, copied to ``shadows``."""
+    return gateway([route("r", path, [("a", upstreams["a"].url, 1)], shadows=shadows, **settings)])
+
+
 def test_the_shadow_gets_a_copy_and_the_client_only_the_live_answer(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("a", upstreams["a"].url, 1)],
-                shadows=[shadow("b", upstreams["b"].url)],
-                capture={"bodies": True},
-            )
-        ]
+    gw = shadowed(
+        gateway, upstreams, "/echo", [shadow("b", upstreams["b"].url)], capture={"bodies": True}
     )
     live_ids = {}
     live_answers = {}
@@ -90,16 +93,7 @@ def test_a_slow_shadow_never_holds_the_client_and_is_logged_at_shutdown(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
     upstreams["a"].control.release.set()  # the live variant answers at once; b holds
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/held",
-                [("a", upstreams["a"].url, 1)],
-                shadows=[shadow("b", upstreams["b"].url)],
-            )
-        ]
-    )
+    gw = shadowed(gateway, upstreams, "/held", [shadow("b", upstreams["b"].url)])
     for _ in range(3):
         r = httpx.post(f"{gw.url}/held/x", content=b"{}", timeout=10)
         assert r.status_code == 200 and r.json()["upstream"] == "a"
@@ -117,16 +111,7 @@ def test_copies_past_max_in_flight_are_skipped_and_counted(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
     upstreams["a"].control.release.set()
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/held",
-                [("a", upstreams["a"].url, 1)],
-                shadows=[shadow("b", upstreams["b"].url, max_in_flight=2)],
-            )
-        ]
-    )
+    gw = shadowed(gateway, upstreams, "/held", [shadow("b", upstreams["b"].url, max_in_flight=2)])
     for _ in range(5):
         assert httpx.post(f"{gw.url}/held/x", content=b"{}").status_code == 200
     wait_until(lambda: upstreams["b"].control.requests == 2, "two copies at the shadow")
@@ -154,16 +139,7 @@ def test_copies_past_max_in_flight_are_skipped_and_counted(
 def test_a_dead_shadow_is_logged_with_its_error_and_the_client_never_knows(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("a", upstreams["a"].url, 1)],
-                shadows=[shadow("gone", dead_url())],
-            )
-        ]
-    )
+    gw = shadowed(gateway, upstreams, "/echo", [shadow("gone", dead_url())])
     r = httpx.get(f"{gw.url}/echo/x")
     assert r.status_code == 200 and r.json()["upstream"] == "a"
     gw.stop()
@@ -176,17 +152,7 @@ def test_a_dead_shadow_is_logged_with_its_error_and_the_client_never_knows(
 def test_a_request_refused_before_forwarding_is_not_copied(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("a", upstreams["a"].url, 1)],
-                max_body_bytes=10,
-                shadows=[shadow("b", upstreams["b"].url)],
-            )
-        ]
-    )
+    gw = shadowed(gateway, upstreams, "/echo", [shadow("b", upstreams["b"].url)], max_body_bytes=10)
     assert httpx.post(f"{gw.url}/echo/x", content=b"x" * 100).status_code == 413
     gw.stop()
     assert upstreams["b"].control.requests == 0
@@ -196,18 +162,11 @@ def test_a_request_refused_before_forwarding_is_not_copied(
 def test_percent_copies_a_share_of_the_requests(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway(
-        [
-            route(
-                "r",
-                "/echo",
-                [("a", upstreams["a"].url, 1)],
-                shadows=[
-                    shadow("b", upstreams["b"].url, percent=50),
-                    shadow("never", dead_url(), percent=0),
-                ],
-            )
-        ]
+    gw = shadowed(
+        gateway,
+        upstreams,
+        "/echo",
+        [shadow("b", upstreams["b"].url, percent=50), shadow("never", dead_url(), percent=0)],
     )
     for _ in range(200):
         assert httpx.get(f"{gw.url}/echo/x").status_code == 200
