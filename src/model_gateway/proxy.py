@@ -32,7 +32,7 @@ from .records import (
     parse_json_object,
     reported_version,
 )
-from .routing import Route, Variant, choose_variant, shadows_for
+from .routing import Assignment, Route, Variant, choose_variant, shadows_for
 from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
 from .upstream import UpstreamErrors
@@ -257,7 +257,7 @@ class ProxyApp:
         send: Any,
         active: ActiveConfig,
         route: Route,
-        assignment: str,
+        assignment: Assignment,
         prediction_id: str,
         content_length: int,
         exchange: Exchange,
@@ -298,10 +298,7 @@ class ProxyApp:
                     # the failed attempt counts toward the variant's passive ejection
                     self.state.health.record_result(route.name, variant.name, error.status)
                     variant = exchange.variant = following
-            ours = [
-                (b"x-prediction-id", prediction_id.encode()),
-                (b"x-model-variant", variant.name.encode()),
-            ]
+            ours = _gateway_headers(prediction_id, variant)
             complete = False
             try:
                 with upstream_errors:
@@ -321,11 +318,8 @@ class ProxyApp:
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
                 exchange.status = error.status
-                ours = [
-                    (b"x-prediction-id", prediction_id.encode()),
-                    (b"x-model-variant", variant.name.encode()),
-                    (b"x-model-version", variant.model_version.encode()),
-                ]
+                ours = _gateway_headers(prediction_id, variant)
+                ours.append((b"x-model-version", variant.model_version.encode()))
                 await _send_error(send, error, ours)
             # else the response had begun: the client sees a truncated body, as from nginx
 
@@ -335,7 +329,7 @@ class ProxyApp:
         down = self.state.health.down.get(route.name, frozenset()) | tried
         try:
             variant, _ = choose_variant(
-                route, key=exchange.key, forced=None, rand=exchange.rand, down=frozenset(down)
+                route, key=exchange.key, forced=None, rand=exchange.rand, down=down
             )
         except NoHealthyVariantError:
             return None
@@ -439,6 +433,14 @@ async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _gateway_headers(prediction_id: str, variant: Variant) -> list[tuple[bytes, bytes]]:
+    """The headers the gateway adds to every answer (X-Model-Version once it is known)."""
+    return [
+        (b"x-prediction-id", prediction_id.encode()),
+        (b"x-model-variant", variant.name.encode()),
+    ]
 
 
 def _upstream_url(base: str, scope: Scope) -> URL:
