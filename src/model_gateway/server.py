@@ -57,17 +57,16 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
         os.environ[CONFIG_ENV] = os.path.abspath(loaded.source)
         os.environ[MULTIPROC_ENV] = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
         config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
-    else:
-        config = gateway_server_config(GatewayApp(loaded, settle_heap=True), host, port)
-    if workers > 1:
         sockets, url = bind_one_per_worker(config, workers)
     else:
+        config = gateway_server_config(GatewayApp(loaded, settle_heap=True), host, port)
         sock, url = _bind(config)
+        sockets = [sock]
     log.info("model-gateway listening on %s (%d worker%s)", url, workers, "s"[: workers - 1])
     if workers > 1:
         Supervisor(config, sockets=sockets).run()
     else:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=sockets)
 
 
 def prepare_metrics_dir(path: str | None) -> str:
