@@ -58,10 +58,10 @@ def wait_for_port(port: int, seconds: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the gateway's workers)."""
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and of each of its children (the workers)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -69,8 +69,13 @@ def cpu_seconds(pid: int) -> float:
             continue
         proc_pid, ppid = int(stat.parent.name), int(fields[1])
         if proc_pid == pid or ppid == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            found[proc_pid] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the gateway's workers)."""
+    return sum(cpu_by_process(pid).values())
 
 
 class Service:
@@ -208,6 +213,9 @@ class Run:
     p99_ms: float
     requests: int
     cpu_ms_per_request: float | None = None
+    #: the busiest process's share of the CPU the run took: ~1/N when N workers share the
+    #: load evenly, ~1 when one worker served every connection
+    busiest_share: float | None = None
 
 
 @dataclass
@@ -218,6 +226,7 @@ class Target:
     db: Path | None = None
     completed: int = 0
     connections_used: int = 0
+    workers: int = 1
     runs: list[Run] = field(default_factory=list)
 
 
@@ -339,11 +348,14 @@ def main() -> int:
                 services.append(
                     start_bare_proxy(f"bare {kind} proxy x{workers}", url, kind, workers)
                 )
-                targets.append(Target(name, services[-1].url + PATH, services[-1].proc.pid))
+                pid = services[-1].proc.pid
+                targets.append(Target(name, services[-1].url + PATH, pid, workers=workers))
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}", fast, fast2)
                 service = start_gateway(f"gateway x{workers}", config, workers)
-                target = Target(f"gateway-{workers}w", service.url + PATH, service.proc.pid, db)
+                target = Target(
+                    f"gateway-{workers}w", service.url + PATH, service.proc.pid, db, workers=workers
+                )
                 gateways.append((service, target))
                 targets.append(target)
             slow_targets = [Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")]
@@ -356,13 +368,18 @@ def main() -> int:
                         f"bare-proxy-{workers}w-20ms",
                         services[-1].url + PATH,
                         services[-1].proc.pid,
+                        workers=workers,
                     )
                 )
             for workers in (1, 2):
                 config, db = gateway_config(workdir, f"gw{workers}-slow", slow, slow)
                 service = start_gateway(f"gateway x{workers} (20 ms upstream)", config, workers)
                 target = Target(
-                    f"gateway-{workers}w-20ms", service.url + PATH, service.proc.pid, db
+                    f"gateway-{workers}w-20ms",
+                    service.url + PATH,
+                    service.proc.pid,
+                    db,
+                    workers=workers,
                 )
                 gateways.append((service, target))
                 slow_targets.append(target)
@@ -373,16 +390,26 @@ def main() -> int:
                 target.connections_used += 8
             for round_no in range(args.rounds):
                 for target, connections in plan:
-                    before = cpu_seconds(target.pid) if target.pid else None
+                    before = cpu_by_process(target.pid) if target.pid else {}
                     rps, p50, p99, n = wrk(target.url, connections, args.duration)
-                    cpu = (
-                        (cpu_seconds(target.pid) - before) * 1000 / n
-                        if target.pid and before is not None and n
-                        else None
-                    )
+                    cpu = busiest = None
+                    if target.pid and n:
+                        after = cpu_by_process(target.pid)
+                        spent = [after[p] - before.get(p, 0.0) for p in after]
+                        cpu = sum(spent) * 1000 / n
+                        busiest = max(spent) / sum(spent) if sum(spent) > 0 else None
                     target.completed += n
                     target.connections_used += connections
-                    target.runs.append(Run(target.name, connections, rps, p50, p99, n, cpu))
+                    run = Run(target.name, connections, rps, p50, p99, n, cpu, busiest)
+                    target.runs.append(run)
+                    # with several connections per worker, the load should be shared
+                    spread = target.workers > 1 and connections >= 8 * target.workers
+                    if spread and busiest is not None and busiest > 0.75:
+                        print(
+                            f"warning: {target.name} c={connections}: one process did "
+                            f"{busiest:.0%} of the work (workers unevenly loaded)",
+                            file=sys.stderr,
+                        )
                     print(
                         f"round {round_no + 1} {target.name:>16} c={connections:<3} {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms",
                         file=sys.stderr,
@@ -418,11 +445,14 @@ def median_run(target: Target, connections: int) -> dict[str, Any] | None:
     if not runs:
         return None
     cpu = [r.cpu_ms_per_request for r in runs if r.cpu_ms_per_request is not None]
+    busiest = [r.busiest_share for r in runs if r.busiest_share is not None]
     return {
         "rps": statistics.median(r.rps for r in runs),
         "p50_ms": statistics.median(r.p50_ms for r in runs),
         "p99_ms": statistics.median(r.p99_ms for r in runs),
         "cpu_ms_per_request": statistics.median(cpu) if cpu else None,
+        # the most uneven run: ~0.5 with two workers sharing the load, ~1 with one doing it all
+        "busiest_process_share_max": max(busiest) if busiest else None,
         "runs": [r.__dict__ for r in runs],
     }
 
