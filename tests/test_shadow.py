@@ -5,6 +5,7 @@ measured against the live prediction's labels, and never reaches or delays the c
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -248,6 +249,27 @@ def test_labels_of_live_predictions_measure_the_shadow_in_the_report(
         f"{gw.url}/admin/report",
         params={"route": "fraud", "since": _rfc3339(since), "until": _rfc3339(until)},
     ).json()
+
+    def outcomes(variant: str, version: str) -> dict[str, float]:
+        metrics = scrape(gw.url)
+        return {
+            result: metrics.get(
+                series(
+                    "model_gateway_feedback_outcomes_total",
+                    route="fraud",
+                    variant=variant,
+                    model_version=version,
+                    outcome=result,
+                ),
+                0.0,
+            )
+            for result in ("tp", "fp", "tn", "fn")
+        }
+
+    # live in Prometheus too: each label counted once for the live variant, once for its copy
+    wait_until(lambda: sum(outcomes("b", "2").values()) == 45, "the shadow's outcomes")
+    shadow_outcomes = outcomes("b", "2")
+    assert sum(outcomes("a", "1").values()) == 45
     gw.stop()
 
     records = gw.records()
@@ -268,6 +290,11 @@ def test_labels_of_live_predictions_measure_the_shadow_in_the_report(
     assert b["recall"]["value"] == pytest.approx(sk.recall_score(y, shadow_predicted))
     assert b["f1"]["value"] == pytest.approx(sk.f1_score(y, shadow_predicted))
     assert b["auc"]["value"] == pytest.approx(sk.roc_auc_score(y, shadow_scores))
+    expected = Counter(
+        ("t" if p == t else "f") + ("p" if p else "n")
+        for p, t in zip(shadow_predicted, y, strict=True)
+    )
+    assert shadow_outcomes == {k: float(expected[k]) for k in ("tp", "fp", "tn", "fn")}
     assert b["compared_with_live"] == 60
     assert b["agreement_with_live"]["value"] == pytest.approx(agreed / 60)
     assert report["variants"]["a"]["labelled"] == 45

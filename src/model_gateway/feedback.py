@@ -27,6 +27,7 @@ from .records import canonical_label, new_prediction_id
 
 if TYPE_CHECKING:
     from .app import GatewayApp
+    from .config import EvaluationConfig
 
 log = logging.getLogger("model_gateway.feedback")
 
@@ -210,17 +211,34 @@ class FeedbackJoiner:
             metrics.feedback_joined.labels(*labels).inc()
             route = routes.get(row["route"])
             evaluation = route.evaluation if route else None
-            if not row["first"] or evaluation is None or row["predicted"] is None:
+            if not row["first"] or evaluation is None:
                 continue
-            if evaluation.task == "binary":
-                positive = canonical_label(evaluation.positive_label) or ""
-                result = outcome(positive, row["predicted"], row["label"])
-                metrics.feedback_outcomes.labels(*labels, result).inc()
-            elif evaluation.task == "multiclass":
-                predicted, actual = row["predicted"], row["label"]
-                if predicted == actual:
-                    metrics.feedback_class_outcomes.labels(*labels, actual, "tp").inc()
-                else:
-                    metrics.feedback_class_outcomes.labels(*labels, actual, "fn").inc()
-                    metrics.feedback_class_outcomes.labels(*labels, predicted, "fp").inc()
+            self._count_outcome(evaluation, labels, row["predicted"], row["label"])
+            if route is not None and route.shadows:
+                # the same label measures the shadows' answers to the same request
+                for copy in await self._gateway.store.shadows_of(row["prediction_id"]):
+                    copy_labels = (row["route"], copy["variant"], copy["model_version"])
+                    self._count_outcome(evaluation, copy_labels, copy["predicted"], row["label"])
         return len(joined)
+
+    def _count_outcome(
+        self,
+        evaluation: EvaluationConfig,
+        labels: tuple[str, str, str],
+        predicted: str | None,
+        actual: str,
+    ) -> None:
+        """One labelled prediction into the confusion counters of its variant and version."""
+        if predicted is None:
+            return
+        metrics = self._gateway.state.metrics
+        if evaluation.task == "binary":
+            positive = canonical_label(evaluation.positive_label) or ""
+            result = outcome(positive, predicted, actual)
+            metrics.feedback_outcomes.labels(*labels, result).inc()
+        elif evaluation.task == "multiclass":
+            if predicted == actual:
+                metrics.feedback_class_outcomes.labels(*labels, actual, "tp").inc()
+            else:
+                metrics.feedback_class_outcomes.labels(*labels, actual, "fn").inc()
+                metrics.feedback_class_outcomes.labels(*labels, predicted, "fp").inc()
