@@ -168,10 +168,12 @@ def start_workers(name: str, command: list[str], port: int, workers: int, marker
     """
     service = Service(name, command, port)
     started = threading.Semaphore(0)
+    lines: list[bytes] = []
 
     def read_log() -> None:  # and keep reading, so that the pipe never fills
         assert service.proc.stderr is not None
         for line in service.proc.stderr:
+            lines.append(line)
             if marker in line:
                 started.release()
 
@@ -179,7 +181,8 @@ def start_workers(name: str, command: list[str], port: int, workers: int, marker
     deadline = time.monotonic() + 60
     for _ in range(workers):
         if not started.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise RuntimeError(f"{name}: not every worker started")
+            log = b"".join(lines[-40:]).decode(errors="replace")
+            raise RuntimeError(f"{name}: not every worker started; its log ends:\n{log}")
     return service
 
 
