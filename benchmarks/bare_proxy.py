@@ -36,7 +36,8 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
         session = aiohttp.ClientSession(auto_decompress=False)
         await send({"type": "lifespan.startup.complete"})
-        print("bare proxy started", file=sys.stderr, flush=True)
+        sys.stderr.write("bare proxy started\n")  # one write: the workers share the pipe
+        sys.stderr.flush()
         await receive()
         await session.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -59,7 +60,8 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def lifespan(_: Starlette) -> AsyncIterator[None]:
     global session
     session = aiohttp.ClientSession(auto_decompress=False)
-    print("bare proxy started", file=sys.stderr, flush=True)
+    sys.stderr.write("bare proxy started\n")  # one write: the workers share the pipe
+    sys.stderr.flush()
     yield
     await session.close()
 

@@ -174,7 +174,8 @@ def start_workers(name: str, command: list[str], port: int, workers: int, marker
         assert service.proc.stderr is not None
         for line in service.proc.stderr:
             lines.append(line)
-            if marker in line:
+            # workers share the pipe: two writes can meet on one line, so count occurrences
+            for _ in range(line.count(marker)):
                 started.release()
 
     threading.Thread(target=read_log, daemon=True).start()
