@@ -205,6 +205,41 @@ def test_down_variants_get_nothing_and_sticky_keys_of_up_variants_stay(
 _path_text = st.text(alphabet="abv12:/-._", max_size=10)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    weights=weights_st,
+    down_mask=st.lists(st.booleans(), min_size=6, max_size=6),
+    key=st.one_of(st.none(), st.text(max_size=12)),
+    rand=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_connect_retries_visit_each_weighted_up_variant_once_then_stop(
+    weights: list[int], down_mask: list[bool], key: str | None, rand: float
+) -> None:
+    """What a retry chain does (the proxy's connect retries choose again with the variants
+    tried added to those down): every weighted variant that is up is tried exactly once, no
+    down or zero-weight variant ever, and the chain ends with no healthy variant left. The
+    same key or draw gives the same chain."""
+    route = make_route(weights, key="x-user")
+    down = frozenset(f"v{i}" for i, is_down in enumerate(down_mask[: len(weights)]) if is_down)
+
+    def chain() -> list[str]:
+        tried: list[str] = []
+        while True:
+            try:
+                variant, _ = choose_variant(
+                    route, key=key, forced=None, rand=rand, down=down | frozenset(tried)
+                )
+            except NoHealthyVariantError:
+                return tried
+            assert variant.name not in tried
+            tried.append(variant.name)
+
+    visited = chain()
+    up_weighted = {f"v{i}" for i, w in enumerate(weights) if w > 0} - down
+    assert sorted(visited) == sorted(up_weighted)
+    assert chain() == visited
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     route_path=st.sampled_from(["/v2/models/", "/v1/models/", "/v2/", "/", "/x/"]).flatmap(
