@@ -270,6 +270,17 @@ def test_shadow_copies_share_the_live_label_and_never_take_a_request_id_join(
             live[0].prediction_id,
             live[1].prediction_id,
         }
+        # each joined label comes with its prediction's copies, for their confusion counters
+        for row in joined:
+            (copy,) = row["shadows"]
+            expected = copies[0] if row["prediction_id"] == live[0].prediction_id else copies[1]
+            assert copy["prediction_id"] == expected.prediction_id
+            version = expected.reported_version or expected.configured_version
+            assert (copy["variant"], copy["model_version"], copy["predicted"]) == (
+                "s",
+                version,
+                "1",
+            )
         rows = await store.report_rows("r", 0.0, 10_000.0)
         assert len(rows) == 6
         live_answers = [r["live_predicted"] for r in rows if r["shadow"]]

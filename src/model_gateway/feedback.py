@@ -214,11 +214,10 @@ class FeedbackJoiner:
             if not row["first"] or evaluation is None:
                 continue
             self._count_outcome(evaluation, labels, row["predicted"], row["label"])
-            if route is not None and route.shadows:
-                # the same label measures the shadows' answers to the same request
-                for copy in await self._gateway.store.shadows_of(row["prediction_id"]):
-                    copy_labels = (row["route"], copy["variant"], copy["model_version"])
-                    self._count_outcome(evaluation, copy_labels, copy["predicted"], row["label"])
+            # the same label measures the shadows' answers to the same request
+            for copy in row["shadows"]:
+                copy_labels = (row["route"], copy["variant"], copy["model_version"])
+                self._count_outcome(evaluation, copy_labels, copy["predicted"], row["label"])
         return len(joined)
 
     def _count_outcome(

@@ -40,7 +40,8 @@ class Store(Protocol):
 
     async def join_feedback(self, now: float) -> list[dict[str, Any]]:
         """Join waiting labels to stored predictions; the rows joined, with ``first`` set when
-        the prediction had no label before."""
+        the prediction had no label before and ``shadows`` the prediction's shadow copies
+        (each with its variant, model version and prediction)."""
 
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]: ...
 
@@ -85,3 +86,12 @@ def sqlite_path(url: str) -> str:
     if not path:
         raise ValueError(f"storage url {url!r} names no file")
     return path
+
+
+def attach_shadows(joined: list[dict[str, Any]], copies: list[dict[str, Any]]) -> None:
+    """Give each joined row the list of its prediction's shadow copies."""
+    by_live: dict[str, list[dict[str, Any]]] = {}
+    for copy in copies:
+        by_live.setdefault(copy["shadow_of"], []).append(copy)
+    for row in joined:
+        row["shadows"] = by_live.get(row["prediction_id"], [])

@@ -16,7 +16,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from ..records import COLUMNS
-from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS, SHADOWS_OF
+from .base import attach_shadows
+from .queries import (
+    COUNT_ROWS,
+    EXPORT_ROWS,
+    PENDING_JOINS,
+    REPORT_ROWS,
+    SHADOWS_OF,
+    SHADOWS_OF_JOINED,
+)
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 # An arbitrary constant naming this application's migration lock.
@@ -43,6 +51,7 @@ _REPORT_ROWS = _numbered(REPORT_ROWS)
 _EXPORT_ROWS = _numbered(EXPORT_ROWS)
 _COUNT_ROWS = _numbered(COUNT_ROWS)
 _SHADOWS_OF = _numbered(SHADOWS_OF)
+_SHADOWS_OF_JOINED = _numbered(SHADOWS_OF_JOINED)
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
@@ -157,6 +166,8 @@ class PostgresStore:
                 )
                 if status == "UPDATE 1":
                     joined.append(row)
+            copies = [dict(r) for r in await conn.fetch(_SHADOWS_OF_JOINED, now)] if joined else []
+        attach_shadows(joined, copies)
         return joined
 
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:

@@ -58,6 +58,15 @@ SELECT COUNT(*) FROM predictions
 WHERE route = %s AND request_time >= %s AND request_time < %s
 """
 
+# The shadow copies of the predictions whose labels one join pass joined (at ``now``), in one
+# query rather than one per label.
+SHADOWS_OF_JOINED = """
+SELECT DISTINCT s.prediction_id, s.shadow_of, s.variant,
+       COALESCE(s.reported_version, s.configured_version) AS model_version, s.predicted
+FROM feedback f JOIN predictions s ON s.shadow_of = f.joined_prediction_id
+WHERE f.joined_at = %s
+"""
+
 # The shadow copies of one live prediction, for the audit view of that prediction.
 SHADOWS_OF = """
 SELECT prediction_id, variant, COALESCE(reported_version, configured_version) AS model_version,

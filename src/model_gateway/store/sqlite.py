@@ -10,7 +10,15 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
-from .queries import COUNT_ROWS, EXPORT_ROWS, PENDING_JOINS, REPORT_ROWS, SHADOWS_OF
+from .base import attach_shadows
+from .queries import (
+    COUNT_ROWS,
+    EXPORT_ROWS,
+    PENDING_JOINS,
+    REPORT_ROWS,
+    SHADOWS_OF,
+    SHADOWS_OF_JOINED,
+)
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
@@ -18,6 +26,7 @@ _REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
 _EXPORT_ROWS = EXPORT_ROWS.replace("%s", "?")
 _COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
 _SHADOWS_OF = SHADOWS_OF.replace("%s", "?")
+_SHADOWS_OF_JOINED = SHADOWS_OF_JOINED.replace("%s", "?")
 
 # Column names are the record's own constants, never input; values are always parameters.
 _COLUMN_LIST = ", ".join(COLUMNS)
@@ -163,10 +172,15 @@ class SQLiteStore:
                 )
                 if cur.rowcount == 1:
                     joined.append(row)
+            copies = []
+            if joined:
+                async with self.db.execute(_SHADOWS_OF_JOINED, (now,)) as cur:
+                    copies = [dict(r) for r in await cur.fetchall()]
             await self.db.commit()
         except BaseException:
             await self.db.rollback()
             raise
+        attach_shadows(joined, copies)
         return joined
 
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:
