@@ -27,9 +27,9 @@ from .errors import (
 )
 from .records import (
     PredictionRecord,
+    answer_document,
     extract_prediction,
     new_prediction_id,
-    parse_json_object,
     reported_version,
 )
 from .routing import Assignment, Route, Variant, choose_variant, shadows_for
@@ -364,8 +364,7 @@ class ProxyApp:
         ):
             body = await upstream.read()
             evaluation = route.config.evaluation
-            wants_doc = not encoded and (source.pointer is not None or evaluation is not None)
-            doc = parse_json_object(body, content_type) if wants_doc else None
+            doc = answer_document(route.config, body, content_type, plain=not encoded)
             exchange.reported_version = reported_version(source, upstream.headers, doc)
             exchange.status = upstream.status
             if capture.bodies:

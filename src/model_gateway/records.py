@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import uuid_utils
 
-from .config import EvaluationConfig, VersionSource
+from .config import EvaluationConfig, RouteConfig, VersionSource
 
 # Open Inference Protocol V2 and KServe V1 name the model in the path.
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
@@ -105,6 +105,16 @@ def parse_json_object(body: bytes, content_type: str | None) -> dict[str, Any] |
     except orjson.JSONDecodeError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def answer_document(
+    config: RouteConfig, body: bytes, content_type: str | None, plain: bool
+) -> dict[str, Any] | None:
+    """A model server's answer as a JSON object, when the route reads the served version from
+    the body or evaluates answers and ``plain`` (the whole body, not compressed); else None."""
+    if not plain or (config.version.pointer is None and config.evaluation is None):
+        return None
+    return parse_json_object(body, content_type)
 
 
 def resolve_pointer(doc: Any, pointer: str) -> Any:

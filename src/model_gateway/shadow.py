@@ -27,9 +27,9 @@ from .errors import GatewayError
 from .metrics import Metrics
 from .records import (
     PredictionRecord,
+    answer_document,
     extract_prediction,
     new_prediction_id,
-    parse_json_object,
     reported_version,
 )
 from .routing import Route, Shadow
@@ -135,12 +135,9 @@ class ShadowMirror:
                     response_headers = list(response.raw_headers)
                     body, truncated = await _read_capped(response.content)
             evaluation = route.config.evaluation
-            wants_doc = not truncated and "Content-Encoding" not in response.headers
-            doc = (
-                parse_json_object(body, response.headers.get("Content-Type"))
-                if wants_doc and (route.config.version.pointer is not None or evaluation)
-                else None
-            )
+            plain = not truncated and "Content-Encoding" not in response.headers
+            content_type = response.headers.get("Content-Type")
+            doc = answer_document(route.config, body, content_type, plain)
             version = reported_version(route.config.version, response.headers, doc)
             if evaluation is not None and 200 <= status < 300:
                 predicted, score = extract_prediction(evaluation, doc)
