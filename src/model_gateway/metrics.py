@@ -58,6 +58,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+def code_label(status_class: int) -> str:
+    """The ``code`` label of a status class (``status // 100``): 2xx, 4xx, 5xx."""
+    return f"{status_class}xx"
+
+
 def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
@@ -322,7 +327,8 @@ class Metrics:
             if score is not None:
                 scores.setdefault((route, variant, version), []).append(score)
         for (route, variant, version, status_class), count in counts.items():
-            self._child(self.requests, route, variant, version, f"{status_class}xx").inc(count)  # type: ignore[attr-defined]
+            code = code_label(status_class)  # once per series, not per request
+            self._child(self.requests, route, variant, version, code).inc(count)  # type: ignore[attr-defined]
         for pair, values in durations.items():
             add_observations(self._child(self.request_duration, *pair), values)
         for pair, values in upstream.items():
@@ -336,7 +342,7 @@ class Metrics:
     def observe_shadow(
         self, route: str, variant: str, model_version: str, status: int, seconds: float
     ) -> None:
-        code = f"{status // 100}xx"
+        code = code_label(status // 100)
         self._child(self.shadow_requests, route, variant, model_version, code).inc()  # type: ignore[attr-defined]
         self._child(self.shadow_duration, route, variant).observe(seconds)  # type: ignore[attr-defined]
 
