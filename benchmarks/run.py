@@ -73,11 +73,6 @@ def cpu_by_process(pid: int) -> dict[int, float]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the gateway's workers)."""
-    return sum(cpu_by_process(pid).values())
-
-
 class Service:
     def __init__(
         self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
