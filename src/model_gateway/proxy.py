@@ -264,7 +264,9 @@ class ProxyApp:
     ) -> None:
         variant = exchange.variant
         try:
-            if not _DOT_SEGMENTS.isdisjoint(scope["path"].split("/")):
+            path: str = scope["path"]
+            # a "." or ".." segment follows a "/": most paths are cleared without a split
+            if "/." in path and not _DOT_SEGMENTS.isdisjoint(path.split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
             exchange.request_body = await _read_body(
                 receive, route.config.max_body_bytes, content_length
