@@ -26,7 +26,7 @@ from .shadow import ShadowMirror
 from .store import Store, open_store
 from .store.base import STORE_ERRORS
 from .store.writer import RecordWriter
-from .upstream import create_session
+from .upstream import create_clients
 
 log = logging.getLogger("model_gateway")
 
@@ -103,14 +103,15 @@ class GatewayApp:
             close_timeout=storage.close_timeout,
         )
         writer.start()
-        session = create_session()
+        session, upstream = create_clients()
         self._state = GatewayState(
             active=ActiveConfig.build(self.loaded),
             session=session,
+            upstream=upstream,
             writer=writer,
             metrics=metrics,
             health=HealthMonitor(metrics, session),
-            mirror=ShadowMirror(session, writer, metrics),
+            mirror=ShadowMirror(upstream, writer, metrics),
         )
         await self.activate(self.loaded, time.time(), self._state.active)
         self._proxy = ProxyApp(self._state)

@@ -1,7 +1,7 @@
 """The hot path: one request in, one request forwarded, one response out, one record queued.
 
 A pure ASGI app. Per request it does a dict lookup for the route, a draw or a hash for the
-variant, one upstream exchange through the pooled session, and one ``put`` on the log queue;
+variant, one upstream exchange over a pooled connection, and one ``put`` on the log queue;
 no disk, no database, no validation library.
 """
 
@@ -12,10 +12,6 @@ import hashlib
 import random
 import time
 from typing import Any
-
-import aiohttp
-from aiohttp import hdrs
-from yarl import URL
 
 from .errors import (
     BadRequestError,
@@ -35,7 +31,7 @@ from .records import (
 from .routing import Assignment, Route, Variant, choose_variant, shadows_for
 from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
-from .upstream import UpstreamErrors
+from .upstream import UpstreamErrors, UpstreamResponse
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -108,7 +104,7 @@ class Exchange:
         self.key = key
         self.rand = rand
         #: the headers sent upstream; set once the whole request body has been read
-        self.forwarded_headers: list[tuple[str, str]] | None = None
+        self.forwarded_headers: list[tuple[bytes, bytes]] | None = None
         self.status = 0
         self.error: str | None = None
         self.reported_version: str | None = None
@@ -244,7 +240,7 @@ class ProxyApp:
                     request_id=request_id,
                     method=method,
                     path=path,
-                    url_tail=_url_tail(scope),
+                    target=_target(scope),
                     headers=exchange.forwarded_headers,
                     body=exchange.request_body,
                 )
@@ -272,6 +268,7 @@ class ProxyApp:
                 receive, route.config.max_body_bytes, content_length
             )
             headers = exchange.forwarded_headers = _forward_headers(scope, prediction_id)
+            target = _target(scope)
             retries_left = route.config.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
             while True:
@@ -279,13 +276,13 @@ class ProxyApp:
                 upstream_errors = UpstreamErrors(variant.name)
                 try:
                     with upstream_errors:
-                        upstream = await self.state.session.request(
+                        upstream = await self.state.upstream.request(
                             scope["method"],
-                            _upstream_url(variant.url, scope),
-                            data=exchange.request_body or None,
-                            headers=headers,
-                            timeout=active.timeouts[route.name],
-                            allow_redirects=False,
+                            variant.url,
+                            target,
+                            headers,
+                            exchange.request_body,
+                            active.timeouts[route.name],
                         )
                     break
                 except GatewayError as error:
@@ -308,13 +305,10 @@ class ProxyApp:
                 complete = True
                 exchange.upstream_seconds = time.perf_counter() - sent
             finally:
-                # A response not read to the end must not go back to the pool. One read to
-                # the end has already given its connection back (``closed``); releasing it
-                # again would only poison its spent stream, at the cost of an exception.
+                # A response not read to the end must not go back to the pool; one read to
+                # the end has already given its connection back.
                 if not complete:
                     upstream.close()
-                elif not upstream.closed:
-                    upstream.release()
         except GatewayError as error:
             exchange.error = f"{error.reason}: {error.message}"
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
@@ -343,7 +337,7 @@ class ProxyApp:
         receive: Any,
         route: Route,
         variant: Variant,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         ours: list[tuple[bytes, bytes]],
         exchange: Exchange,
     ) -> None:
@@ -393,7 +387,7 @@ class ProxyApp:
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             while True:
-                read = asyncio.ensure_future(upstream.content.readany())
+                read = asyncio.ensure_future(upstream.readany())
                 await asyncio.wait((read, disconnect), return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     read.cancel()
@@ -444,51 +438,40 @@ def _gateway_headers(prediction_id: str, variant: Variant) -> list[tuple[bytes, 
     ]
 
 
-def _upstream_url(base: str, scope: Scope) -> URL:
-    # The host always comes from the configuration; the client supplies only path and query,
-    # kept as the client encoded them.
-    return URL(base + _url_tail(scope), encoded=True)
-
-
-def _url_tail(scope: Scope) -> str:
-    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-    tail = raw_path.decode("latin-1")
+def _target(scope: Scope) -> bytes:
+    # The client supplies only path and query, passed on as the client encoded them; the
+    # host always comes from the configuration.
+    target: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string", b"")
-    if query:
-        tail += "?" + query.decode("latin-1")
-    return tail
+    return target + b"?" + query if query else target
 
 
-def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[str, str]]:
-    # One pass over the client's headers (they come lower-cased from the server). The names
-    # the gateway adds are aiohttp's case-insensitive constants where it has them, which its
-    # header handling does not fold again. X-Prediction-Id comes last: a shadow copy of the
-    # request swaps in its own.
+def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[bytes, bytes]]:
+    # One pass over the client's headers, which the server gives lower-cased and checked
+    # (no line breaks). X-Prediction-Id comes last: a shadow copy swaps in its own.
     out = []
     forwarded_for = host = None
-    named_by_connection: set[str] = set()
+    named_by_connection: set[bytes] = set()
     for name, value in scope["headers"]:
         if name not in _NOT_FORWARDED:
-            out.append((name.decode("latin-1"), value.decode("latin-1")))
+            out.append((name, value))
         elif name == b"x-forwarded-for":
-            forwarded_for = value.decode("latin-1")
+            forwarded_for = value
         elif name == b"host":
-            host = value.decode("latin-1")
+            host = value
         elif name == b"connection":
             # RFC 9110 §7.6.1: headers the client marked connection-specific go too
-            named_by_connection.update(
-                token.strip().lower() for token in value.decode("latin-1").split(",")
-            )
+            named_by_connection.update(token.strip().lower() for token in value.split(b","))
     if named_by_connection:
         out = [(name, value) for name, value in out if name not in named_by_connection]
     client = scope.get("client")
     if client:
-        peer = client[0]
-        out.append((hdrs.X_FORWARDED_FOR, f"{forwarded_for}, {peer}" if forwarded_for else peer))
-    out.append((hdrs.X_FORWARDED_PROTO, scope.get("scheme", "http")))
+        peer = client[0].encode()
+        out.append((b"X-Forwarded-For", forwarded_for + b", " + peer if forwarded_for else peer))
+    out.append((b"X-Forwarded-Proto", scope.get("scheme", "http").encode()))
     if host:
-        out.append((hdrs.X_FORWARDED_HOST, host))
-    out.append(("X-Prediction-Id", prediction_id))
+        out.append((b"X-Forwarded-Host", host))
+    out.append((b"X-Prediction-Id", prediction_id.encode()))
     return out
 
 

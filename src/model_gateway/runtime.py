@@ -17,14 +17,14 @@ from .redaction import Redactor
 from .routing import RoutingTable
 from .shadow import ShadowMirror
 from .store.writer import RecordWriter
-from .upstream import client_timeout
+from .upstream import Deadlines, UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
 class ActiveConfig:
     loaded: LoadedConfig
     table: RoutingTable
-    timeouts: dict[str, aiohttp.ClientTimeout]
+    timeouts: dict[str, Deadlines]
     redactors: dict[str, Redactor]
 
     @classmethod
@@ -33,7 +33,7 @@ class ActiveConfig:
         return cls(
             loaded=loaded,
             table=table,
-            timeouts={r.name: client_timeout(r.config.timeouts) for r in table.routes},
+            timeouts={r.name: Deadlines(r.config.timeouts) for r in table.routes},
             redactors={r.name: Redactor(r.config.capture) for r in table.routes},
         )
 
@@ -48,6 +48,7 @@ class GatewayState:
 
     active: ActiveConfig
     session: aiohttp.ClientSession
+    upstream: UpstreamClient
     writer: RecordWriter
     metrics: Metrics
     health: HealthMonitor

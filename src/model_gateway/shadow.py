@@ -20,9 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import aiohttp
-from yarl import URL
-
 from .errors import GatewayError
 from .metrics import Metrics
 from .records import (
@@ -34,7 +31,7 @@ from .records import (
 )
 from .routing import Route, Shadow
 from .store.writer import RecordWriter
-from .upstream import UpstreamErrors
+from .upstream import UpstreamClient, UpstreamErrors, UpstreamResponse
 
 if TYPE_CHECKING:
     from .runtime import ActiveConfig
@@ -55,17 +52,15 @@ class LiveRequest:
     method: str
     path: str
     #: path and query as the client encoded them, appended to the shadow's base URL
-    url_tail: str
+    target: bytes
     #: the headers forwarded to the live variant, ``X-Prediction-Id`` last
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
     body: bytes
 
 
 class ShadowMirror:
-    def __init__(
-        self, session: aiohttp.ClientSession, writer: RecordWriter, metrics: Metrics
-    ) -> None:
-        self._session = session
+    def __init__(self, upstream: UpstreamClient, writer: RecordWriter, metrics: Metrics) -> None:
+        self._upstream = upstream
         self._writer = writer
         self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
@@ -111,7 +106,7 @@ class ShadowMirror:
         self, active: ActiveConfig, route: Route, shadow: Shadow, live: LiveRequest
     ) -> PredictionRecord:
         prediction_id = new_prediction_id()
-        headers = [*live.headers[:-1], ("X-Prediction-Id", prediction_id)]
+        headers = [*live.headers[:-1], (b"X-Prediction-Id", prediction_id.encode())]
         request_time = time.time()
         started = time.perf_counter()
         status, error = 0, None
@@ -123,17 +118,20 @@ class ShadowMirror:
         truncated = False
         try:
             with UpstreamErrors(shadow.name):
-                async with self._session.request(
+                response = await self._upstream.request(
                     live.method,
-                    URL(shadow.url + live.url_tail, encoded=True),
-                    data=live.body or None,
-                    headers=headers,
-                    timeout=active.timeouts[route.name],
-                    allow_redirects=False,
-                ) as response:
+                    shadow.url,
+                    live.target,
+                    headers,
+                    live.body,
+                    active.timeouts[route.name],
+                )
+                try:
                     status = response.status
                     response_headers = list(response.raw_headers)
-                    body, truncated = await _read_capped(response.content)
+                    body, truncated = await _read_capped(response)
+                finally:
+                    response.close()  # a no-op once the answer was read to the end
             evaluation = route.config.evaluation
             plain = not truncated and "Content-Encoding" not in response.headers
             content_type = response.headers.get("Content-Type")
@@ -172,9 +170,7 @@ class ShadowMirror:
             response_body=response_body,
             request_truncated=request_cut,
             response_truncated=response_cut or truncated,
-            request_headers=redactor.headers(
-                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers
-            ),
+            request_headers=redactor.headers(headers),
             response_headers=redactor.headers(response_headers),
             shadow=True,
             predicted=predicted,
@@ -183,14 +179,14 @@ class ShadowMirror:
         )
 
 
-async def _read_capped(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
+async def _read_capped(response: UpstreamResponse) -> tuple[bytes, bool]:
     """The answer up to :data:`READ_LIMIT` bytes, and whether there was more (read and
     dropped, so that the connection goes back to the pool and the latency is the whole
     answer's)."""
     chunks: list[bytes] = []
     size = 0
     truncated = False
-    async for chunk in stream.iter_any():
+    while chunk := await response.readany():
         size += len(chunk)
         if size <= READ_LIMIT:
             chunks.append(chunk)

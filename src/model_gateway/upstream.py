@@ -1,4 +1,17 @@
-"""The upstream side: one pooled aiohttp client session, per-route timeouts, error translation."""
+"""The upstream side: aiohttp's connection pool and response parser, per-route timeouts, errors.
+
+Every exchange with a model server goes through aiohttp's ``TCPConnector`` (keep-alive pool,
+DNS cache, TLS, connect timeouts) and its ``ResponseHandler`` (the C response parser, the body
+stream). What the gateway leaves out is the ``ClientSession.request`` layer above them:
+cookies, redirects, auth helpers, tracing, middlewares, the ``ClientRequest`` and
+``ClientResponse`` objects built and validated per request. A proxy has no use for any of it
+— the request it forwards is already parsed and its body already read — and on a fast model
+server that layer was half of a bare uvicorn + aiohttp proxy's instructions per request
+(474 k against 240 k; benchmarks/README.md). The session stays for the health checks.
+
+``set_response_params`` and ``read`` of the connection's protocol are aiohttp's internals,
+not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases tested here.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +19,17 @@ import asyncio
 from types import TracebackType
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .config import Timeouts
 from .errors import (
     BadGatewayError,
+    BadRequestError,
     UpstreamConnectError,
     UpstreamConnectTimeoutError,
     UpstreamTimeoutError,
@@ -18,27 +38,253 @@ from .errors import (
 # Idle keep-alive connections are reused for this long; model servers (uvicorn, MLServer,
 # Triton) keep theirs for 5 s or more, so 4 s avoids racing their close.
 KEEPALIVE_SECONDS = 4.0
+# RFC 9110 §9.2.2: a request with one of these methods may be sent again when a pooled
+# connection turns out closed before any answer came, as aiohttp's session does.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods whose request carries no body unless the client sent one (no Content-Length: 0).
+_BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE", "CONNECT"})
+# A body up to this size is sent in one buffer with the head; past it, without a copy.
+_JOIN_LIMIT = 64 * 1024
+
+Headers = list[tuple[bytes, bytes]]
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
-def create_session() -> aiohttp.ClientSession:
-    """The client session every proxied request goes through; created in the lifespan."""
+def create_clients() -> tuple[aiohttp.ClientSession, UpstreamClient]:
+    """One pool of upstream connections, and the two ways in: the session for the health
+    checks and the lean client for every proxied request and shadow copy."""
     connector = aiohttp.TCPConnector(
         limit=0,  # no global cap: the model servers and the client's concurrency set the pace
         keepalive_timeout=KEEPALIVE_SECONDS,
         ttl_dns_cache=60,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
-        # bodies pass through byte for byte, encodings included
         auto_decompress=False,
-        # only the client's own headers go upstream
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+    return session, UpstreamClient(connector)
 
 
-def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=timeouts.total, connect=timeouts.connect)
+class Deadlines:
+    """A route's timeouts in the form an exchange uses them: the whole exchange, from the
+    connection to the last byte of the answer, within ``total``; the connection within
+    ``connect`` (or ``total``, if that is shorter)."""
+
+    __slots__ = ("connect", "total")
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.total = timeouts.total
+        self.connect = aiohttp.ClientTimeout(connect=min(timeouts.connect, timeouts.total))
+
+
+class Origin:
+    """One upstream base URL, resolved once: the key to its pooled connections, the Host
+    header, the path prefix and the credentials the URL carries."""
+
+    __slots__ = ("authorization", "host", "key", "prefix")
+
+    def __init__(self, base: str, loop: asyncio.AbstractEventLoop) -> None:
+        url = URL(base)
+        # a request object with nothing but the URL: what the connector reads to pick or open
+        # a connection (host, port, TLS); it is never sent
+        self.key = aiohttp.ClientRequest("GET", url.with_user(None), loop=loop)
+        self.host = (url.host_port_subcomponent or "").encode("ascii")
+        self.prefix = url.raw_path.rstrip("/").encode("ascii")
+        self.authorization: bytes | None = None
+        if url.user is not None:
+            auth = aiohttp.BasicAuth(url.user, url.password or "")
+            self.authorization = auth.encode().encode("latin-1")
+
+
+class UpstreamResponse:
+    """A model server's answer: status and headers parsed, the body still arriving.
+
+    The connection goes back to the pool as soon as the body has been read to the end
+    (:meth:`read`, or :meth:`readany` returning ``b""``); :meth:`close` drops it instead, for an
+    answer abandoned half-way. Past the route's total timeout every read raises
+    ``TimeoutError``.
+    """
+
+    __slots__ = (
+        "_connection",
+        "_deadline",
+        "_protocol",
+        "content",
+        "headers",
+        "raw_headers",
+        "status",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.content: StreamReader | None = None
+        self._connection: Connection | None = None
+        self._protocol: ResponseHandler | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None else None
+
+    @property
+    def closed(self) -> bool:
+        return self._connection is None
+
+    async def read(self) -> bytes:
+        assert self.content is not None
+        body = await self.content.read()
+        self.release()
+        return body
+
+    async def readany(self) -> bytes:
+        assert self.content is not None
+        chunk = await self.content.readany()
+        if not chunk:
+            self.release()
+        return chunk
+
+    def release(self) -> None:
+        """Back to the pool (the pool closes it instead if it cannot be reused)."""
+        connection = self._finish()
+        if connection is not None:
+            connection.release()
+
+    def close(self) -> None:
+        connection = self._finish()
+        if connection is not None:
+            connection.close()
+
+    def drop_connection(self) -> None:
+        """Close the connection of a failed attempt; the deadline stays for the next one."""
+        connection, self._connection = self._connection, None
+        self._protocol = self.content = None
+        if connection is not None:
+            connection.close()
+
+    def _finish(self) -> Connection | None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        connection, self._connection = self._connection, None
+        return connection
+
+    def _time_out(self) -> None:
+        # the same error aiohttp's own read timeout gives, for a wait on the head or the body
+        error = aiohttp.ServerTimeoutError("the total timeout passed")
+        if self._protocol is not None:
+            self._protocol.set_exception(error)
+        if self.content is not None:
+            self.content.set_exception(error)
+
+
+class UpstreamClient:
+    """Sends one already-read request to a model server and returns its answer's head."""
+
+    def __init__(self, connector: aiohttp.BaseConnector) -> None:
+        self._connector = connector
+        self._origins: dict[str, Origin] = {}
+
+    async def request(
+        self,
+        method: str,
+        base: str,
+        target: bytes,
+        headers: Headers,
+        body: bytes,
+        deadlines: Deadlines,
+    ) -> UpstreamResponse:
+        """``target`` is the path and query the client sent; ``base`` (from the configuration)
+        alone decides the host."""
+        origin = self._origins.get(base)
+        if origin is None:
+            origin = self._origins[base] = Origin(base, asyncio.get_running_loop())
+        head = _request_head(method, origin, target, headers, len(body))
+        message = [head + body] if len(body) <= _JOIN_LIMIT else [head, body]
+        response = UpstreamResponse()
+        response._deadline = asyncio.get_running_loop().call_later(
+            deadlines.total, response._time_out
+        )
+        retry = method in IDEMPOTENT_METHODS
+        try:
+            while True:
+                try:
+                    await self._send(response, origin, message, method, deadlines)
+                    return response
+                except aiohttp.ClientConnectorError:
+                    raise
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # a pooled connection the server had closed: once more on a new one,
+                    # within what is left of the total timeout
+                    if not retry:
+                        raise
+                    retry = False
+                    response.drop_connection()
+        except BaseException:
+            response.close()
+            raise
+
+    async def _send(
+        self,
+        response: UpstreamResponse,
+        origin: Origin,
+        message: list[bytes],
+        method: str,
+        deadlines: Deadlines,
+    ) -> None:
+        try:
+            connection = await self._connector.connect(origin.key, [], deadlines.connect)
+        except TimeoutError as error:
+            raise aiohttp.ConnectionTimeoutError("no connection in time") from error
+        response._connection = connection
+        protocol = connection.protocol
+        transport = connection.transport
+        if protocol is None or transport is None:
+            raise aiohttp.ServerDisconnectedError()
+        response._protocol = protocol
+        protocol.set_response_params(
+            skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False
+        )
+        if len(message) == 1:
+            transport.write(message[0])
+        else:
+            transport.writelines(message)
+        while True:
+            head, payload = await protocol.read()
+            # informational answers (100 Continue, 103 Early Hints) precede the real one
+            if not 100 <= head.code < 200 or head.code == 101:
+                break
+        response.status = head.code
+        response.headers = head.headers
+        response.raw_headers = head.raw_headers
+        response.content = payload
+
+
+def _request_head(
+    method: str, origin: Origin, target: bytes, headers: Headers, length: int
+) -> bytes:
+    lines = [
+        b"%s %s%s HTTP/1.1\r\nHost: %s" % (method.encode(), origin.prefix, target, origin.host)
+    ]
+    lines += [name + b": " + value for name, value in headers]
+    if origin.authorization is not None:
+        lines = [line for line in lines if line[:14].lower() != b"authorization:"]
+        lines.append(b"Authorization: " + origin.authorization)
+    if length or method not in _BODILESS_METHODS:
+        lines.append(b"Content-Length: %d" % length)
+    lines.append(b"\r\n")
+    head = b"\r\n".join(lines)
+    # One CR LF per line and no other (the first item holds two lines): a CR or LF inside a
+    # name or value would end the line early and let what follows pass for a header or a
+    # second request.
+    breaks = len(lines) + 1
+    if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
+        raise BadRequestError("a forwarded header or the path holds a line break")
+    return head
 
 
 class UpstreamErrors:
@@ -75,7 +321,10 @@ class UpstreamErrors:
             raise UpstreamConnectError(
                 f"variant {variant!r} refused the connection: {exc.os_error.strerror or exc}"
             ) from exc
-        if isinstance(exc, aiohttp.ClientError | asyncio.IncompleteReadError):
+        if isinstance(
+            exc,
+            aiohttp.ClientError | HttpProcessingError | asyncio.IncompleteReadError | OSError,
+        ):
             raise BadGatewayError(
                 f"variant {variant!r} answered badly: {type(exc).__name__}: {exc}"
             ) from exc
