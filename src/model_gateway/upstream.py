@@ -16,6 +16,7 @@ not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases tes
 from __future__ import annotations
 
 import asyncio
+import base64
 from types import TracebackType
 
 import aiohttp
@@ -93,9 +94,9 @@ class Origin:
         self.host = (url.host_port_subcomponent or "").encode("ascii")
         self.prefix = url.raw_path.rstrip("/").encode("ascii")
         self.authorization: bytes | None = None
-        if url.user is not None:
-            auth = aiohttp.BasicAuth(url.user, url.password or "")
-            self.authorization = auth.encode().encode("latin-1")
+        if url.user is not None:  # RFC 7617, in UTF-8
+            credentials = f"{url.user}:{url.password or ''}".encode()
+            self.authorization = b"Basic " + base64.b64encode(credentials)
 
 
 class UpstreamResponse:

@@ -1,0 +1,309 @@
+"""The upstream client: requests as written on the wire, and model servers at the edges of
+HTTP/1.1 (a pooled connection closed under a request, informational answers, HEAD, stalls,
+credentials in the URL), each a real socket server the test scripts byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httptools
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from model_gateway.errors import BadRequestError
+from model_gateway.upstream import Origin, _request_head
+
+from .conftest import GatewayFactory, RunningGateway, Upstream, route
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+# A scripted model server: given (connection number, request number on it, the request's
+# bytes), the bytes to answer, or None to close the connection without answering.
+Script = Callable[[int, int, bytes], bytes | None]
+
+
+def _read_request(conn: socket.socket, buffer: bytearray) -> bytes | None:
+    while b"\r\n\r\n" not in buffer:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    end = buffer.index(b"\r\n\r\n") + 4
+    length = 0
+    for line in bytes(buffer[:end]).split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    while len(buffer) < end + length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+    request = bytes(buffer[: end + length])
+    del buffer[: end + length]
+    return request
+
+
+@contextmanager
+def scripted_upstream(script: Script) -> Iterator[tuple[str, list[bytes]]]:
+    """A keep-alive HTTP/1.1 server run by ``script``; yields its URL and every request seen."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.1)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def serve_connection(conn: socket.socket, number: int) -> None:
+        buffer = bytearray()
+        with conn:
+            conn.settimeout(10)
+            for index in range(1000):
+                try:
+                    request = _read_request(conn, buffer)
+                except OSError:
+                    return
+                if request is None:
+                    return
+                seen.append(request)
+                answer = script(number, index, request)
+                if answer is None:
+                    return
+                try:
+                    conn.sendall(answer)
+                except OSError:
+                    return
+
+    def accept() -> None:
+        number = 0
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=serve_connection, args=(conn, number), daemon=True).start()
+            number += 1
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def closes_the_second_request_on_the_first_connection(
+    number: int, index: int, request: bytes
+) -> bytes | None:
+    """A model server whose keep-alive connection ends just as the gateway reuses it."""
+    return None if (number, index) == (0, 1) else OK
+
+
+def test_a_pooled_connection_closed_under_a_get_is_retried_once_on_a_new_one(
+    gateway: GatewayFactory,
+) -> None:
+    with scripted_upstream(closes_the_second_request_on_the_first_connection) as (url, seen):
+        gw = gateway([route("r", "/", [("m", url, 1)])])
+        with httpx.Client() as client:
+            assert client.get(f"{gw.url}/v1/models/m").status_code == 200
+            assert client.get(f"{gw.url}/v1/models/m").status_code == 200
+        assert len(seen) == 3  # the second GET went out twice: closed under it, then answered
+        gw.stop()
+    assert [r["status"] for r in gw.records()] == [200, 200]
+
+
+def test_a_post_is_never_sent_twice_even_on_a_closed_pooled_connection(
+    gateway: GatewayFactory,
+) -> None:
+    # The model may have acted on a request it did not answer; only idempotent methods go
+    # again (RFC 9110 §9.2.2), as with aiohttp's session.
+    with scripted_upstream(closes_the_second_request_on_the_first_connection) as (url, seen):
+        gw = gateway([route("r", "/", [("m", url, 1)], health={"passive_failures": 0})])
+        with httpx.Client() as client:
+            assert client.post(f"{gw.url}/infer", content=b"{}").status_code == 200
+            second = client.post(f"{gw.url}/infer", content=b"{}")
+        assert second.status_code == 502
+        assert second.json()["error"]["code"] == "bad_gateway"
+        assert len(seen) == 2
+        gw.stop()
+    assert [r["status"] for r in gw.records()] == [200, 502]
+
+
+def test_informational_answers_are_skipped(gateway: GatewayFactory) -> None:
+    def hints_first(number: int, index: int, request: bytes) -> bytes:
+        return b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + OK
+
+    with scripted_upstream(hints_first) as (url, _):
+        gw = gateway([route("r", "/", [("m", url, 1)])])
+        with httpx.Client() as client:
+            for _ in range(2):  # and the connection stays usable
+                r = client.post(f"{gw.url}/infer", content=b"{}")
+                assert (r.status_code, r.content) == (200, b"{}")
+
+
+def test_head_answers_have_no_body_and_keep_the_connection(gateway: GatewayFactory) -> None:
+    def head_then_get(number: int, index: int, request: bytes) -> bytes:
+        if request.startswith(b"HEAD "):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"  # the length GET would have
+        return OK
+
+    with scripted_upstream(head_then_get) as (url, seen):
+        gw = gateway([route("r", "/", [("m", url, 1)])])
+        with httpx.Client(timeout=10) as client:
+            head = client.head(f"{gw.url}/v2/health/ready")
+            assert head.status_code == 200
+            assert head.headers["content-length"] == "50"
+            assert client.get(f"{gw.url}/v2/health/ready").content == b"{}"
+        assert [r.split(b" ")[0] for r in seen] == [b"HEAD", b"GET"]
+
+
+def _stalling_gateway(gateway: GatewayFactory, url: str) -> RunningGateway:
+    return gateway(
+        [
+            route(
+                "r",
+                "/",
+                [("m", url, 1)],
+                timeouts={"connect": 1, "total": 0.3},
+                health={"passive_failures": 0},
+            )
+        ]
+    )
+
+
+def test_the_total_timeout_covers_a_body_that_stalls(gateway: GatewayFactory) -> None:
+    half = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    with scripted_upstream(lambda number, index, request: half) as (url, _):
+        gw = _stalling_gateway(gateway, url)
+        r = httpx.post(f"{gw.url}/infer", content=b"{}", timeout=10)
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "upstream_timeout"
+        gw.stop()
+    (record,) = gw.records()
+    assert record["error"].startswith("timeout:"), record["error"]
+
+
+def test_the_total_timeout_ends_a_stream_that_stalls(gateway: GatewayFactory) -> None:
+    begun = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked"
+        b"\r\n\r\nd\r\ndata: first\n\n\r\n"
+    )
+    with scripted_upstream(lambda number, index, request: begun) as (url, _):
+        gw = _stalling_gateway(gateway, url)
+        received = b""
+        with (
+            pytest.raises(httpx.RemoteProtocolError),  # the stream had begun: it ends short
+            httpx.stream("POST", f"{gw.url}/infer", content=b"{}", timeout=10) as r,
+        ):
+            assert r.status_code == 200
+            for chunk in r.iter_bytes():
+                received += chunk
+        assert received == b"data: first\n\n"
+        gw.stop()
+    (record,) = gw.records()
+    assert record["error"].startswith("timeout:"), record["error"]
+
+
+def test_credentials_in_the_variant_url_are_sent_as_basic_auth(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    url = upstreams["a"].url.replace("http://", "http://svc:s%3Dcret@")
+    gw = gateway([route("r", "/echo", [("a", url, 1)])])
+    r = httpx.post(f"{gw.url}/echo/x", content=b"{}", headers={"Authorization": "Bearer client"})
+    seen = r.json()["headers"]
+    assert seen["authorization"] == "Basic " + base64.b64encode(b"svc:s=cret").decode()
+    assert seen["host"] == upstreams["a"].url.removeprefix("http://")
+
+
+# --- the request head, as written on the wire ---------------------------------------------
+
+_TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20)
+_VALUE = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40)
+_METHOD = st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"])
+_PATH = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789%._~", max_size=8))
+
+
+def _origin(base: str) -> Origin:
+    loop = asyncio.new_event_loop()
+    try:
+        return Origin(base, loop)
+    finally:
+        loop.close()
+
+
+class _Parsed:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+@given(
+    method=_METHOD,
+    prefix=st.sampled_from(["", "/models", "/a/b"]),
+    segments=_PATH,
+    query=st.one_of(st.none(), _VALUE.filter(lambda q: "#" not in q)),
+    headers=st.lists(st.tuples(_TOKEN, _VALUE), max_size=8),
+    body=st.binary(max_size=64),
+)
+def test_the_request_head_parses_back_to_what_was_forwarded(
+    method: str,
+    prefix: str,
+    segments: list[str],
+    query: str | None,
+    headers: list[tuple[str, str]],
+    body: bytes,
+) -> None:
+    headers = [(n, v) for n, v in headers if n not in ("host", "content-length", "authorization")]
+    origin = _origin(f"http://model.internal:8080{prefix}")
+    target = ("/" + "/".join(segments)).encode() + (b"?" + query.encode() if query else b"")
+    pairs = [(n.encode(), v.encode()) for n, v in headers]
+    message = _request_head(method, origin, target, pairs, len(body)) + body
+    parsed = _Parsed()
+    parser = httptools.HttpRequestParser(parsed)
+    parser.feed_data(message)
+    assert parsed.complete
+    assert parser.get_method().decode() == method
+    assert parsed.url == prefix.encode() + target
+    assert parsed.headers[0] == (b"Host", b"model.internal:8080")
+    forwarded = [(n, v) for n, v in parsed.headers[1:] if n != b"Content-Length"]
+    assert forwarded == pairs
+    lengths = [v for n, v in parsed.headers if n == b"Content-Length"]
+    if body or method in ("POST", "PUT", "PATCH"):
+        assert lengths == [str(len(body)).encode()]
+    else:
+        assert lengths == []
+
+
+@given(
+    before=_VALUE,
+    after=_VALUE,
+    brk=st.sampled_from(["\r", "\n", "\r\n"]),
+    where=st.sampled_from(["value", "target"]),
+)
+def test_a_line_break_in_a_header_or_the_target_is_refused(
+    before: str, after: str, brk: str, where: str
+) -> None:
+    origin = _origin("http://model.internal:8080")
+    bad = (before + brk + after).encode()
+    target, value = (b"/x", bad) if where == "value" else (b"/x" + bad, b"ok")
+    with pytest.raises(BadRequestError):
+        _request_head("POST", origin, target, [(b"x-note", value)], 0)
