@@ -1,13 +1,16 @@
-"""The floors: uvicorn and aiohttp's client with nothing else, the same stack as the gateway.
+"""The floors: uvicorn and aiohttp with nothing else, the same stack as the gateway.
 
 No routing, logging, metrics, header handling or error handling: what the gateway would cost
-if it did nothing but pass bytes. Two of them:
+if it did nothing but pass bytes. Three of them:
 
-- ``asgi``: a plain ASGI function, the leanest this stack gets;
+- ``lean``: a plain ASGI function on the gateway's own upstream client
+  (``model_gateway.upstream``: aiohttp's connection pool and response parser, no
+  ``ClientSession.request``): the floor of this stack as the gateway uses it;
+- ``asgi``: a plain ASGI function on ``aiohttp.ClientSession``, the usual way to call aiohttp;
 - ``starlette``: the same behind a Starlette route, ``Request`` and ``Response`` — the "bare
-  Starlette + aiohttp proxy" that the gateway's hot path (plain ASGI) is meant to beat.
+  Starlette + aiohttp proxy" that the gateway's hot path is meant to beat.
 
-``python bare_proxy.py PORT UPSTREAM_URL [asgi|starlette] [WORKERS]``. Each worker prints
+``python bare_proxy.py PORT UPSTREAM_URL [lean|asgi|starlette] [WORKERS]``. Each worker prints
 ``bare proxy started`` on stderr once it serves, so that a harness can wait for all of them.
 """
 
@@ -26,8 +29,47 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from model_gateway.config import Timeouts
+from model_gateway.upstream import Deadlines, UpstreamClient, create_clients
+
 UPSTREAM = sys.argv[2]
 session: aiohttp.ClientSession | None = None
+client: UpstreamClient | None = None
+
+
+def started() -> None:
+    sys.stderr.write("bare proxy started\n")  # one write: the workers share the pipe
+    sys.stderr.flush()
+
+
+async def lean_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    global session, client
+    if scope["type"] == "lifespan":
+        await receive()
+        session, client = create_clients()
+        await send({"type": "lifespan.startup.complete"})
+        started()
+        await receive()
+        await session.close()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    assert client is not None
+    body = (await receive())["body"]
+    upstream = await client.request(
+        scope["method"], UPSTREAM, scope["raw_path"], [], body, DEADLINES
+    )
+    answer = await upstream.read()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": upstream.status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": answer})
+
+
+DEADLINES = Deadlines(Timeouts())
 
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -36,8 +78,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
         session = aiohttp.ClientSession(auto_decompress=False)
         await send({"type": "lifespan.startup.complete"})
-        sys.stderr.write("bare proxy started\n")  # one write: the workers share the pipe
-        sys.stderr.flush()
+        started()
         await receive()
         await session.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -60,8 +101,7 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 async def lifespan(_: Starlette) -> AsyncIterator[None]:
     global session
     session = aiohttp.ClientSession(auto_decompress=False)
-    sys.stderr.write("bare proxy started\n")  # one write: the workers share the pipe
-    sys.stderr.flush()
+    started()
     yield
     await session.close()
 
@@ -79,9 +119,9 @@ starlette_app = Starlette(
 )
 
 if __name__ == "__main__":
-    kind = sys.argv[3] if len(sys.argv) > 3 else "asgi"
+    kind = sys.argv[3] if len(sys.argv) > 3 else "lean"
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    app_name = {"asgi": "asgi_app", "starlette": "starlette_app"}[kind]
+    app_name = {"lean": "lean_app", "asgi": "asgi_app", "starlette": "starlette_app"}[kind]
     config = uvicorn.Config(
         # several workers import the app by name (each reads the same argv)
         f"bare_proxy:{app_name}" if workers > 1 else globals()[app_name],

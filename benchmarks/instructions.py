@@ -114,7 +114,11 @@ def main() -> int:
         fast, fast2 = run.free_port(), run.free_port()
         upstream = run.fast_upstream(workdir, fast, fast2)
         try:
-            for kind, name in (("asgi", "bare-proxy"), ("starlette", "starlette-proxy")):
+            for kind, name in (
+                ("lean", "bare-proxy"),
+                ("asgi", "session-proxy"),
+                ("starlette", "starlette-proxy"),
+            ):
                 port = run.free_port()
                 bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
                 results[name] = count(name, bare, port, "/", args.requests, workdir / f"{name}.cg")
@@ -137,6 +141,7 @@ def main() -> int:
         "requests": args.requests,
         "instructions_per_request": results,
         "gateway_vs_bare_proxy": results["gateway-1w"] / results["bare-proxy"],
+        "gateway_vs_session_proxy": results["gateway-1w"] / results["session-proxy"],
         "gateway_vs_starlette_proxy": results["gateway-1w"] / results["starlette-proxy"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +149,7 @@ def main() -> int:
     for name, value in results.items():
         print(f"{name:<16} {value / 1000:8.1f} k instructions per request")
     print(f"gateway / bare proxy: {summary['gateway_vs_bare_proxy']:.2f}")
+    print(f"gateway / session proxy: {summary['gateway_vs_session_proxy']:.2f}")
     print(f"gateway / Starlette proxy: {summary['gateway_vs_starlette_proxy']:.2f}")
     return 0
 

@@ -148,9 +148,10 @@ def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
 
 
 def bare_proxy_command(
-    port: int, upstream_url: str, kind: str = "asgi", workers: int = 1
+    port: int, upstream_url: str, kind: str = "lean", workers: int = 1
 ) -> list[str]:
-    """``kind``: "asgi" (the plain ASGI floor) or "starlette" (the same behind Starlette)."""
+    """``kind``: "lean" (the floor: the gateway's upstream client and nothing else), "asgi"
+    (the same on aiohttp's ``ClientSession``) or "starlette" (that behind Starlette)."""
     command = [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url, kind]
     return [*command, str(workers)]
 
@@ -337,11 +338,13 @@ def main() -> int:
                 Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
                 Target("nginx", f"http://127.0.0.1:{proxy}{PATH}"),
             ]
-            # the floors: the same stack with nothing else, one worker and two
+            # the floors: the same stack with nothing else, one worker and two; and the usual
+            # ways to write such a proxy, on aiohttp's session, plain and behind Starlette
             for kind, workers, name in (
-                ("asgi", 1, "bare-proxy"),
+                ("lean", 1, "bare-proxy"),
+                ("asgi", 1, "session-proxy"),
                 ("starlette", 1, "starlette-proxy"),
-                ("asgi", 2, "bare-proxy-2w"),
+                ("lean", 2, "bare-proxy-2w"),
             ):
                 url = f"http://127.0.0.1:{fast}"
                 services.append(
@@ -361,7 +364,7 @@ def main() -> int:
             for workers in (1, 2):
                 url = f"http://127.0.0.1:{slow}"
                 name = f"bare proxy x{workers} (20 ms upstream)"
-                services.append(start_bare_proxy(name, url, "asgi", workers))
+                services.append(start_bare_proxy(name, url, "lean", workers))
                 slow_targets.append(
                     Target(
                         f"bare-proxy-{workers}w-20ms",
@@ -474,6 +477,7 @@ def summarise(
                 "rps_vs_nginx": g["rps"] / n["rps"],
                 # against the bare proxy with as many workers
                 "rps_vs_bare_proxy": g["rps"] / table[f"{bare} c={c}"]["rps"],
+                "rps_vs_session_proxy": g["rps"] / table[f"session-proxy c={c}"]["rps"],
                 "rps_vs_starlette_proxy": g["rps"] / table[f"starlette-proxy c={c}"]["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }

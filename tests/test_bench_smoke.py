@@ -36,6 +36,7 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "bare-proxy-2w c=32",
         "bare-proxy-1w-20ms c=64",
         "bare-proxy-2w-20ms c=64",
+        "session-proxy c=32",
         "starlette-proxy c=32",
         "gateway-1w c=32",
         "gateway-2w c=1",
@@ -50,6 +51,7 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "rps_vs_direct",
         "rps_vs_nginx",
         "rps_vs_bare_proxy",
+        "rps_vs_session_proxy",
         "rps_vs_starlette_proxy",
     } <= set(results["ratios"]["gateway-1w c=32"])
     for name, log in results["log_completeness"].items():
