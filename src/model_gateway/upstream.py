@@ -111,6 +111,7 @@ class UpstreamResponse:
     __slots__ = (
         "_connection",
         "_deadline",
+        "_expired",
         "_protocol",
         "content",
         "headers",
@@ -126,6 +127,7 @@ class UpstreamResponse:
         self._connection: Connection | None = None
         self._protocol: ResponseHandler | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._expired = False
 
     @property
     def content_length(self) -> int | None:
@@ -177,6 +179,7 @@ class UpstreamResponse:
     def _time_out(self) -> None:
         # the same error aiohttp's own read timeout gives, for a wait on the head or the body
         error = aiohttp.ServerTimeoutError("the total timeout passed")
+        self._expired = True
         if self._protocol is not None:
             self._protocol.set_exception(error)
         if self.content is not None:
@@ -242,6 +245,8 @@ class UpstreamClient:
         except TimeoutError as error:
             raise aiohttp.ConnectionTimeoutError("no connection in time") from error
         response._connection = connection
+        if response._expired:  # the connection came, but after the total timeout
+            raise aiohttp.ServerTimeoutError("the total timeout passed")
         protocol = connection.protocol
         transport = connection.transport
         if protocol is None or transport is None:
