@@ -10,15 +10,18 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import aiohttp
 import httptools
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from model_gateway.config import Timeouts
 from model_gateway.errors import BadRequestError
-from model_gateway.upstream import Origin, _request_head
+from model_gateway.upstream import Deadlines, Origin, UpstreamClient, _request_head
 
 from .conftest import GatewayFactory, RunningGateway, Upstream, route
 
@@ -307,3 +310,25 @@ def test_a_line_break_in_a_header_or_the_target_is_refused(
     target, value = (b"/x", bad) if where == "value" else (b"/x" + bad, b"ok")
     with pytest.raises(BadRequestError):
         _request_head("POST", origin, target, [(b"x-note", value)], 0)
+
+
+class _SlowToConnect(aiohttp.TCPConnector):
+    """A real connector whose connections come late: a pool waiting on a busy host."""
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await super().connect(req, traces, timeout)
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_comes_after_the_total_timeout_is_not_used() -> None:
+    with scripted_upstream(lambda number, index, request: OK) as (url, seen):
+        connector = _SlowToConnect()
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=0.1))
+        try:
+            with pytest.raises(TimeoutError):
+                await client.request("POST", url, b"/infer", [], b"{}", deadlines)
+        finally:
+            await connector.close()
+        assert seen == []
