@@ -6,8 +6,9 @@ stream). What the gateway leaves out is the ``ClientSession.request`` layer abov
 cookies, redirects, auth helpers, tracing, middlewares, the ``ClientRequest`` and
 ``ClientResponse`` objects built and validated per request. A proxy has no use for any of it
 — the request it forwards is already parsed and its body already read — and on a fast model
-server that layer was half of a bare uvicorn + aiohttp proxy's instructions per request
-(474 k against 240 k; benchmarks/README.md). The session stays for the health checks.
+server that layer was nearly half of a bare uvicorn + aiohttp proxy's instructions per
+request (475 k on the session, 265 k on this client; benchmarks/README.md). The session
+stays for the health checks, on the same pool.
 
 ``set_response_params`` and ``read`` of the connection's protocol are aiohttp's internals,
 not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases tested here.
