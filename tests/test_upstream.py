@@ -83,6 +83,8 @@ def scripted_upstream(script: Script) -> Iterator[tuple[str, list[bytes]]]:
                     conn.sendall(answer)
                 except OSError:
                     return
+                if answer.startswith(b"HTTP/1.0"):
+                    return  # an HTTP/1.0 answer ends with the connection
 
     def accept() -> None:
         number = 0
@@ -151,6 +153,21 @@ def test_informational_answers_are_skipped(gateway: GatewayFactory) -> None:
             for _ in range(2):  # and the connection stays usable
                 r = client.post(f"{gw.url}/infer", content=b"{}")
                 assert (r.status_code, r.content) == (200, b"{}")
+
+
+def test_an_answer_without_length_is_read_until_the_connection_ends(
+    gateway: GatewayFactory,
+) -> None:
+    def old_server(number: int, index: int, request: bytes) -> bytes:
+        return b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + b'{"a": 1}' * 500
+
+    with scripted_upstream(old_server) as (url, seen):
+        gw = gateway([route("r", "/", [("m", url, 1)])])
+        with httpx.Client(timeout=10) as client:
+            for _ in range(2):  # the second on a new connection: the first one ended
+                r = client.post(f"{gw.url}/infer", content=b"{}")
+                assert (r.status_code, r.content) == (200, b'{"a": 1}' * 500)
+        assert len(seen) == 2
 
 
 def test_head_answers_have_no_body_and_keep_the_connection(gateway: GatewayFactory) -> None:
