@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,67 +42,71 @@ def started() -> None:
     sys.stderr.flush()
 
 
-async def lean_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+def open_lean() -> None:
     global session, client
-    if scope["type"] == "lifespan":
-        await receive()
-        session, client = create_clients()
-        await send({"type": "lifespan.startup.complete"})
-        started()
-        await receive()
-        await session.close()
-        await send({"type": "lifespan.shutdown.complete"})
-        return
+    session, client = create_clients()
+
+
+def open_session() -> None:
+    global session
+    session = aiohttp.ClientSession(auto_decompress=False)
+
+
+async def via_client(scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
     assert client is not None
-    body = (await receive())["body"]
     upstream = await client.request(
         scope["method"], UPSTREAM, scope["raw_path"], [], body, DEADLINES
     )
-    answer = await upstream.read()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": upstream.status,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": answer})
+    return upstream.status, await upstream.read()
+
+
+async def via_session(scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    assert session is not None
+    async with session.post(UPSTREAM + scope["path"], data=body) as upstream:
+        return upstream.status, await upstream.read()
+
+
+Forward = Callable[[dict[str, Any], bytes], Awaitable[tuple[int, bytes]]]
+
+
+def plain_asgi(open_clients: Callable[[], None], forward: Forward) -> Any:
+    """A plain ASGI app that forwards every request with ``forward``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            open_clients()
+            await send({"type": "lifespan.startup.complete"})
+            started()
+            await receive()
+            assert session is not None
+            await session.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        status, answer = await forward(scope, (await receive())["body"])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
 
 
 DEADLINES = Deadlines(Timeouts())
-
-
-async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    global session
-    if scope["type"] == "lifespan":
-        await receive()
-        session = aiohttp.ClientSession(auto_decompress=False)
-        await send({"type": "lifespan.startup.complete"})
-        started()
-        await receive()
-        await session.close()
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    assert session is not None
-    body = (await receive())["body"]
-    async with session.post(UPSTREAM + scope["path"], data=body) as upstream:
-        answer = await upstream.read()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": upstream.status,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": answer})
+lean_app = plain_asgi(open_lean, via_client)
+asgi_app = plain_asgi(open_session, via_session)
 
 
 @contextlib.asynccontextmanager
 async def lifespan(_: Starlette) -> AsyncIterator[None]:
-    global session
-    session = aiohttp.ClientSession(auto_decompress=False)
+    open_session()
     started()
     yield
+    assert session is not None
     await session.close()
 
 
