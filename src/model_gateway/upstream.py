@@ -135,10 +135,6 @@ class UpstreamResponse:
         value = self.headers.get("Content-Length")
         return int(value) if value is not None else None
 
-    @property
-    def closed(self) -> bool:
-        return self._connection is None
-
     async def read(self) -> bytes:
         assert self.content is not None
         body = await self.content.read()
