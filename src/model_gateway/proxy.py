@@ -93,6 +93,7 @@ class Exchange:
         "response_truncated",
         "score",
         "status",
+        "target",
         "upstream_seconds",
         "variant",
     )
@@ -105,6 +106,8 @@ class Exchange:
         self.rand = rand
         #: the headers sent upstream; set once the whole request body has been read
         self.forwarded_headers: list[tuple[bytes, bytes]] | None = None
+        #: the path and query sent upstream, set with them
+        self.target = b""
         self.status = 0
         self.error: str | None = None
         self.reported_version: str | None = None
@@ -240,7 +243,7 @@ class ProxyApp:
                     request_id=request_id,
                     method=method,
                     path=path,
-                    target=_target(scope),
+                    target=exchange.target,
                     headers=exchange.forwarded_headers,
                     body=exchange.request_body,
                 )
@@ -268,7 +271,7 @@ class ProxyApp:
                 receive, route.config.max_body_bytes, content_length
             )
             headers = exchange.forwarded_headers = _forward_headers(scope, prediction_id)
-            target = _target(scope)
+            target = exchange.target = _target(scope)
             retries_left = route.config.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
             while True:

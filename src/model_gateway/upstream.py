@@ -150,14 +150,14 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Back to the pool (the pool closes it instead if it cannot be reused)."""
-        connection = self._finish()
+        self._cancel_deadline()
+        connection, self._connection = self._connection, None
         if connection is not None:
             connection.release()
 
     def close(self) -> None:
-        connection = self._finish()
-        if connection is not None:
-            connection.close()
+        self._cancel_deadline()
+        self.drop_connection()
 
     def drop_connection(self) -> None:
         """Close the connection of a failed attempt; the deadline stays for the next one."""
@@ -166,12 +166,10 @@ class UpstreamResponse:
         if connection is not None:
             connection.close()
 
-    def _finish(self) -> Connection | None:
+    def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        connection, self._connection = self._connection, None
-        return connection
 
     def _time_out(self) -> None:
         # the same error aiohttp's own read timeout gives, for a wait on the head or the body
@@ -216,6 +214,8 @@ class UpstreamClient:
                 try:
                     await self._send(response, origin, message, method, deadlines)
                     return response
+                # A refused connection (a ClientOSError too, hence named first) sent
+                # nothing: the proxy's connect retries, not this resend, deal with it.
                 except aiohttp.ClientConnectorError:
                     raise
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
