@@ -145,6 +145,7 @@ class GatewayApp:
         await state.health.close()
         await state.writer.close()
         await state.session.close()
+        state.upstream.close()
         await self._store.close()
         state.metrics.process_exited()
         log.info("model-gateway stopped; prediction log flushed")

@@ -36,6 +36,7 @@ from .errors import (
     UpstreamConnectTimeoutError,
     UpstreamTimeoutError,
 )
+from .wheel import Bucket, TimeoutWheel
 
 # Idle keep-alive connections are reused for this long; model servers (uvicorn, MLServer,
 # Triton) keep theirs for 5 s or more, so 4 s avoids racing their close.
@@ -127,7 +128,7 @@ class UpstreamResponse:
         self.content: StreamReader | None = None
         self._connection: Connection | None = None
         self._protocol: ResponseHandler | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline: Bucket | None = None  # where the total timeout is armed
         self._expired = False
 
     @property
@@ -168,7 +169,7 @@ class UpstreamResponse:
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
-            self._deadline.cancel()
+            TimeoutWheel.disarm(self, self._deadline)
             self._deadline = None
 
     def _time_out(self) -> None:
@@ -187,6 +188,11 @@ class UpstreamClient:
     def __init__(self, connector: aiohttp.BaseConnector) -> None:
         self._connector = connector
         self._origins: dict[str, Origin] = {}
+        # the total timeouts: armed by every exchange, fired by almost none
+        self._timeouts = TimeoutWheel()
+
+    def close(self) -> None:
+        self._timeouts.close()
 
     async def request(
         self,
@@ -205,9 +211,7 @@ class UpstreamClient:
         head = _request_head(method, origin, target, headers, len(body))
         message = [head + body] if len(body) <= _JOIN_LIMIT else [head, body]
         response = UpstreamResponse()
-        response._deadline = asyncio.get_running_loop().call_later(
-            deadlines.total, response._time_out
-        )
+        response._deadline = self._timeouts.arm(response, deadlines.total, response._time_out)
         retry = method in IDEMPOTENT_METHODS
         try:
             while True:
