@@ -26,8 +26,12 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_BATCH_SIZE = 500
-# At one connection a commit per request cost ~9 % of the gateway's CPU; 5 ms gathers a few.
-DEFAULT_LINGER = 0.005
+# Each batch costs the event loop a fixed price (a statement per power-of-two chunk, each a
+# hand-over to the store's thread and back, and a commit) whatever its size: at one connection
+# a commit per request cost ~9 % of the gateway's CPU, and at 32 connections batches of ~175
+# rows (a 5 ms linger) against 500 (50 ms) cost 6-10 % of the throughput (benchmarks/README).
+# A record waits at most this long for company; under load batch_size ends the wait sooner.
+DEFAULT_LINGER = 0.05
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0
 #: environment variable that supplies admin.token when the file sets none

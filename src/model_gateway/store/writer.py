@@ -2,11 +2,12 @@
 
 Requests hand records to a bounded queue and never wait on the store. One task takes every
 record waiting, writes them in one transaction, and repeats: batches grow by themselves when
-the store is slower than the traffic (group commit). When a record finds the writer idle, the
-writer lingers a few milliseconds for others to join it, so that light traffic does not cost
-one transaction per request. When the queue is full the overflow policy applies: ``block``
-makes the request wait for room (nothing lost, back-pressure), ``drop`` drops and counts the
-record.
+the store is slower than the traffic (group commit). Before each write the writer lingers
+(tens of milliseconds) for more records to join, unless a full batch already waits: light
+traffic does not cost one transaction per request, and heavy traffic is written in full
+batches, since each write costs the event loop a fixed price whatever its size. When the
+queue is full the overflow policy applies: ``block`` makes the request wait for room (nothing
+lost, back-pressure), ``drop`` drops and counts the record.
 """
 
 from __future__ import annotations
