@@ -143,6 +143,29 @@ def test_batches_of_any_size_are_written_whole_and_exact(store_url: str) -> None
     asyncio.run(with_store(store_url, work))
 
 
+def test_a_full_batch_of_the_default_size_is_one_sqlite_statement(tmp_path: Path) -> None:
+    """Each statement is a hand-over to the store's thread that the event loop pays for, so
+    the default batch size is one of the store's statement sizes: under load, when batches
+    are full, a batch is one INSERT and one commit. Other sizes take their power-of-two
+    chunks."""
+    from model_gateway.config import DEFAULT_BATCH_SIZE
+
+    async def inserts_for(size: int) -> int:
+        store: Store = open_store(f"sqlite:///{tmp_path / f'{size}.db'}")
+        await store.open()
+        try:
+            statements: list[str] = []
+            await store.db.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+            await store.write_predictions([record(i).as_row() for i in range(size)])
+            assert await store.count_predictions() == size
+            return sum(s.startswith("INSERT INTO predictions") for s in statements)
+        finally:
+            await store.close()
+
+    assert asyncio.run(inserts_for(DEFAULT_BATCH_SIZE)) == 1
+    assert asyncio.run(inserts_for(500)) == 6  # 256 + 128 + 64 + 32 + 16 + 4
+
+
 def test_sqlite_binds_none_and_bytes_through_identity_adapters() -> None:
     """The SQLite store registers identity adapters for None and bytes, so that binding them
     hits sqlite3's adapter registry instead of missing (a raised and cleared AttributeError per

@@ -114,7 +114,9 @@ class SQLiteStore:
         # and takes back the GIL around each step, so under load the writer thread waited for
         # the event loop on every row (a 500-row batch took up to a second) and forced the
         # loop to hand over the GIL just as often. Statements of power-of-two sizes keep the
-        # prepared-statement cache to a handful of entries.
+        # prepared-statement cache to a handful of entries; as each statement costs the loop
+        # a hand-over to this connection's thread and back, the default batch_size (512) is a
+        # power of two too, and a full batch is one statement.
         try:
             start = 0
             while start < len(rows):
