@@ -4,6 +4,7 @@ delay and about a tick after it, unless disarmed first; on uvloop, the loop the 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -109,6 +110,21 @@ def test_a_failing_callback_is_reported_and_the_others_in_its_tick_still_fire() 
     assert sorted(fired) == ["a", "c"]
     assert len(reported) == 1
     assert isinstance(reported[0]["exception"], RuntimeError)
+
+
+def test_a_bucket_emptied_by_disarming_gives_its_memory_back() -> None:
+    async def main() -> tuple[int, int]:
+        wheel = TimeoutWheel()
+        keys = [object() for _ in range(100)]
+        buckets = [wheel.arm(key, 30.0, lambda: None) for key in keys]
+        full = sys.getsizeof(buckets[0])
+        for key, bucket in zip(keys, buckets, strict=True):
+            wheel.disarm(key, bucket)
+        wheel.close()
+        return full, sys.getsizeof(buckets[0])
+
+    full, emptied = run(main)
+    assert emptied == sys.getsizeof({}) < full
 
 
 def test_close_drops_every_armed_timeout() -> None:

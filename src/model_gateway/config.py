@@ -26,7 +26,7 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
 # A power of two: the SQLite store writes a batch in power-of-two statements, and each
-# statement is a hand-over to the store's thread that costs the event loop ~1 ms whatever its
+# statement is a hand-over to the store's thread that the event loop pays for whatever its
 # size, so a full batch (the usual one under load) is a single statement. 500 (256 + 128 +
 # 64 + 32 + 16 + 4) served 3-8 % fewer requests at 32 connections (benchmarks/README).
 DEFAULT_BATCH_SIZE = 512

@@ -52,6 +52,11 @@ class TimeoutWheel:
     @staticmethod
     def disarm(key: Hashable, bucket: Bucket) -> None:
         bucket.pop(key, None)
+        if not bucket:
+            # A dict keeps its table when emptied one key at a time, and a bucket waits for
+            # its tick, a whole timeout away: at 10 k requests/s and 30 s timeouts, 3,000
+            # buckets of ~100 keys. Clearing an empty one gives its table back.
+            bucket.clear()
 
     def close(self) -> None:
         """Drop every timeout still armed."""
