@@ -30,11 +30,10 @@ DEFAULT_QUEUE_SIZE = 10_000
 # size, so a full batch (the usual one under load) is a single statement. 500 (256 + 128 +
 # 64 + 32 + 16 + 4) served 3-8 % fewer requests at 32 connections (benchmarks/README).
 DEFAULT_BATCH_SIZE = 512
-# Each batch costs the event loop a fixed price (a statement per power-of-two chunk, each a
-# hand-over to the store's thread and back, and a commit) whatever its size: at one connection
-# a commit per request cost ~9 % of the gateway's CPU, and at 32 connections batches of ~175
-# rows (a 5 ms linger) against 500 (50 ms) cost 6-10 % of the throughput (benchmarks/README).
-# A record waits at most this long for company; under load batch_size ends the wait sooner.
+# For the same reason, fewer and fuller batches: at one connection a commit per request cost
+# ~9 % of the gateway's CPU, and at 32 connections batches of ~175 rows (a 5 ms linger)
+# against 500 (50 ms) cost 6-10 % of the throughput. A record waits at most this long for
+# company; under load a full batch ends the wait sooner.
 DEFAULT_LINGER = 0.05
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0

@@ -192,6 +192,7 @@ class UpstreamClient:
         self._timeouts = TimeoutWheel()
 
     def close(self) -> None:
+        """Drop the timeouts still armed; the connection pool closes with the session."""
         self._timeouts.close()
 
     async def request(

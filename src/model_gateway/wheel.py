@@ -33,8 +33,8 @@ class TimeoutWheel:
         self._tick = tick
         self._buckets: dict[int, Bucket] = {}
         self._due: list[int] = []  # heap of the ticks that have a bucket
+        # set for the earliest tick in _due, whenever _due holds one
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_tick = 0
 
     def arm(self, key: Hashable, delay: float, callback: Callable[[], object]) -> Bucket:
         """Call ``callback`` once ``delay`` seconds have passed (up to a tick later), unless
@@ -43,8 +43,9 @@ class TimeoutWheel:
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = {}
+            earliest = not self._due or tick < self._due[0]
             heapq.heappush(self._due, tick)
-            if self._timer is None or tick < self._timer_tick:
+            if earliest:
                 self._set_timer(tick)
         bucket[key] = callback
         return bucket
@@ -69,7 +70,6 @@ class TimeoutWheel:
     def _set_timer(self, tick: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_tick = tick
         self._timer = self._loop.call_at(tick * self._tick, self._fire_due)
 
     def _fire_due(self) -> None:
