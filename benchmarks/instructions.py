@@ -4,9 +4,9 @@ Run with ``make bench-instructions``. Wall-clock figures on a shared two-core ma
 tens of percent from one minute to the next; an instruction count does not. Each server runs
 under ``valgrind --tool=callgrind`` with instrumentation off while it starts and warms up,
 then on for exactly ``--requests`` requests (a fixed-count client at concurrency 16), then off
-again after the gateway's log writer has caught up. Every thread of the server is counted:
-the event loop, the SQLite writer, everything. What this leaves out is the kernel's share
-(system calls, context switches), which ``make bench`` sees as CPU time.
+again after the gateway's log writer has caught up. Every thread of the server is counted, and
+its SQLite log process: the event loop, the log, everything. What this leaves out is the
+kernel's share (system calls, context switches), which ``make bench`` sees as CPU time.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def count(
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
-            f"--callgrind-out-file={out}",
+            "--trace-children=yes",  # the SQLite store's log process
+            f"--callgrind-out-file={out}.%p",
             *command,
         ],
         stdout=subprocess.DEVNULL,
@@ -87,11 +88,14 @@ def count(
                     raise RuntimeError(f"{name} did not start under valgrind") from None
                 time.sleep(0.5)
         asyncio.run(send_requests(url + run.PATH, WARM_UP_REQUESTS))  # pools and caches
-        callgrind_control("--instr=on", str(server.pid))
+        pids = [str(p) for p in run.cpu_by_process(server.pid)]  # with its log process
+        for pid in pids:
+            callgrind_control("--instr=on", pid)
         asyncio.run(send_requests(url + run.PATH, requests))
         time.sleep(2)  # the log writer takes what is queued
-        callgrind_control("--instr=off", str(server.pid))
-        callgrind_control("--dump", str(server.pid))
+        for pid in pids:
+            callgrind_control("--instr=off", pid)
+            callgrind_control("--dump", pid)
     finally:
         server.terminate()
         server.wait(timeout=120)

@@ -59,17 +59,25 @@ def wait_for_port(port: int, seconds: float = 30) -> None:
 
 
 def cpu_by_process(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of a process and of each of its children (the workers)."""
+    """User + system CPU seconds of a process and of each of its descendants (the workers and
+    their SQLite log processes)."""
     tick = os.sysconf("SC_CLK_TCK")
-    found = {}
+    parents, cpu = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        proc_pid, ppid = int(stat.parent.name), int(fields[1])
-        if proc_pid == pid or ppid == pid:
-            found[proc_pid] = (int(fields[11]) + int(fields[12])) / tick
+        proc_pid = int(stat.parent.name)
+        parents[proc_pid] = int(fields[1])
+        cpu[proc_pid] = (int(fields[11]) + int(fields[12])) / tick
+    found = {}
+    for proc_pid in cpu:
+        ancestor = proc_pid
+        while ancestor > 1 and ancestor != pid:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == pid:
+            found[proc_pid] = cpu[proc_pid]
     return found
 
 

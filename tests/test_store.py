@@ -144,36 +144,45 @@ def test_batches_of_any_size_are_written_whole_and_exact(store_url: str) -> None
 
 
 def test_a_full_batch_of_the_default_size_is_one_sqlite_statement(tmp_path: Path) -> None:
-    """Each statement is a hand-over to the store's thread that the event loop pays for, so
-    the default batch size is one of the store's statement sizes: under load, when batches
-    are full, a batch is one INSERT and one commit. Other sizes take their power-of-two
-    chunks."""
-    from model_gateway.config import DEFAULT_BATCH_SIZE
+    """The log process writes a batch in power-of-two multi-row statements, and the default
+    batch size is one of them: under load, when batches are full, a batch is one INSERT and
+    one commit. Other sizes take their power-of-two chunks."""
+    import sqlite3
 
-    async def inserts_for(size: int) -> int:
-        store: Store = open_store(f"sqlite:///{tmp_path / f'{size}.db'}")
-        await store.open()
+    from model_gateway.config import DEFAULT_BATCH_SIZE
+    from model_gateway.records import COLUMNS
+    from model_gateway.store.log_child import BatchWriter
+
+    path = tmp_path / "log.db"
+    asyncio.run(with_store(f"sqlite:///{path}", lambda s: s.count_predictions()))  # the schema
+
+    def inserts_for(size: int, first: int) -> int:
+        conn = sqlite3.connect(path)
         try:
             statements: list[str] = []
-            await store.db.set_trace_callback(statements.append)  # type: ignore[attr-defined]
-            await store.write_predictions([record(i).as_row() for i in range(size)])
-            assert await store.count_predictions() == size
+            conn.set_trace_callback(statements.append)
+            BatchWriter(conn, list(COLUMNS)).write(
+                [record(i).as_row() for i in range(first, first + size)], replay=False
+            )
+            conn.set_trace_callback(None)
+            assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == first + size
             return sum(s.startswith("INSERT INTO predictions") for s in statements)
         finally:
-            await store.close()
+            conn.close()
 
-    assert asyncio.run(inserts_for(DEFAULT_BATCH_SIZE)) == 1
-    assert asyncio.run(inserts_for(500)) == 6  # 256 + 128 + 64 + 32 + 16 + 4
+    assert inserts_for(DEFAULT_BATCH_SIZE, 0) == 1
+    assert inserts_for(500, DEFAULT_BATCH_SIZE) == 6  # 256 + 128 + 64 + 32 + 16 + 4
 
 
-def test_sqlite_binds_none_and_bytes_through_identity_adapters() -> None:
-    """The SQLite store registers identity adapters for None and bytes, so that binding them
+def test_the_log_process_binds_none_and_bytes_through_identity_adapters() -> None:
+    """The log process registers identity adapters for None and bytes, so that binding them
     hits sqlite3's adapter registry instead of missing (a raised and cleared AttributeError per
     value); the values must come out unchanged (the round trips above check the stored side)."""
     import sqlite3
 
-    import model_gateway.store.sqlite  # noqa: F401  (registers the adapters)
+    from model_gateway.store.log_child import register_adapters
 
+    register_adapters()
     adapters = sqlite3.adapters
     body = b"\x00\xffbody"
     assert adapters[(type(None), sqlite3.PrepareProtocol)](None) is None

@@ -1,9 +1,8 @@
-"""The embedded default store: one SQLite file in WAL mode, written in batches."""
+"""The embedded default store: one SQLite file in WAL mode; the prediction log is written in
+batches by a process of its own (:mod:`.log_process`), everything else through aiosqlite."""
 
 from __future__ import annotations
 
-import functools
-import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import aiosqlite
 
 from ..records import COLUMNS
 from .base import attach_shadows
+from .log_process import LogProcess
 from .queries import (
     COUNT_ROWS,
     EXPORT_ROWS,
@@ -28,40 +28,17 @@ _COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
 _SHADOWS_OF = SHADOWS_OF.replace("%s", "?")
 _SHADOWS_OF_JOINED = SHADOWS_OF_JOINED.replace("%s", "?")
 
-# Column names are the record's own constants, never input; values are always parameters.
-_COLUMN_LIST = ", ".join(COLUMNS)
-_ROW_PLACEHOLDERS = "(" + ", ".join("?" * len(COLUMNS)) + ")"
-# SQLite binds at most 32,766 parameters per statement (999 before 3.32).
-_MAX_PARAMETERS = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-_MAX_ROWS_PER_STATEMENT = 1 << ((_MAX_PARAMETERS // len(COLUMNS)).bit_length() - 1)
-
-
-# sqlite3 binds int, float, str and bytearray as they are, but sends every other value, None
-# and bytes included, through its adapter registry; a miss there raises, formats and clears an
-# AttributeError per value (14 of a record's 26 are None without capture: ~17 k instructions
-# per record, a third of the insert). Registering identity adapters turns the miss into a hit
-# on a C function. Both return the value unchanged, so other users of sqlite3 in the process
-# see no difference; an empty dict's ``get`` is a C function that maps None to None.
-_NO_ADAPTATIONS: dict[None, None] = {}
-sqlite3.register_adapter(type(None), _NO_ADAPTATIONS.get)
-sqlite3.register_adapter(bytes, bytes)
-
 _INSERT_FEEDBACK = (
     "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
     "received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-@functools.lru_cache(maxsize=16)
-def _insert_rows(count: int) -> str:
-    values = ", ".join([_ROW_PLACEHOLDERS] * count)
-    return f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES {values}"  # noqa: S608
-
-
 class SQLiteStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        self._log = LogProcess(path, COLUMNS)
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -78,8 +55,10 @@ class SQLiteStore:
         await self.db.execute("PRAGMA synchronous=NORMAL")
         await self.db.execute("PRAGMA busy_timeout=10000")
         await self._migrate()
+        await self._log.start()
 
     async def close(self) -> None:
+        await self._log.close()
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -110,24 +89,7 @@ class SQLiteStore:
             raise
 
     async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        # Multi-row INSERTs, not executemany: executemany steps once per row and gives up
-        # and takes back the GIL around each step, so under load the writer thread waited for
-        # the event loop on every row (a 500-row batch took up to a second) and forced the
-        # loop to hand over the GIL just as often. Statements of power-of-two sizes keep the
-        # prepared-statement cache to a handful of entries; as each statement costs the loop
-        # a hand-over to this connection's thread and back, the default batch_size (512) is a
-        # power of two too, and a full batch is one statement.
-        try:
-            start = 0
-            while start < len(rows):
-                size = min(_MAX_ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
-                chunk = rows[start : start + size]
-                await self.db.execute(_insert_rows(size), [v for row in chunk for v in row])
-                start += size
-            await self.db.commit()
-        except BaseException:
-            await self.db.rollback()
-            raise
+        await self._log.write(rows)
 
     async def record_config(
         self, version: str, activated_at: float, source: str, text: str
