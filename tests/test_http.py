@@ -1,5 +1,6 @@
 """The server side's transport: a busy server's writes go out once per loop turn, whole and in
-order; a lone request's go straight through; nothing is held past the turn."""
+order; a lone request's response in one write as soon as it is complete; nothing is held past
+the turn."""
 
 from __future__ import annotations
 
@@ -45,12 +46,22 @@ def coalescing(in_progress: set[object]) -> tuple[CoalescingTransport, Recording
     return transport, socket
 
 
-def test_a_lone_request_writes_straight_through() -> None:
+def test_a_lone_response_is_one_write_as_soon_as_it_is_complete() -> None:
     async def scenario() -> None:
         transport, socket = coalescing({"this request"})
         transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
         transport.write(b"body")
-        assert socket.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\n"), ("write", b"body")]
+        assert socket.calls == []
+        transport.response_complete()  # in the same step: no loop turn waited
+        assert socket.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\nbody")]
+        await asyncio.sleep(0)  # the turn's flush finds nothing left to send
+        assert len(socket.calls) == 1
+
+        # a lone response that streams: what it wrote leaves at the end of the turn
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"first chunk")
+        await asyncio.sleep(0)
+        assert socket.calls[-1] == ("write", b"HTTP/1.1 200 OK\r\n\r\nfirst chunk")
 
     asyncio.run(scenario())
 
@@ -60,7 +71,8 @@ def test_a_busy_server_writes_once_per_turn_in_order() -> None:
         transport, socket = coalescing({"this request", "another"})
         transport.write(b"head,")
         transport.writelines([b"body,", b"more"])
-        assert socket.calls == []  # held for the rest of the turn
+        transport.response_complete()
+        assert socket.calls == []  # held for the rest of the turn, to leave with the others
         await asyncio.sleep(0)
         assert socket.calls == [("write", b"head,body,more")]
         transport.write(b"next turn")
@@ -144,3 +156,38 @@ def test_concurrent_responses_and_a_stream_while_busy(
             assert b"".join(chunks) == b"data: second\n\n"
     finally:
         slow.join()
+
+
+def test_through_a_real_gateway_a_lone_response_is_one_write_at_its_end(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream], monkeypatch: Any
+) -> None:
+    """uvicorn's protocol tells the transport when a response is complete: a lone request's
+    status line, headers and body leave in one write then, not at the end of the turn. And
+    a lone stream is not held: its first chunk arrives while the upstream holds the second."""
+    url = upstreams["a"].url
+    gw = gateway(
+        [route("echo", "/echo", [("a", url, 1)]), route("stream", "/stream", [("a", url, 1)])]
+    )
+    events: list[object] = []
+    flush, complete = CoalescingTransport.flush, CoalescingTransport.response_complete
+
+    def recording_flush(self: CoalescingTransport) -> None:
+        if self._held is not None:
+            events.append(len(self._held))
+        flush(self)
+
+    def recording_complete(self: CoalescingTransport) -> None:
+        events.append("complete")
+        complete(self)
+
+    monkeypatch.setattr(CoalescingTransport, "flush", recording_flush)
+    monkeypatch.setattr(CoalescingTransport, "response_complete", recording_complete)
+    answer = httpx.post(f"{gw.url}/echo/1", content=b"x")
+    assert answer.status_code == 200
+    assert events == ["complete", 2]  # head and body, written at once when complete
+
+    with httpx.stream("GET", f"{gw.url}/stream", timeout=2) as r:
+        chunks = r.iter_raw()
+        assert next(chunks) == b"data: first\n\n"  # a write held past the turn times out
+        upstreams["a"].control.release.set()
+        assert b"".join(chunks) == b"data: second\n\n"
