@@ -159,3 +159,25 @@ def test_a_log_process_that_cannot_open_the_file_fails_the_start(tmp_path: Path)
     log = LogProcess(str(tmp_path / "missing-dir" / "log.db"), COLUMNS)
     with pytest.raises(LogProcessError, match="could not open"):
         asyncio.run(log.start())
+
+
+def test_a_batch_the_process_cannot_bind_is_refused_and_the_process_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.db"
+    good = rows(0, 3)
+    bad = [*rows(3, 2), (*good[0][:-1], {"not": "bindable"})]
+
+    async def work() -> None:
+        store = await open_store(path)
+        try:
+            pid = log_of(store).pid
+            with pytest.raises(sqlite3.Error):
+                await store.write_predictions(bad)
+            await store.write_predictions(good)
+            assert log_of(store).pid == pid
+        finally:
+            await store.close()
+
+    asyncio.run(work())
+    assert sorted(stored_ids(path)) == sorted(str(r[0]) for r in good)

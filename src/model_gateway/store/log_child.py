@@ -10,7 +10,8 @@ The protocol, over stdin and stdout:
 - in, per batch: one flag byte (``PLAIN`` or ``REPLAY``), the payload's length (4 bytes,
   little-endian), and the rows as a ``marshal``-ed list of tuples, in the record's column order;
 - out, per batch, once it is committed: ``OK``; or, once it is rolled back: ``FAILED``, the
-  length of the rest (4 bytes), and ``<sqlite3 exception class name>:<message>`` in UTF-8.
+  length of the rest (4 bytes), and ``<exception class name>:<message>`` in UTF-8 (the
+  gateway raises the ``sqlite3`` exception of that name, or ``sqlite3.Error``).
 
 ``REPLAY`` marks a batch whose last attempt ended without an answer (the process died, or
 the attempt was cancelled): it may have been committed, so rows already stored are skipped
@@ -103,7 +104,7 @@ def serve(writer: BatchWriter, stdin: BinaryIO, stdout: BinaryIO) -> None:
         try:
             # the payload comes from the gateway that started this process, over its pipe
             writer.write(marshal.loads(payload), flag == REPLAY)  # noqa: S302
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the batch is refused, not the process ended
             message = f"{type(exc).__name__}:{exc}".encode()
             stdout.write(FAILED + LENGTH.pack(len(message)) + message)
         else:
