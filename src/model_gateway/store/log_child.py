@@ -24,6 +24,8 @@ while it shuts down. If the gateway dies, the pipe closes and so does this proce
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import marshal
 import signal
 import sqlite3
@@ -112,9 +114,20 @@ def serve(writer: BatchWriter, stdin: BinaryIO, stdout: BinaryIO) -> None:
         stdout.flush()
 
 
+# A full default batch marshals to ~150 kB: a pipe of 1 MiB takes it in one write instead of
+# several rounds of write, wait for room, write (Linux allows 1 MiB without privileges). Set
+# here, on the read end, as the gateway's loop may not expose the write end's descriptor.
+# Under uvloop stdin is a Unix socket pair instead, whose default buffer (~208 kB) already
+# holds a full batch, and the call fails harmlessly.
+PIPE_BYTES = 1 << 20
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        with contextlib.suppress(OSError):  # a smaller pipe only costs more writes
+            fcntl.fcntl(sys.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     path, columns = sys.argv[1], sys.argv[2].split(",")
     register_adapters()
     try:

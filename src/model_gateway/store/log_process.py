@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import marshal
 import sqlite3
 import sys
@@ -28,9 +27,6 @@ from typing import Any
 from . import log_child
 
 CHILD_SCRIPT = str(Path(log_child.__file__).resolve())
-# A full default batch marshals to ~150 kB: a pipe of 1 MiB takes it in one write instead of
-# several rounds of write, wait for room, write (Linux allows 1 MiB without privileges).
-PIPE_BYTES = 1 << 20
 CLOSE_SECONDS = 10.0
 
 
@@ -64,10 +60,6 @@ class LogProcess:
             stdout=asyncio.subprocess.PIPE,
         )
         assert process.stdin is not None and process.stdout is not None
-        pipe = process.stdin.get_extra_info("pipe")
-        if pipe is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
-            with contextlib.suppress(OSError):  # a smaller pipe only costs more writes
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         try:
             ready = await process.stdout.readexactly(1)
         except asyncio.IncompleteReadError:
