@@ -9,9 +9,11 @@ a Ctrl+C meant for the gateway does not stop the process under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,10 +38,14 @@ def stored_ids(path: Path) -> list[str]:
         conn.close()
 
 
-async def open_store(path: Path) -> SQLiteStore:
+@contextlib.asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[SQLiteStore]:
     store = SQLiteStore(str(path))
     await store.open()
-    return store
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def log_of(store: SQLiteStore) -> LogProcess:
@@ -51,15 +57,12 @@ def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
     first, second = rows(0, 300), rows(300, 40)
 
     async def work() -> None:
-        store = await open_store(path)
-        try:
+        async with opened(path) as store:
             await store.write_predictions(first)
             # one row already stored: the whole batch is refused, with the process's error
             with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
                 await store.write_predictions([*second, first[0]])
             await store.write_predictions(second)
-        finally:
-            await store.close()
 
     asyncio.run(work())
     assert sorted(stored_ids(path)) == sorted(str(r[0]) for r in [*first, *second])
@@ -70,8 +73,7 @@ def test_a_process_that_died_is_replaced_by_the_next_write(tmp_path: Path) -> No
     batches = [rows(0, 10), rows(10, 10)]
 
     async def work() -> None:
-        store = await open_store(path)
-        try:
+        async with opened(path) as store:
             await store.write_predictions(batches[0])
             old = log_of(store).pid
             assert old is not None
@@ -81,8 +83,6 @@ def test_a_process_that_died_is_replaced_by_the_next_write(tmp_path: Path) -> No
                 await store.write_predictions(batches[1])
             await store.write_predictions(batches[1])
             assert log_of(store).pid not in (None, old)
-        finally:
-            await store.close()
 
     asyncio.run(work())
     assert len(stored_ids(path)) == 20
@@ -97,8 +97,7 @@ def test_a_batch_left_without_an_answer_is_sent_again_without_duplicate_errors(
     stored, pending = rows(0, 5), rows(5, 5)
 
     async def work() -> None:
-        store = await open_store(path)
-        try:
+        async with opened(path) as store:
             await store.write_predictions(stored)
             pid = log_of(store).pid
             assert pid is not None
@@ -110,8 +109,6 @@ def test_a_batch_left_without_an_answer_is_sent_again_without_duplicate_errors(
             # answered: the next batch is plain again, and a stored id fails it
             with pytest.raises(sqlite3.IntegrityError):
                 await store.write_predictions(stored[:1])
-        finally:
-            await store.close()
 
     asyncio.run(work())
     assert sorted(stored_ids(path)) == sorted(str(r[0]) for r in [*stored, *pending])
@@ -139,16 +136,13 @@ def test_ctrl_c_for_the_gateway_does_not_stop_the_log_process(tmp_path: Path) ->
     path = tmp_path / "log.db"
 
     async def work() -> int | None:
-        store = await open_store(path)
-        try:
+        async with opened(path) as store:
             process = log_of(store)._process
             assert process is not None
             os.kill(process.pid, signal.SIGINT)
             os.kill(process.pid, signal.SIGTERM)
             await store.write_predictions(rows(0, 7))
             assert process.returncode is None
-        finally:
-            await store.close()
         return process.returncode  # it exits once its pipe closes, and cleanly
 
     assert asyncio.run(work()) == 0
@@ -169,15 +163,12 @@ def test_a_batch_the_process_cannot_bind_is_refused_and_the_process_goes_on(
     bad = [*rows(3, 2), (*good[0][:-1], {"not": "bindable"})]
 
     async def work() -> None:
-        store = await open_store(path)
-        try:
+        async with opened(path) as store:
             pid = log_of(store).pid
             with pytest.raises(sqlite3.Error):
                 await store.write_predictions(bad)
             await store.write_predictions(good)
             assert log_of(store).pid == pid
-        finally:
-            await store.close()
 
     asyncio.run(work())
     assert sorted(stored_ids(path)) == sorted(str(r[0]) for r in good)
