@@ -25,15 +25,16 @@ DEFAULT_TOTAL_TIMEOUT = 30.0
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
-# A power of two: the SQLite store writes a batch in power-of-two statements, and each
-# statement is a hand-over to the store's thread that the event loop pays for whatever its
-# size, so a full batch (the usual one under load) is a single statement. 500 (256 + 128 +
-# 64 + 32 + 16 + 4) served 3-8 % fewer requests at 32 connections (benchmarks/README).
+# A power of two: the SQLite log process writes a batch in power-of-two statements, so a
+# full batch (the usual one under load) is a single statement. 500 (256 + 128 + 64 + 32 +
+# 16 + 4) served 3-8 % fewer requests at 32 connections when the statements ran on a thread
+# of the gateway's own (benchmarks/README, seventh round).
 DEFAULT_BATCH_SIZE = 512
-# For the same reason, fewer and fuller batches: at one connection a commit per request cost
-# ~9 % of the gateway's CPU, and at 32 connections batches of ~175 rows (a 5 ms linger)
-# against 500 (50 ms) cost 6-10 % of the throughput. A record waits at most this long for
-# company; under load a full batch ends the wait sooner.
+# Each write costs the event loop a fixed price whatever its size, so fewer and fuller
+# batches: at one connection a commit per request cost ~9 % of the gateway's CPU, and at 32
+# connections batches of ~175 rows (a 5 ms linger) against 500 (50 ms) cost 6-10 % of the
+# throughput. A record waits at most this long for company; under load a full batch ends
+# the wait sooner.
 DEFAULT_LINGER = 0.05
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0
