@@ -349,3 +349,88 @@ async def test_a_connection_that_comes_after_the_total_timeout_is_not_used() -> 
         finally:
             await connector.close()
         assert seen == []
+
+
+# Answers framed every way HTTP/1.1 allows on a keep-alive connection, in a row.
+_FRAMINGS = {
+    b"/length": OK,
+    b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b'3\r\n{"a\r\n5\r\n": 1}\r\n0\r\nX-Trailer: t\r\n\r\n',
+    b"/empty": b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"/hints": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK,
+    b"/error": b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 3\r\n\r\nbad",
+}
+_BODIES = {
+    b"/length": b"{}",
+    b"/chunked": b'{"a": 1}',
+    b"/empty": b"",
+    b"/hints": b"{}",
+    b"/error": b"bad",
+}
+
+
+def _one_connection(number: int, index: int, request: bytes) -> bytes | None:
+    if number != 0:  # every exchange must reuse the first connection
+        return None
+    target = request.split(b" ")[1]
+    if request.startswith(b"HEAD "):
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n"
+    return _FRAMINGS[target]
+
+
+@pytest.mark.anyio
+async def test_a_pooled_connection_keeps_its_parser_across_answers_framed_every_way() -> None:
+    with scripted_upstream(_one_connection) as (url, seen):
+        connector = aiohttp.TCPConnector()
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        parsers = []
+        order = [*_FRAMINGS, b"/length", b"HEAD", b"/chunked", *reversed(_FRAMINGS)]
+        try:
+            for target in order:
+                method = "HEAD" if target == b"HEAD" else "POST"
+                path = b"/length" if method == "HEAD" else target
+                response = await client.request(method, url, path, [], b"{}", deadlines)
+                assert response._protocol is not None
+                parsers.append(response._protocol._parser)
+                body = await response.read()
+                if method == "HEAD":
+                    assert (response.status, body) == (200, b"")
+                else:
+                    assert body == _BODIES[target], target
+                    final = _FRAMINGS[target].rsplit(b"HTTP/1.1 ", 1)[1]  # after any 103
+                    assert response.status == int(final.split(b" ")[0]), target
+        finally:
+            await connector.close()
+        assert len(seen) == len(order)  # one connection throughout
+    head = order.index(b"HEAD")
+    # one parser for every answer before the HEAD, a parser of its own for the HEAD (it
+    # expects no body), and then one again for every answer after it
+    assert all(p is parsers[0] for p in parsers[:head])
+    assert parsers[head] is not parsers[0] and parsers[head + 1] is not parsers[head]
+    assert all(p is parsers[head + 1] for p in parsers[head + 1 :])
+
+
+@pytest.mark.anyio
+async def test_a_parser_the_health_checks_session_built_is_not_reused() -> None:
+    with scripted_upstream(_one_connection) as (url, seen):
+        connector = aiohttp.TCPConnector()
+        session = aiohttp.ClientSession(connector=connector, connector_owner=False)
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        try:
+            first = await client.request("POST", url, b"/length", [], b"{}", deadlines)
+            assert await first.read() == b"{}"
+            protocol = first._protocol
+            assert protocol is not None
+            async with session.post(f"{url}/chunked", data=b"{}") as answer:
+                assert await answer.read() == b'{"a": 1}'
+            sessions = protocol._parser  # built with the session's settings and timer
+            second = await client.request("POST", url, b"/length", [], b"{}", deadlines)
+            assert await second.read() == b"{}"
+            assert second._protocol is protocol  # the same connection, a parser of our own
+            assert sessions is not None and protocol._parser is not sessions
+        finally:
+            await session.close()
+            await connector.close()
+        assert len(seen) == 3

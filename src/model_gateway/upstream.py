@@ -51,6 +51,8 @@ _JOIN_LIMIT = 64 * 1024
 
 Headers = list[tuple[bytes, bytes]]
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+# The protocol's attribute that holds the parser this client built for it (_prepare_parser).
+_OUR_PARSER = "_model_gateway_parser"
 
 
 def create_clients() -> tuple[aiohttp.ClientSession, UpstreamClient]:
@@ -254,9 +256,7 @@ class UpstreamClient:
         if protocol is None or transport is None:
             raise aiohttp.ServerDisconnectedError()
         response._protocol = protocol
-        protocol.set_response_params(
-            skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False
-        )
+        _prepare_parser(protocol, method)
         if len(message) == 1:
             transport.write(message[0])
         else:
@@ -270,6 +270,26 @@ class UpstreamClient:
         response.headers = head.headers
         response.raw_headers = head.raw_headers
         response.content = payload
+
+
+def _prepare_parser(protocol: ResponseHandler, method: str) -> None:
+    """A response parser for the exchange about to start on ``protocol``.
+
+    aiohttp builds a new C parser per request (``set_response_params``: ~2 µs, 2 to 3 % of the
+    event loop's samples under load). A parser that read the last answer on this connection to
+    its end is ready for the next one, as on a server's keep-alive connection, so the one this
+    client built for a body-bearing request is kept: a connection is pooled only once its
+    last answer was read to the end. A parser someone else built (the health checks' session,
+    with its own settings) or one for a HEAD, which expects no body, is replaced.
+    """
+    if method != "HEAD":
+        parser = protocol._parser
+        if parser is not None and parser is getattr(protocol, _OUR_PARSER, None):
+            return
+    protocol.set_response_params(
+        skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False
+    )
+    setattr(protocol, _OUR_PARSER, protocol._parser if method != "HEAD" else None)
 
 
 def _request_head(
