@@ -81,6 +81,16 @@ def cpu_by_process(pid: int) -> dict[int, float]:
     return found
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, every core summed, from the first
+    line of /proc/stat: busy is user, nice, system, irq and softirq time; steal is time the
+    hypervisor gave the virtual CPUs to someone else."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
 class Service:
     def __init__(
         self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
@@ -224,6 +234,10 @@ class Run:
     #: the busiest process's share of the CPU the run took: ~1/N when N workers share the
     #: load evenly, ~1 when one worker served every connection
     busiest_share: float | None = None
+    #: cores the whole machine kept busy during the run (gateway, wrk, upstream and the rest)
+    machine_busy_cores: float | None = None
+    #: cores' worth of time the hypervisor took away during the run
+    machine_steal_cores: float | None = None
 
 
 @dataclass
@@ -401,7 +415,12 @@ def main() -> int:
             for round_no in range(args.rounds):
                 for target, connections in plan:
                     before = cpu_by_process(target.pid) if target.pid else {}
+                    machine_before, started = machine_cpu(), time.monotonic()
                     rps, p50, p99, n = wrk(target.url, connections, args.duration)
+                    elapsed = time.monotonic() - started
+                    machine_after = machine_cpu()
+                    busy_cores = (machine_after[0] - machine_before[0]) / elapsed
+                    steal_cores = (machine_after[1] - machine_before[1]) / elapsed
                     cpu = busiest = None
                     if target.pid and n:
                         after = cpu_by_process(target.pid)
@@ -410,7 +429,10 @@ def main() -> int:
                         busiest = max(spent) / sum(spent) if sum(spent) > 0 else None
                     target.completed += n
                     target.connections_used += connections
-                    run = Run(target.name, connections, rps, p50, p99, n, cpu, busiest)
+                    run = Run(
+                        *(target.name, connections, rps, p50, p99, n, cpu, busiest),
+                        *(busy_cores, steal_cores),
+                    )
                     target.runs.append(run)
                     # with several connections per worker, the load should be shared
                     spread = target.workers > 1 and connections >= 8 * target.workers
@@ -456,6 +478,7 @@ def median_run(target: Target, connections: int) -> dict[str, Any] | None:
         return None
     cpu = [r.cpu_ms_per_request for r in runs if r.cpu_ms_per_request is not None]
     busiest = [r.busiest_share for r in runs if r.busiest_share is not None]
+    busy = [r.machine_busy_cores for r in runs if r.machine_busy_cores is not None]
     return {
         "rps": statistics.median(r.rps for r in runs),
         "p50_ms": statistics.median(r.p50_ms for r in runs),
@@ -463,6 +486,7 @@ def median_run(target: Target, connections: int) -> dict[str, Any] | None:
         "cpu_ms_per_request": statistics.median(cpu) if cpu else None,
         # the most uneven run: ~0.5 with two workers sharing the load, ~1 with one doing it all
         "busiest_process_share_max": max(busiest) if busiest else None,
+        "machine_busy_cores": statistics.median(busy) if busy else None,
         "runs": [r.__dict__ for r in runs],
     }
 
@@ -499,11 +523,18 @@ def summarise(
                 "rps_vs_bare_proxy": g["rps"] / bare["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
-    # how far a second worker carries each on these two shared cores
+    # How far a second worker carries each on these shared cores, and how far it could: if
+    # every request costs the machine as much CPU (gateway, wrk, upstream) as it did with one
+    # worker, all the cores serve at most cores / (cores busy with one worker) times as many.
+    cores = os.cpu_count() or 1
     ratios["2 workers vs 1 c=32"] = {
         "gateway": table["gateway-2w c=32"]["rps"] / table["gateway-1w c=32"]["rps"],
         "bare_proxy": table["bare-proxy-2w c=32"]["rps"] / table["bare-proxy c=32"]["rps"],
     }
+    for name, one in (("gateway", "gateway-1w c=32"), ("bare_proxy", "bare-proxy c=32")):
+        busy = table[one]["machine_busy_cores"]
+        if busy:
+            ratios["2 workers vs 1 c=32"][f"{name}_cpu_ceiling"] = cores / busy
     return {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
@@ -519,10 +550,17 @@ def summarise(
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"{'case':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}")
+    print(
+        f"{'case':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}"
+        f"{'machine cores busy':>20}"
+    )
     for name, r in results["results"].items():
         cpu = f"{r['cpu_ms_per_request']:.3f}" if r["cpu_ms_per_request"] is not None else "-"
-        print(f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{cpu:>12}")
+        busy = f"{r['machine_busy_cores']:.2f}" if r["machine_busy_cores"] is not None else "-"
+        print(
+            f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{cpu:>12}"
+            f"{busy:>20}"
+        )
     print()
     for name, r in results["ratios"].items():
         print(f"{name:<26}" + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,5 +59,12 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         # every response wrk read is logged; the surplus is what was in flight when wrk stopped
         surplus = log["records"] - log["wrk_completed"]
         assert 0 <= surplus <= log["in_flight_at_wrk_stops_at_most"], (name, log)
-    assert {"gateway", "bare_proxy"} <= set(results["ratios"]["2 workers vs 1 c=32"])
+    # the whole machine's busy cores during each run, and the second worker's ceiling from them
+    busy = results["results"]["gateway-1w c=32"]["machine_busy_cores"]
+    assert 0 < busy <= (os.cpu_count() or 1) * 1.1  # /proc/stat counts in 10 ms ticks
+    scaling = results["ratios"]["2 workers vs 1 c=32"]
+    assert {"gateway", "bare_proxy", "gateway_cpu_ceiling", "bare_proxy_cpu_ceiling"} <= set(
+        scaling
+    )
+    assert scaling["gateway_cpu_ceiling"] == (os.cpu_count() or 1) / busy
     assert "gateway-1w c=32" in done.stdout
