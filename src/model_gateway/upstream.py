@@ -10,8 +10,9 @@ server that layer was nearly half of a bare uvicorn + aiohttp proxy's instructio
 request (475 k on the session, 265 k on this client; benchmarks/README.md). The session
 stays for the health checks, on the same pool.
 
-``set_response_params`` and ``read`` of the connection's protocol are aiohttp's internals,
-not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases tested here.
+``set_response_params``, ``_parser`` and ``read`` of the connection's protocol are aiohttp's
+internals, not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases
+tested here.
 """
 
 from __future__ import annotations
