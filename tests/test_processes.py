@@ -181,6 +181,48 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     assert "routes: must have at least 1 item(s)" in proc.stderr
 
 
+NOT_A_DATABASE = b"not a database" * 300
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_exits_with_an_error_when_the_store_cannot_be_opened(
+    tmp_path: Path, upstreams: dict[str, Upstream], workers: int
+) -> None:
+    # A file that is not a database: the open fails after aiosqlite's (non-daemon) thread
+    # started, which once kept the process alive after the error.
+    config, db = write_config(tmp_path, upstreams)
+    db.write_bytes(NOT_A_DATABASE)
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "model_gateway", "serve", "--config", str(config)),
+            *("--port", "0", "--workers", str(workers)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr  # uvicorn's status for a failed startup
+    assert f"cannot open the SQLite store {db}: file is not a database" in proc.stderr
+    assert db.read_bytes() == NOT_A_DATABASE  # left as it was
+
+
+def test_the_cli_names_a_store_it_cannot_open(
+    tmp_path: Path, upstreams: dict[str, Upstream]
+) -> None:
+    config, db = write_config(tmp_path, upstreams)
+    db.write_bytes(NOT_A_DATABASE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "model_gateway", "migrate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"model-gateway: cannot open the SQLite store {db}: file is not a database\n",
+    )
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_every_worker(
     tmp_path: Path, upstreams: dict[str, Upstream], workers: int

@@ -327,3 +327,68 @@ def test_shadow_copies_share_the_live_label_and_never_take_a_request_id_join(
         assert got is not None and got["shadow_of"] == live[0].prediction_id
 
     asyncio.run(with_store(store_url, work))
+
+
+def test_a_store_that_cannot_be_opened_is_named_and_leaves_nothing_open(
+    tmp_path: Path,
+) -> None:
+    from model_gateway.store.base import StoreOpenError
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 300)
+    # the password is there to be kept out of the message (the server trusts anyone)
+    host = POSTGRES.split("@", 1)[1].split("?", 1)[0].rsplit("/", 1)[0]
+    missing_db = f"postgresql://postgres:s3cret@{host}/no_such_database_{uuid.uuid4().hex[:8]}"
+    cases = [
+        (f"sqlite:///{garbage}", f"cannot open the SQLite store {garbage}: "),
+        (missing_db, f"cannot open the PostgreSQL store {missing_db.split('@')[1]}: "),
+    ]
+
+    async def fail_to_open(url: str) -> tuple[StoreOpenError, Store]:
+        store = open_store(url)
+        with pytest.raises(StoreOpenError) as failed:
+            await store.open()
+        return failed.value, store
+
+    for url, message in cases:
+        error, store = asyncio.run(fail_to_open(url))
+        assert str(error).startswith(message), error
+        assert "s3cret" not in str(error)
+        assert isinstance(error.__cause__, STORE_ERRORS)
+        # what the failed open had started is closed again: no aiosqlite thread, which is
+        # not a daemon and would keep the process alive, no pool, no log process
+        assert getattr(store, "_db", None) is None and getattr(store, "_pool", None) is None
+        assert getattr(getattr(store, "_log", None), "_process", None) is None
+
+
+def test_a_store_too_new_for_this_gateway_is_refused_and_closed(store_url: str) -> None:
+    from model_gateway.store.schema import SchemaTooNewError
+
+    async def set_up_and_open() -> Store:
+        first = open_store(store_url)
+        await first.open()
+        await first.close()
+        future = open_store(store_url)
+        # a later release's migration, as its own store would have recorded it
+        if store_url.startswith("sqlite"):
+            import sqlite3
+
+            conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+            conn.execute("INSERT INTO schema_version VALUES (?)", (LATEST_VERSION + 1,))
+            conn.commit()
+            conn.close()
+        else:
+            schema = store_url.rsplit("schema=", 1)[1]
+            conn = await asyncpg.connect(POSTGRES)
+            try:
+                await conn.execute(
+                    f'INSERT INTO "{schema}".schema_version VALUES ($1)', LATEST_VERSION + 1
+                )
+            finally:
+                await conn.close()
+        with pytest.raises(SchemaTooNewError):
+            await future.open()
+        return future
+
+    store = asyncio.run(set_up_and_open())
+    assert getattr(store, "_db", None) is None and getattr(store, "_pool", None) is None

@@ -14,6 +14,7 @@ from .config import LoadedConfig, RouteConfig, load_config
 from .errors import ConfigError
 from .logs import configure_logging
 from .store import Store, open_store
+from .store.base import StoreOpenError
 
 
 def _load_or_exit(path: str) -> LoadedConfig:
@@ -251,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except StoreOpenError as exc:
+        print(f"model-gateway: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

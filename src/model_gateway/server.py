@@ -64,7 +64,11 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
         sockets = [sock]
     log.info("model-gateway listening on %s (%d worker%s)", url, workers, "s"[: workers - 1])
     if workers > 1:
-        Supervisor(config, sockets=sockets).run()
+        supervisor = Supervisor(config, sockets=sockets)
+        supervisor.run()
+        if supervisor.failed_to_start:
+            # the status one worker's server exits with, so that a service manager sees it
+            raise SystemExit(STARTUP_FAILURE)
     else:
         uvicorn.Server(config).run(sockets=sockets)
 
@@ -91,6 +95,9 @@ class Supervisor(Multiprocess):
     - the worker count is fixed (SIGTTIN and SIGTTOU are ignored): it is the socket count.
     """
 
+    #: set when a worker could not start (its store, say): the others are stopped too
+    failed_to_start = False
+
     def init_processes(self) -> None:
         for sock in self.sockets:
             self.processes.append(self._start([sock]))
@@ -106,6 +113,7 @@ class Supervisor(Multiprocess):
             process.join()
             if process.exitcode == STARTUP_FAILURE:
                 log.error("worker %s failed to start; stopping", process.pid)
+                self.failed_to_start = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():

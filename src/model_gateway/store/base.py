@@ -17,6 +17,11 @@ STORE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class StoreOpenError(Exception):
+    """The store could not be opened (unreachable, unreadable, not a database). The message
+    names the store, never its credentials; the cause is chained."""
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and bring the schema up to date."""

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from ..records import COLUMNS
-from .base import attach_shadows
+from .base import STORE_ERRORS, StoreOpenError, attach_shadows
 from .queries import (
     COUNT_ROWS,
     EXPORT_ROWS,
@@ -79,16 +79,23 @@ class PostgresStore:
 
     async def open(self) -> None:
         settings = {"search_path": self.schema} if self.schema else {}
-        if self.schema:
-            conn = await asyncpg.connect(self.url)
-            try:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            finally:
-                await conn.close()
-        self._pool = await asyncpg.create_pool(
-            self.url, min_size=self._min, max_size=self._max, server_settings=settings
-        )
-        await self._migrate()
+        try:
+            if self.schema:
+                conn = await asyncpg.connect(self.url)
+                try:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                finally:
+                    await conn.close()
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self._min, max_size=self._max, server_settings=settings
+            )
+            await self._migrate()
+        except BaseException as exc:
+            await self.close()  # the pool's connections, if it was made
+            if isinstance(exc, STORE_ERRORS):
+                where = self.url.rsplit("@", 1)[-1]  # never the credentials
+                raise StoreOpenError(f"cannot open the PostgreSQL store {where}: {exc}") from exc
+            raise
 
     async def close(self) -> None:
         if self._pool is not None:

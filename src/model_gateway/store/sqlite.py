@@ -9,7 +9,7 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
-from .base import attach_shadows
+from .base import STORE_ERRORS, StoreOpenError, attach_shadows
 from .log_process import LogProcess
 from .queries import (
     COUNT_ROWS,
@@ -47,15 +47,23 @@ class SQLiteStore:
         return self._db
 
     async def open(self) -> None:
-        self._db = await aiosqlite.connect(self.path)
-        self._db.row_factory = aiosqlite.Row
-        # WAL lets readers (admin, CLI, other workers) run beside the writer; NORMAL sync is
-        # durable across process crashes, which is the failure this log must survive.
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=NORMAL")
-        await self.db.execute("PRAGMA busy_timeout=10000")
-        await self._migrate()
-        await self._log.start()
+        try:
+            self._db = await aiosqlite.connect(self.path)
+            self._db.row_factory = aiosqlite.Row
+            # WAL lets readers (admin, CLI, other workers) run beside the writer; NORMAL sync
+            # is durable across process crashes, which is the failure this log must survive.
+            await self.db.execute("PRAGMA journal_mode=WAL")
+            await self.db.execute("PRAGMA synchronous=NORMAL")
+            await self.db.execute("PRAGMA busy_timeout=10000")
+            await self._migrate()
+            await self._log.start()
+        except BaseException as exc:
+            # aiosqlite's thread is not a daemon: a connection left open would keep the
+            # process alive after the error, a gateway that never exits
+            await self.close()
+            if isinstance(exc, STORE_ERRORS):
+                raise StoreOpenError(f"cannot open the SQLite store {self.path}: {exc}") from exc
+            raise
 
     async def close(self) -> None:
         await self._log.close()
