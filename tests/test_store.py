@@ -338,11 +338,13 @@ def test_a_store_that_cannot_be_opened_is_named_and_leaves_nothing_open(
     garbage.write_bytes(b"not a database" * 300)
     # the password is there to be kept out of the message (the server trusts anyone)
     host = POSTGRES.split("@", 1)[1].split("?", 1)[0].rsplit("/", 1)[0]
-    missing_db = f"postgresql://postgres:s3cret@{host}/no_such_database_{uuid.uuid4().hex[:8]}"
-    cases = [
-        (f"sqlite:///{garbage}", f"cannot open the SQLite store {garbage}: "),
-        (missing_db, f"cannot open the PostgreSQL store {missing_db.split('@')[1]}: "),
-    ]
+    database = f"no_such_database_{uuid.uuid4().hex[:8]}"
+    cases = [(f"sqlite:///{garbage}", f"cannot open the SQLite store {garbage}: ")]
+    for url in (
+        f"postgresql://postgres:s3cret@{host}/{database}",
+        f"postgresql://postgres@{host}/{database}?password=s3cret",
+    ):
+        cases.append((url, f"cannot open the PostgreSQL store {host}/{database}: "))
 
     async def fail_to_open(url: str) -> tuple[StoreOpenError, Store]:
         store = open_store(url)
@@ -392,3 +394,16 @@ def test_a_store_too_new_for_this_gateway_is_refused_and_closed(store_url: str) 
 
     store = asyncio.run(set_up_and_open())
     assert getattr(store, "_db", None) is None and getattr(store, "_pool", None) is None
+
+
+def test_a_store_location_is_printed_without_credentials() -> None:
+    from model_gateway.store.base import store_location
+
+    assert store_location("sqlite:////var/lib/mg/log.db") == "/var/lib/mg/log.db"
+    assert store_location("sqlite:///log.db") == "log.db"
+    for url in (
+        "postgresql://mg:s3cret@db.internal:5432/gateway",
+        "postgresql://db.internal:5432/gateway?user=mg&password=s3cret",
+        "postgres://mg@db.internal:5432/gateway?password=s3cret&schema=blue",
+    ):
+        assert store_location(url) == "db.internal:5432/gateway"

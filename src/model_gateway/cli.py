@@ -14,7 +14,7 @@ from .config import LoadedConfig, RouteConfig, load_config
 from .errors import ConfigError
 from .logs import configure_logging
 from .store import Store, open_store
-from .store.base import StoreOpenError
+from .store.base import StoreOpenError, store_location
 
 
 def _load_or_exit(path: str) -> LoadedConfig:
@@ -176,7 +176,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     except SchemaTooNewError as exc:
         print(exc, file=sys.stderr)
         return 1
-    where = loaded.config.storage.url.rsplit("@", 1)[-1]  # never print credentials
+    where = store_location(loaded.config.storage.url)
     print(f"{where}: schema version {version} (latest {LATEST_VERSION})")
     return 0
 

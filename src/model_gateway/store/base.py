@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -83,6 +84,16 @@ def open_store(url: str) -> Store:
 
         return PostgresStore(url)
     raise ValueError(f"unsupported storage url {url!r}: use sqlite:// or postgresql://")
+
+
+def store_location(url: str) -> str:
+    """Where a ``storage.url`` points, fit to print: a SQLite file's path, or a PostgreSQL
+    server's host, port and database without the credentials, which the user part or the
+    query (``?password=``) may hold."""
+    if url.startswith("sqlite://"):
+        return sqlite_path(url)
+    parts = urlsplit(url)
+    return parts.netloc.rsplit("@", 1)[-1] + parts.path
 
 
 def sqlite_path(url: str) -> str:

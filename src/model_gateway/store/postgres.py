@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from ..records import COLUMNS
-from .base import STORE_ERRORS, StoreOpenError, attach_shadows
+from .base import STORE_ERRORS, StoreOpenError, attach_shadows, store_location
 from .queries import (
     COUNT_ROWS,
     EXPORT_ROWS,
@@ -93,7 +93,7 @@ class PostgresStore:
         except BaseException as exc:
             await self.close()  # the pool's connections, if it was made
             if isinstance(exc, STORE_ERRORS):
-                where = self.url.rsplit("@", 1)[-1]  # never the credentials
+                where = store_location(self.url)
                 raise StoreOpenError(f"cannot open the PostgreSQL store {where}: {exc}") from exc
             raise
 
