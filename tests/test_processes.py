@@ -206,20 +206,30 @@ def test_serve_exits_with_an_error_when_the_store_cannot_be_opened(
     assert db.read_bytes() == NOT_A_DATABASE  # left as it was
 
 
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [("log.db", "file is not a database"), ("missing/log.db", "unable to open database file")],
+)
 def test_the_cli_names_a_store_it_cannot_open(
-    tmp_path: Path, upstreams: dict[str, Upstream]
+    tmp_path: Path, upstreams: dict[str, Upstream], where: str, why: str
 ) -> None:
-    config, db = write_config(tmp_path, upstreams)
-    db.write_bytes(NOT_A_DATABASE)
+    config, _ = write_config(tmp_path, upstreams)
+    db = tmp_path / where
+    if db.parent.exists():
+        db.write_bytes(NOT_A_DATABASE)
+    settings = yaml.safe_load(config.read_text())
+    settings["storage"]["url"] = f"sqlite:///{db}"
+    config.write_text(yaml.safe_dump(settings))
     proc = subprocess.run(
         [sys.executable, "-m", "model_gateway", "migrate", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+    # one line, and nothing else: no traceback, from aiosqlite's thread either
     assert (proc.returncode, proc.stderr) == (
         1,
-        f"model-gateway: cannot open the SQLite store {db}: file is not a database\n",
+        f"model-gateway: cannot open the SQLite store {db}: {why}\n",
     )
 
 

@@ -3,6 +3,8 @@ batches by a process of its own (:mod:`.log_process`), everything else through a
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -47,8 +49,9 @@ class SQLiteStore:
         return self._db
 
     async def open(self) -> None:
+        connection = aiosqlite.connect(self.path)
         try:
-            self._db = await aiosqlite.connect(self.path)
+            self._db = await connection
             self._db.row_factory = aiosqlite.Row
             # WAL lets readers (admin, CLI, other workers) run beside the writer; NORMAL sync
             # is durable across process crashes, which is the failure this log must survive.
@@ -60,7 +63,14 @@ class SQLiteStore:
         except BaseException as exc:
             # aiosqlite's thread is not a daemon: a connection left open would keep the
             # process alive after the error, a gateway that never exits
+            connected = self._db is not None
             await self.close()
+            if not connected:
+                # a failed connect stops the thread without waiting for it, and the thread
+                # then answers a loop that may be closed by then (a traceback on stderr)
+                thread: threading.Thread | None = getattr(connection, "_thread", None)
+                if thread is not None and thread.is_alive():
+                    await asyncio.to_thread(thread.join, 5)
             if isinstance(exc, STORE_ERRORS):
                 raise StoreOpenError(f"cannot open the SQLite store {self.path}: {exc}") from exc
             raise
