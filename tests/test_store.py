@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -19,8 +21,8 @@ import pytest
 
 from model_gateway.records import PredictionRecord, new_prediction_id
 from model_gateway.store import Store, open_store
-from model_gateway.store.base import STORE_ERRORS
-from model_gateway.store.schema import LATEST_VERSION
+from model_gateway.store.base import STORE_ERRORS, StoreOpenError, sqlite_path, store_location
+from model_gateway.store.schema import LATEST_VERSION, SchemaTooNewError
 
 from .conftest import GatewayFactory, Upstream, route
 
@@ -332,12 +334,10 @@ def test_shadow_copies_share_the_live_label_and_never_take_a_request_id_join(
 def test_a_store_that_cannot_be_opened_is_named_and_leaves_nothing_open(
     tmp_path: Path,
 ) -> None:
-    from model_gateway.store.base import StoreOpenError
-
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"not a database" * 300)
     # the password is there to be kept out of the message (the server trusts anyone)
-    host = POSTGRES.split("@", 1)[1].split("?", 1)[0].rsplit("/", 1)[0]
+    host = urlsplit(POSTGRES).netloc.rsplit("@", 1)[-1]
     database = f"no_such_database_{uuid.uuid4().hex[:8]}"
     cases = [(f"sqlite:///{garbage}", f"cannot open the SQLite store {garbage}: ")]
     for url in (
@@ -364,8 +364,6 @@ def test_a_store_that_cannot_be_opened_is_named_and_leaves_nothing_open(
 
 
 def test_a_store_too_new_for_this_gateway_is_refused_and_closed(store_url: str) -> None:
-    from model_gateway.store.schema import SchemaTooNewError
-
     async def set_up_and_open() -> Store:
         first = open_store(store_url)
         await first.open()
@@ -373,9 +371,7 @@ def test_a_store_too_new_for_this_gateway_is_refused_and_closed(store_url: str) 
         future = open_store(store_url)
         # a later release's migration, as its own store would have recorded it
         if store_url.startswith("sqlite"):
-            import sqlite3
-
-            conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+            conn = sqlite3.connect(sqlite_path(store_url))
             conn.execute("INSERT INTO schema_version VALUES (?)", (LATEST_VERSION + 1,))
             conn.commit()
             conn.close()
@@ -397,8 +393,6 @@ def test_a_store_too_new_for_this_gateway_is_refused_and_closed(store_url: str) 
 
 
 def test_a_store_location_is_printed_without_credentials() -> None:
-    from model_gateway.store.base import store_location
-
     assert store_location("sqlite:////var/lib/mg/log.db") == "/var/lib/mg/log.db"
     assert store_location("sqlite:///log.db") == "log.db"
     for url in (
