@@ -63,14 +63,12 @@ class SQLiteStore:
         except BaseException as exc:
             # aiosqlite's thread is not a daemon: a connection left open would keep the
             # process alive after the error, a gateway that never exits
-            connected = self._db is not None
             await self.close()
-            if not connected:
-                # a failed connect stops the thread without waiting for it, and the thread
-                # then answers a loop that may be closed by then (a traceback on stderr)
-                thread: threading.Thread | None = getattr(connection, "_thread", None)
-                if thread is not None and thread.is_alive():
-                    await asyncio.to_thread(thread.join, 5)
+            # and a failed connect stops the thread without waiting for it: the thread would
+            # then answer a loop that may be closed by then (a traceback on stderr)
+            thread: threading.Thread | None = getattr(connection, "_thread", None)
+            if thread is not None and thread.is_alive():
+                await asyncio.to_thread(thread.join, 5)
             if isinstance(exc, STORE_ERRORS):
                 raise StoreOpenError(f"cannot open the SQLite store {self.path}: {exc}") from exc
             raise
