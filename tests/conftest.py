@@ -21,6 +21,7 @@ from model_gateway.app import GatewayApp
 from model_gateway.config import load_config
 from model_gateway.server import gateway_server_config
 
+from .compiled import stale_extensions
 from .upstreams import UpstreamControl, create_upstream
 
 
@@ -189,3 +190,12 @@ def route(
         ],
         **extra,
     }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # An extension built before a source changed would be imported instead of that source:
+    # the suite would test old code.
+    stale = stale_extensions()
+    if stale:
+        names = ", ".join(path.name for path in stale)
+        pytest.exit(f"compiled modules older than src/ ({names}): run `make build`", returncode=2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -262,8 +263,11 @@ class UpstreamClient:
             transport.write(message[0])
         else:
             transport.writelines(message)
+        # aiohttp declares (RawResponseMessage, StreamReader), a named tuple; its C parser
+        # gives its own message type instead, which a compiled build would refuse as that
+        reader: Any = protocol
         while True:
-            head, payload = await protocol.read()
+            head, payload = await reader.read()
             # informational answers (100 Continue, 103 Early Hints) precede the real one
             if not 100 <= head.code < 200 or head.code == 101:
                 break
