@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make run` and `make test`. Both build .venv first.
+# The two commands a newcomer needs: `make run` and `make test`. Both build .venv and compile
+# the hot path first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
