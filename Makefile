@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: install build tools run test lint bench bench-instructions clean
 
 # The package installed editable as plain Python; `build` then compiles the hot path in place.
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "model-gateway needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -27,6 +27,8 @@ SOURCES := $(shell find src -name '*.py')
 build: $(COMPILED)
 
 $(COMPILED): $(STAMP) setup.py $(SOURCES)
+	@# none left over from a module setup.py no longer compiles; the rest are copied back
+	find src -name '*.so' -delete
 	$(BIN)/python setup.py --quiet build_ext --inplace
 	@# an extension whose C did not change is copied with its old time: mark them all current
 	find src -name '*.so' -exec touch {} +

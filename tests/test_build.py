@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from .compiled import compiled_module_names, loaded_from_extension
+from .compiled import SRC, compiled_module_names, extensions, loaded_from_extension
 
 
 @pytest.mark.skipif(
@@ -18,3 +18,16 @@ def test_every_hot_path_module_runs_compiled() -> None:
     assert "model_gateway.proxy" in names
     plain = [name for name in names if not loaded_from_extension(name)]
     assert plain == [], f"built by setup.py but imported as plain Python: {plain}"
+
+
+def test_no_extension_outlives_its_place_in_setup_py() -> None:
+    # an extension left beside a module setup.py no longer compiles would still be imported
+    # in place of that module's source
+    compiled = {name.removeprefix("model_gateway.") for name in compiled_module_names()}
+    package = SRC / "model_gateway"
+    built = {
+        ".".join(path.relative_to(package).with_name(path.name.split(".")[0]).parts)
+        for path in extensions()
+        if path.parent != SRC  # mypyc's shared library for the group, beside the package
+    }
+    assert built - compiled == set()
