@@ -21,13 +21,7 @@ from .errors import (
     PayloadTooLargeError,
     UnknownVariantError,
 )
-from .records import (
-    PredictionRecord,
-    answer_document,
-    extract_prediction,
-    new_prediction_id,
-    reported_version,
-)
+from .records import PredictionRecord, new_prediction_id
 from .routing import Assignment, Route, Variant, choose_variant, shadows_for
 from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
@@ -201,10 +195,10 @@ class ProxyApp:
             exchange.upstream_seconds,
             exchange.score,
         )
-        redactor = active.redactors[route.name]
+        redactor = route.redactor
         request_body, request_cut = redactor.body(exchange.request_body)
         response_body, response_cut = redactor.body(exchange.response_body)
-        if key is not None and route.config.hash_routing_key:
+        if key is not None and route.hash_routing_key:
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
         record = PredictionRecord(
             prediction_id=prediction_id,
@@ -267,12 +261,10 @@ class ProxyApp:
             # a "." or ".." segment follows a "/": most paths are cleared without a split
             if "/." in path and not _DOT_SEGMENTS.isdisjoint(path.split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
-            exchange.request_body = await _read_body(
-                receive, route.config.max_body_bytes, content_length
-            )
+            exchange.request_body = await _read_body(receive, route.max_body_bytes, content_length)
             headers = exchange.forwarded_headers = _forward_headers(scope, prediction_id)
             target = exchange.target = _target(scope)
-            retries_left = route.config.connect_retries if assignment != "forced" else 0
+            retries_left = route.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
             while True:
                 sent = time.perf_counter()
@@ -353,8 +345,7 @@ class ProxyApp:
         content_type = upstream.headers.get("Content-Type")
         encoded = "Content-Encoding" in upstream.headers
         length = upstream.content_length
-        capture = route.config.capture
-        source = route.config.version
+        answers = route.answers
 
         if (
             length is not None
@@ -362,11 +353,10 @@ class ProxyApp:
             and "event-stream" not in (content_type or "")
         ):
             body = await upstream.read()
-            evaluation = route.config.evaluation
-            doc = answer_document(route.config, body, content_type, plain=not encoded)
-            exchange.reported_version = reported_version(source, upstream.headers, doc)
+            doc = answers.document(body, content_type, plain=not encoded)
+            exchange.reported_version = answers.version(upstream.headers, doc)
             exchange.status = upstream.status
-            if capture.bodies:
+            if route.redactor.keep_bodies:
                 exchange.response_body = body
             version = exchange.reported_version or variant.model_version
             headers.extend(ours)
@@ -375,18 +365,18 @@ class ProxyApp:
                 {"type": "http.response.start", "status": upstream.status, "headers": headers}
             )
             await send({"type": "http.response.body", "body": body})
-            if evaluation is not None and 200 <= upstream.status < 300:
-                exchange.predicted, exchange.score = extract_prediction(evaluation, doc)
+            if answers.evaluates and 200 <= upstream.status < 300:
+                exchange.predicted, exchange.score = answers.prediction(doc)
             return
 
-        exchange.reported_version = reported_version(source, upstream.headers, None)
+        exchange.reported_version = answers.version(upstream.headers, None)
         version = exchange.reported_version or variant.model_version
         headers.extend(ours)
         headers.append((b"x-model-version", version.encode()))
         exchange.status = upstream.status
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         captured = bytearray()
-        keep = capture.max_bytes if capture.bodies else 0
+        keep = route.redactor.max_bytes if route.redactor.keep_bodies else 0
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             while True:
@@ -405,7 +395,7 @@ class ProxyApp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             disconnect.cancel()
-            if capture.bodies:
+            if route.redactor.keep_bodies:
                 exchange.response_body = bytes(captured)
         await send({"type": "http.response.body", "body": b""})
 

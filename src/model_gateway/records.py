@@ -12,10 +12,13 @@ from typing import Any
 import orjson
 import uuid_utils
 
-from .config import EvaluationConfig, RouteConfig, VersionSource
+from .config import RouteConfig
 
 # Open Inference Protocol V2 and KServe V1 name the model in the path.
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
+
+#: a JSON pointer split into its tokens, each with its value as a list index (if it is one)
+Pointer = tuple[tuple[str, int | None], ...]
 
 
 def new_prediction_id() -> str:
@@ -55,6 +58,67 @@ class PredictionRecord:
     score: float | None = None
     #: a shadow's record: the prediction id of the live answer to the same request
     shadow_of: str | None = None
+
+    # Written out, not generated: the generated __init__ of a dataclass runs as plain Python
+    # even in a compiled module, and a record is built for every request.
+    def __init__(
+        self,
+        *,
+        prediction_id: str,
+        request_id: str | None,
+        route: str,
+        variant: str,
+        model_name: str | None,
+        configured_version: str,
+        reported_version: str | None,
+        assignment: str,
+        routing_key: str | None,
+        config_version: str,
+        method: str,
+        path: str,
+        request_time: float,
+        response_time: float,
+        latency_ms: float,
+        status: int,
+        error: str | None,
+        request_body: bytes | None,
+        response_body: bytes | None,
+        request_truncated: bool,
+        response_truncated: bool,
+        request_headers: str | None = None,
+        response_headers: str | None = None,
+        shadow: bool = False,
+        predicted: str | None = None,
+        score: float | None = None,
+        shadow_of: str | None = None,
+    ) -> None:
+        self.prediction_id = prediction_id
+        self.request_id = request_id
+        self.route = route
+        self.variant = variant
+        self.model_name = model_name
+        self.configured_version = configured_version
+        self.reported_version = reported_version
+        self.assignment = assignment
+        self.routing_key = routing_key
+        self.config_version = config_version
+        self.method = method
+        self.path = path
+        self.request_time = request_time
+        self.response_time = response_time
+        self.latency_ms = latency_ms
+        self.status = status
+        self.error = error
+        self.request_body = request_body
+        self.response_body = response_body
+        self.request_truncated = request_truncated
+        self.response_truncated = response_truncated
+        self.request_headers = request_headers
+        self.response_headers = response_headers
+        self.shadow = shadow
+        self.predicted = predicted
+        self.score = score
+        self.shadow_of = shadow_of
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -107,19 +171,13 @@ def parse_json_object(body: bytes, content_type: str | None) -> dict[str, Any] |
     return doc if isinstance(doc, dict) else None
 
 
-def answer_document(
-    config: RouteConfig, body: bytes, content_type: str | None, plain: bool
-) -> dict[str, Any] | None:
-    """A model server's answer as a JSON object, when the route reads the served version from
-    the body or evaluates answers and ``plain`` (the whole body, not compressed); else None."""
-    if not plain or (config.version.pointer is None and config.evaluation is None):
-        return None
-    return parse_json_object(body, content_type)
-
-
 def resolve_pointer(doc: Any, pointer: str) -> Any:
     """RFC 6901 JSON pointer lookup; ``None`` when the path does not exist."""
-    for key, index in _pointer_tokens(pointer):
+    return _resolve_tokens(doc, _pointer_tokens(pointer))
+
+
+def _resolve_tokens(doc: Any, tokens: Pointer) -> Any:
+    for key, index in tokens:
         if isinstance(doc, dict):
             doc = doc.get(key)
         elif isinstance(doc, list) and index is not None and index < len(doc):
@@ -130,30 +188,12 @@ def resolve_pointer(doc: Any, pointer: str) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _pointer_tokens(pointer: str) -> tuple[tuple[str, int | None], ...]:
+def _pointer_tokens(pointer: str) -> Pointer:
     # Pointers come from the configuration, so each is split once rather than per request.
     if pointer == "":
         return ()
     tokens = (t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/"))
     return tuple((t, int(t) if t.isdigit() else None) for t in tokens)
-
-
-def reported_version(
-    source: VersionSource, headers: Mapping[str, str], doc: dict[str, Any] | None
-) -> str | None:
-    """The model version the server says it served: a header first, then the body.
-
-    ``headers`` must look names up case-insensitively (aiohttp's response headers do).
-    """
-    if source.header is not None:
-        value = headers.get(source.header)
-        if value:
-            return value
-    if doc is not None and source.pointer is not None:
-        value = resolve_pointer(doc, source.pointer)
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
-    return None
 
 
 _DEFAULT_PREDICTION_POINTERS = ("/outputs/0/data/0", "/predictions/0")
@@ -170,25 +210,78 @@ def canonical_label(value: Any) -> str | None:
     return None
 
 
-def extract_prediction(
-    evaluation: EvaluationConfig, doc: dict[str, Any] | None
-) -> tuple[str | None, float | None]:
-    """(prediction as canonical text, score) from a parsed response; ``None`` where absent."""
-    if doc is None:
-        return None, None
-    score = None
-    if evaluation.score is not None:
-        raw = resolve_pointer(doc, evaluation.score)
-        if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
-            score = float(raw)
-    pointers = (evaluation.prediction,) if evaluation.prediction else _DEFAULT_PREDICTION_POINTERS
-    predicted = None
-    for pointer in pointers:
-        predicted = canonical_label(resolve_pointer(doc, pointer))
-        if predicted is not None:
-            break
-    if predicted is None and score is not None and evaluation.task == "binary":
-        positive = canonical_label(evaluation.positive_label)
-        negative = "0" if positive == "1" else f"not {positive}"
-        predicted = positive if score >= evaluation.threshold else negative
-    return predicted, score
+class AnswerReader:
+    """What the gateway reads from one route's answers: the served model version (a header,
+    then a JSON pointer into the body) and, for a route that evaluates, the prediction and
+    its score.
+
+    Built once per route and (re)load from the route's configuration. Every attribute read
+    on a pydantic model goes through its ``__getattr__`` hook, which costs more than all
+    the reading itself; here the hot path reads plain fields, and pointers arrive split.
+    """
+
+    def __init__(self, config: RouteConfig) -> None:
+        source = config.version
+        self.version_header = source.header
+        self.version_pointer = None if source.pointer is None else _pointer_tokens(source.pointer)
+        evaluation = config.evaluation
+        self.evaluates = evaluation is not None
+        self.score_pointer: Pointer | None = None
+        self.prediction_pointers: tuple[Pointer, ...] = ()
+        #: a binary task without a predicted label: positive when score >= threshold
+        self.by_threshold = False
+        self.threshold = 0.5
+        self.positive: str | None = None
+        self.negative = ""
+        if evaluation is not None:
+            if evaluation.score is not None:
+                self.score_pointer = _pointer_tokens(evaluation.score)
+            pointers = (
+                (evaluation.prediction,) if evaluation.prediction else _DEFAULT_PREDICTION_POINTERS
+            )
+            self.prediction_pointers = tuple(_pointer_tokens(p) for p in pointers)
+            self.by_threshold = evaluation.task == "binary"
+            self.threshold = evaluation.threshold
+            self.positive = canonical_label(evaluation.positive_label)
+            self.negative = "0" if self.positive == "1" else f"not {self.positive}"
+        self.reads_body = self.version_pointer is not None or self.evaluates
+
+    def document(self, body: bytes, content_type: str | None, plain: bool) -> dict[str, Any] | None:
+        """The answer as a JSON object, when this route reads anything from the body and
+        ``plain`` (the whole body, not compressed); else None."""
+        if not plain or not self.reads_body:
+            return None
+        return parse_json_object(body, content_type)
+
+    def version(self, headers: Mapping[str, str], doc: dict[str, Any] | None) -> str | None:
+        """The model version the server says it served: a header first, then the body.
+
+        ``headers`` must look names up case-insensitively (aiohttp's response headers do).
+        """
+        if self.version_header is not None:
+            value = headers.get(self.version_header)
+            if value:
+                return value
+        if doc is not None and self.version_pointer is not None:
+            found = _resolve_tokens(doc, self.version_pointer)
+            if isinstance(found, str | int | float) and not isinstance(found, bool):
+                return str(found)
+        return None
+
+    def prediction(self, doc: dict[str, Any] | None) -> tuple[str | None, float | None]:
+        """(prediction as canonical text, score) from a parsed answer; ``None`` where absent."""
+        if doc is None or not self.evaluates:
+            return None, None
+        score = None
+        if self.score_pointer is not None:
+            raw = _resolve_tokens(doc, self.score_pointer)
+            if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+                score = float(raw)
+        predicted = None
+        for tokens in self.prediction_pointers:
+            predicted = canonical_label(_resolve_tokens(doc, tokens))
+            if predicted is not None:
+                break
+        if predicted is None and score is not None and self.by_threshold:
+            predicted = self.positive if score >= self.threshold else self.negative
+        return predicted, score

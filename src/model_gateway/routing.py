@@ -16,7 +16,8 @@ from typing import Literal
 
 from .config import GatewayConfig, RouteConfig, ShadowConfig, VariantConfig
 from .errors import NoHealthyVariantError, UnknownVariantError
-from .records import model_name_from_path
+from .records import AnswerReader, model_name_from_path
+from .redaction import Redactor
 
 Assignment = Literal["random", "sticky", "forced"]
 
@@ -62,10 +63,25 @@ class Route:
     #: the configured model name, else the one the route's own path names (/v2/models/NAME);
     #: ``None`` when only each request's path can tell
     model_name: str | None = field(init=False)
+    # The settings a request reads, copied out of the pydantic model: every attribute read
+    # on one goes through its __getattr__ hook, several times slower than a field's.
+    max_body_bytes: int = field(init=False)
+    connect_retries: int = field(init=False)
+    hash_routing_key: bool = field(init=False)
+    #: what is kept of requests and answers in the log
+    redactor: Redactor = field(init=False)
+    #: what is read from the answers: served version, prediction, score
+    answers: AnswerReader = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "model_name", self.config.model_name or model_name_from_path(self.path))
+        config = self.config
+        set_(self, "model_name", config.model_name or model_name_from_path(self.path))
+        set_(self, "max_body_bytes", config.max_body_bytes)
+        set_(self, "connect_retries", config.connect_retries)
+        set_(self, "hash_routing_key", config.hash_routing_key)
+        set_(self, "redactor", Redactor(config.capture))
+        set_(self, "answers", AnswerReader(config))
         cumulative = tuple(accumulate(v.weight for v in self.variants))
         set_(self, "cumulative", cumulative)
         set_(self, "total_weight", cumulative[-1])

@@ -13,7 +13,6 @@ import aiohttp
 from .config import LoadedConfig
 from .health import HealthMonitor
 from .metrics import Metrics
-from .redaction import Redactor
 from .routing import RoutingTable
 from .shadow import ShadowMirror
 from .store.writer import RecordWriter
@@ -25,7 +24,8 @@ class ActiveConfig:
     loaded: LoadedConfig
     table: RoutingTable
     timeouts: dict[str, Deadlines]
-    redactors: dict[str, Redactor]
+    #: the configuration's version (its content hash), which every record carries
+    version: str
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> ActiveConfig:
@@ -34,12 +34,8 @@ class ActiveConfig:
             loaded=loaded,
             table=table,
             timeouts={r.name: Deadlines(r.config.timeouts) for r in table.routes},
-            redactors={r.name: Redactor(r.config.capture) for r in table.routes},
+            version=loaded.version,
         )
-
-    @property
-    def version(self) -> str:
-        return self.loaded.version
 
 
 @dataclass(slots=True)

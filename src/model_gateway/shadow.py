@@ -22,13 +22,7 @@ from typing import TYPE_CHECKING
 
 from .errors import GatewayError
 from .metrics import Metrics
-from .records import (
-    PredictionRecord,
-    answer_document,
-    extract_prediction,
-    new_prediction_id,
-    reported_version,
-)
+from .records import PredictionRecord, new_prediction_id
 from .routing import Route, Shadow
 from .store.writer import RecordWriter
 from .upstream import UpstreamClient, UpstreamErrors, UpstreamResponse
@@ -132,20 +126,19 @@ class ShadowMirror:
                     body, truncated = await _read_capped(response)
                 finally:
                     response.close()  # a no-op once the answer was read to the end
-            evaluation = route.config.evaluation
             plain = not truncated and "Content-Encoding" not in response.headers
             content_type = response.headers.get("Content-Type")
-            doc = answer_document(route.config, body, content_type, plain)
-            version = reported_version(route.config.version, response.headers, doc)
-            if evaluation is not None and 200 <= status < 300:
-                predicted, score = extract_prediction(evaluation, doc)
+            doc = route.answers.document(body, content_type, plain)
+            version = route.answers.version(response.headers, doc)
+            if route.answers.evaluates and 200 <= status < 300:
+                predicted, score = route.answers.prediction(doc)
         except GatewayError as failure:
             status = status or failure.status
             error = f"{failure.reason}: {failure.message}"
         elapsed = time.perf_counter() - started
         served = version or shadow.model_version
         self._metrics.observe_shadow(route.name, shadow.name, served, status, elapsed)
-        redactor = active.redactors[route.name]
+        redactor = route.redactor
         request_body, request_cut = redactor.body(live.body)
         response_body, response_cut = redactor.body(body)
         return PredictionRecord(
