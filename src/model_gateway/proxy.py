@@ -136,24 +136,14 @@ class ProxyApp:
             self.state.metrics.observe_request("", "", "", error.status, 0.0)
             return
 
-        request_id = key = forced = None
-        content_length = -1
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")
-            elif name == b"x-model-variant":
-                forced = value.decode("latin-1")
-            elif name == b"content-length" and value.isdigit():
-                content_length = int(value)
-            elif route.routing_key is not None and name == route.routing_key.encode():
-                key = value.decode("latin-1")
-
+        client = ClientHeaders(scope["headers"], route.routing_header)
+        request_id, key = client.request_id, client.key
         rand = self._draw()
         try:
             variant, assignment = choose_variant(
                 route,
                 key=key,
-                forced=forced,
+                forced=client.forced,
                 rand=rand,
                 down=self.state.health.down.get(route.name),
             )
@@ -174,7 +164,7 @@ class ProxyApp:
                 route,
                 assignment,
                 prediction_id,
-                content_length,
+                client,
                 exchange,
             )
         except ClientDisconnected:
@@ -252,7 +242,7 @@ class ProxyApp:
         route: Route,
         assignment: Assignment,
         prediction_id: str,
-        content_length: int,
+        client: ClientHeaders,
         exchange: Exchange,
     ) -> None:
         variant = exchange.variant
@@ -261,8 +251,10 @@ class ProxyApp:
             # a "." or ".." segment follows a "/": most paths are cleared without a split
             if "/." in path and not _DOT_SEGMENTS.isdisjoint(path.split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
-            exchange.request_body = await _read_body(receive, route.max_body_bytes, content_length)
-            headers = exchange.forwarded_headers = _forward_headers(scope, prediction_id)
+            exchange.request_body = await _read_body(
+                receive, route.max_body_bytes, client.content_length
+            )
+            headers = exchange.forwarded_headers = _forward_headers(scope, client, prediction_id)
             target = exchange.target = _target(scope)
             retries_left = route.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
@@ -439,31 +431,88 @@ def _target(scope: Scope) -> bytes:
     return target + b"?" + query if query else target
 
 
-def _forward_headers(scope: Scope, prediction_id: str) -> list[tuple[bytes, bytes]]:
-    # One pass over the client's headers, which the server gives lower-cased and checked
-    # (no line breaks). X-Prediction-Id comes last: a shadow copy swaps in its own.
-    out = []
-    forwarded_for = host = None
-    named_by_connection: set[bytes] = set()
-    for name, value in scope["headers"]:
-        if name not in _NOT_FORWARDED:
-            out.append((name, value))
-        elif name == b"x-forwarded-for":
-            forwarded_for = value
-        elif name == b"host":
-            host = value
-        elif name == b"connection":
-            # RFC 9110 §7.6.1: headers the client marked connection-specific go too
-            named_by_connection.update(token.strip().lower() for token in value.split(b","))
-    if named_by_connection:
-        out = [(name, value) for name, value in out if name not in named_by_connection]
-    client = scope.get("client")
-    if client:
-        peer = client[0].encode()
+# What the one pass over a request's headers does with a name it knows; a name not here is
+# forwarded as it came.
+_FORWARD_AND_NOTE_REQUEST_ID = 1
+_FORWARD_AND_NOTE_VARIANT = 2
+_NOTE_CONTENT_LENGTH = 3
+_NOTE_FORWARDED_FOR = 4
+_NOTE_HOST = 5
+_NOTE_CONNECTION = 6
+_DROP = 7
+_REQUEST_HEADER_ROLES: dict[bytes, int] = {name: _DROP for name in _NOT_FORWARDED}
+_REQUEST_HEADER_ROLES.update(
+    {
+        b"x-request-id": _FORWARD_AND_NOTE_REQUEST_ID,
+        b"x-model-variant": _FORWARD_AND_NOTE_VARIANT,
+        b"content-length": _NOTE_CONTENT_LENGTH,
+        b"x-forwarded-for": _NOTE_FORWARDED_FOR,
+        b"host": _NOTE_HOST,
+        b"connection": _NOTE_CONNECTION,
+    }
+)
+
+
+class ClientHeaders:
+    """The client's headers, read in one pass: what the gateway takes from them, and the ones
+    it forwards as they came. The server gives them lower-cased and checked (no line breaks)."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], routing_header: bytes | None) -> None:
+        self.request_id: str | None = None
+        #: the variant asked for by X-Model-Variant
+        self.forced: str | None = None
+        #: the routing key, when the route has one and the request carries it
+        self.key: str | None = None
+        self.content_length = -1
+        self.forwarded_for: bytes | None = None
+        self.host: bytes | None = None
+        self.named_by_connection: set[bytes] | None = None
+        self.kept: list[tuple[bytes, bytes]] = []
+        for pair in headers:
+            name, value = pair
+            if routing_header is not None and name == routing_header:
+                self.key = value.decode("latin-1")
+            role = _REQUEST_HEADER_ROLES.get(name)
+            if role is None:
+                self.kept.append(pair)
+            elif role == _FORWARD_AND_NOTE_REQUEST_ID:
+                self.request_id = value.decode("latin-1")
+                self.kept.append(pair)
+            elif role == _FORWARD_AND_NOTE_VARIANT:
+                self.forced = value.decode("latin-1")
+                self.kept.append(pair)
+            elif role == _NOTE_CONTENT_LENGTH:
+                if value.isdigit():
+                    self.content_length = int(value)
+            elif role == _NOTE_FORWARDED_FOR:
+                self.forwarded_for = value
+            elif role == _NOTE_HOST:
+                self.host = value
+            elif role == _NOTE_CONNECTION:
+                # RFC 9110 §7.6.1: headers the client marked connection-specific go too
+                named = {token.strip().lower() for token in value.split(b",")}
+                if self.named_by_connection is None:
+                    self.named_by_connection = named
+                else:
+                    self.named_by_connection |= named
+
+
+def _forward_headers(
+    scope: Scope, client: ClientHeaders, prediction_id: str
+) -> list[tuple[bytes, bytes]]:
+    # X-Prediction-Id comes last: a shadow copy swaps in its own.
+    out = client.kept
+    if client.named_by_connection:
+        named = client.named_by_connection
+        out = [(name, value) for name, value in out if name not in named]
+    peer_address = scope.get("client")
+    if peer_address:
+        peer = peer_address[0].encode()
+        forwarded_for = client.forwarded_for
         out.append((b"X-Forwarded-For", forwarded_for + b", " + peer if forwarded_for else peer))
     out.append((b"X-Forwarded-Proto", scope.get("scheme", "http").encode()))
-    if host:
-        out.append((b"X-Forwarded-Host", host))
+    if client.host:
+        out.append((b"X-Forwarded-Host", client.host))
     out.append((b"X-Prediction-Id", prediction_id.encode()))
     return out
 

@@ -65,6 +65,8 @@ class Route:
     model_name: str | None = field(init=False)
     # The settings a request reads, copied out of the pydantic model: every attribute read
     # on one goes through its __getattr__ hook, several times slower than a field's.
+    #: the routing key's header as the server gives it (lower-cased bytes)
+    routing_header: bytes | None = field(init=False)
     max_body_bytes: int = field(init=False)
     connect_retries: int = field(init=False)
     hash_routing_key: bool = field(init=False)
@@ -77,6 +79,8 @@ class Route:
         set_ = object.__setattr__
         config = self.config
         set_(self, "model_name", config.model_name or model_name_from_path(self.path))
+        key = self.routing_key
+        set_(self, "routing_header", None if key is None else key.encode())
         set_(self, "max_body_bytes", config.max_body_bytes)
         set_(self, "connect_retries", config.connect_retries)
         set_(self, "hash_routing_key", config.hash_routing_key)
