@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from model_gateway.metrics import Metrics
@@ -176,6 +176,57 @@ def test_block_policy_makes_requests_wait(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert len(stored_request_ids(tmp_path / "log.db")) == 4
+
+
+@settings(max_examples=40, deadline=None)
+@example(waiting=4, doomed={0, 1}, writes=1, turns=0)  # both given room, both gone
+@given(
+    waiting=st.integers(1, 10),
+    doomed=st.sets(st.integers(0, 9)),
+    writes=st.integers(1, 4),
+    turns=st.integers(0, 2),
+)
+def test_block_policy_survives_cancelled_waiters(
+    waiting: int, doomed: set[int], writes: int, turns: int
+) -> None:
+    """Requests waiting for room are cancelled (their clients went away) a few loop turns
+    after the writer began its ``writes``-th write, the moment it made room: some before
+    their turn, some after room was given to them but before they used it. Every other
+    request still gets its record in, and nothing hangs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "log.db"
+
+        async def scenario() -> list[asyncio.Future[None]]:
+            store = GatedStore(str(path))
+            await store.open()
+            store.gate.clear()
+            writer = RecordWriter(
+                store, Metrics(), queue_size=2, batch_size=2, overflow="block", write_retries=0
+            )
+            writer.start()
+            await writer.submit(record(0))
+            await asyncio.sleep(0.02)  # the writer took record 0 and waits on the store
+            for i in (1, 2):  # the queue is now full
+                await writer.submit(record(i))
+            tasks = [asyncio.ensure_future(writer.submit(record(3 + i))) for i in range(waiting)]
+            await asyncio.sleep(0.01)  # every one of them waits for room
+            store.gate.set()
+            while store.attempts <= writes and not all(task.done() for task in tasks):
+                await asyncio.sleep(0)
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            for i, task in enumerate(tasks):
+                if i in doomed:
+                    task.cancel()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+            await asyncio.wait_for(writer.close(), 10)
+            await store.close()
+            return tasks
+
+        tasks = asyncio.run(scenario())
+        expected = {f"req-{i}" for i in range(3)}
+        expected |= {f"req-{3 + i}" for i, task in enumerate(tasks) if not task.cancelled()}
+        assert sorted(stored_request_ids(path)) == sorted(expected)
 
 
 @pytest.mark.parametrize(("failures", "retries", "kept"), [(2, 3, 5), (4, 3, 0)])

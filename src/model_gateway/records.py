@@ -205,7 +205,7 @@ def canonical_label(value: Any) -> str | None:
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, str | int | float):
+    if isinstance(value, (str, int, float)):
         return str(value)
     return None
 
@@ -264,7 +264,7 @@ class AnswerReader:
                 return value
         if doc is not None and self.version_pointer is not None:
             found = _resolve_tokens(doc, self.version_pointer)
-            if isinstance(found, str | int | float) and not isinstance(found, bool):
+            if isinstance(found, (str, int, float)) and not isinstance(found, bool):
                 return str(found)
         return None
 
@@ -275,7 +275,7 @@ class AnswerReader:
         score = None
         if self.score_pointer is not None:
             raw = _resolve_tokens(doc, self.score_pointer)
-            if isinstance(raw, int | float) and not isinstance(raw, bool) and math.isfinite(raw):
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
                 score = float(raw)
         predicted = None
         for tokens in self.prediction_pointers:
