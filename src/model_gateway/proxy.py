@@ -1,7 +1,7 @@
 """The hot path: one request in, one request forwarded, one response out, one record queued.
 
 A pure ASGI app. Per request it does a dict lookup for the route, a draw or a hash for the
-variant, one upstream exchange over a pooled connection, and one ``put`` on the log queue;
+variant, one upstream exchange over a pooled connection, and one record appended to the log queue;
 no disk, no database, no validation library.
 """
 
