@@ -152,19 +152,26 @@ def test_drop_policy_counts_what_it_drops(tmp_path: Path) -> None:
     assert sample(metrics, "log_records_dropped_total") == 15
 
 
+async def full_blocking_writer(path: Path, batch_size: int) -> tuple[GatedStore, RecordWriter]:
+    """A ``block`` writer with room for two records, both taken, in front of a stalled store
+    that holds the first record: the next ``submit`` must wait."""
+    store = GatedStore(str(path))
+    await store.open()
+    store.gate.clear()
+    writer = RecordWriter(
+        store, Metrics(), queue_size=2, batch_size=batch_size, overflow="block", write_retries=0
+    )
+    writer.start()
+    await writer.submit(record(0))
+    await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
+    for i in (1, 2):  # the queue is now full
+        await writer.submit(record(i))
+    return store, writer
+
+
 def test_block_policy_makes_requests_wait(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = GatedStore(str(tmp_path / "log.db"))
-        await store.open()
-        store.gate.clear()
-        writer = RecordWriter(
-            store, Metrics(), queue_size=2, batch_size=100, overflow="block", write_retries=0
-        )
-        writer.start()
-        await writer.submit(record(0))
-        await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
-        for i in (1, 2):  # the queue is now full
-            await writer.submit(record(i))
+        store, writer = await full_blocking_writer(tmp_path / "log.db", batch_size=100)
         assert not writer.offer(record(99))  # no room, and not queued: the caller must wait
         blocked = asyncio.ensure_future(writer.submit(record(3)))
         await asyncio.sleep(0.05)
@@ -197,17 +204,7 @@ def test_block_policy_survives_cancelled_waiters(
         path = Path(tmp) / "log.db"
 
         async def scenario() -> list[asyncio.Future[None]]:
-            store = GatedStore(str(path))
-            await store.open()
-            store.gate.clear()
-            writer = RecordWriter(
-                store, Metrics(), queue_size=2, batch_size=2, overflow="block", write_retries=0
-            )
-            writer.start()
-            await writer.submit(record(0))
-            await asyncio.sleep(0.02)  # the writer took record 0 and waits on the store
-            for i in (1, 2):  # the queue is now full
-                await writer.submit(record(i))
+            store, writer = await full_blocking_writer(path, batch_size=2)
             tasks = [asyncio.ensure_future(writer.submit(record(3 + i))) for i in range(waiting)]
             await asyncio.sleep(0.01)  # every one of them waits for room
             store.gate.set()
