@@ -467,20 +467,21 @@ class ClientHeaders:
         self.forwarded_for: bytes | None = None
         self.host: bytes | None = None
         self.named_by_connection: set[bytes] | None = None
-        self.kept: list[tuple[bytes, bytes]] = []
+        #: the headers forwarded as they came; ``_forward_headers`` adds the gateway's own
+        self.forwarded: list[tuple[bytes, bytes]] = []
         for pair in headers:
             name, value = pair
             if routing_header is not None and name == routing_header:
                 self.key = value.decode("latin-1")
             role = _REQUEST_HEADER_ROLES.get(name)
             if role is None:
-                self.kept.append(pair)
+                self.forwarded.append(pair)
             elif role == _FORWARD_AND_NOTE_REQUEST_ID:
                 self.request_id = value.decode("latin-1")
-                self.kept.append(pair)
+                self.forwarded.append(pair)
             elif role == _FORWARD_AND_NOTE_VARIANT:
                 self.forced = value.decode("latin-1")
-                self.kept.append(pair)
+                self.forwarded.append(pair)
             elif role == _NOTE_CONTENT_LENGTH:
                 if value.isdigit():
                     self.content_length = int(value)
@@ -501,7 +502,7 @@ def _forward_headers(
     scope: Scope, client: ClientHeaders, prediction_id: str
 ) -> list[tuple[bytes, bytes]]:
     # X-Prediction-Id comes last: a shadow copy swaps in its own.
-    out = client.kept
+    out = client.forwarded
     if client.named_by_connection:
         named = client.named_by_connection
         out = [(name, value) for name, value in out if name not in named]
