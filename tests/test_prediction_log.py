@@ -123,6 +123,42 @@ def test_record_fields(gateway: GatewayFactory, upstreams: dict[str, Upstream]) 
     assert parse_config(stored[1]).version == stored[0] == record["config_version"]
 
 
+@pytest.mark.parametrize("key_header", ["X-Request-Id", "X-Model-Variant", "X-Forwarded-For"])
+def test_routing_key_may_be_a_header_the_gateway_reads_for_itself(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream], key_header: str
+) -> None:
+    """1. A route is keyed by a header the gateway also reads for its own use: the client's
+       request id, the variant asked for (overrides are off), or a front proxy's address chain.
+    2. Twenty keys are each sent twice.
+    3. Each key lands on one variant both times, and both variants get keys.
+    4. Every record is a sticky assignment holding its key.
+    """
+    gw = gateway(
+        [
+            route(
+                "fraud",
+                "/v2/models/fraud",
+                [("a", upstreams["a"].url, 1), ("b", upstreams["b"].url, 1)],
+                routing_key=key_header,
+            )
+        ]
+    )
+    variants_by_key: dict[str, set[str]] = {}
+    for i in range(20):
+        key = f"10.0.0.{i}"
+        for _ in range(2):
+            r = httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER, headers={key_header: key})
+            assert r.status_code == 200
+            variants_by_key.setdefault(key, set()).add(r.headers["x-model-variant"])
+    assert all(len(variants) == 1 for variants in variants_by_key.values())
+    # 20 keys over 50/50 weights all on one variant: a chance of 2 in a million
+    assert set().union(*variants_by_key.values()) == {"a", "b"}
+    gw.stop()
+    records = gw.records()
+    assert {r["assignment"] for r in records} == {"sticky"}
+    assert sorted(r["routing_key"] for r in records) == sorted(2 * list(variants_by_key))
+
+
 def test_bodies_not_captured_unless_configured(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
