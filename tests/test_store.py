@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +20,15 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model_gateway.records import PredictionRecord, new_prediction_id
 from model_gateway.store import Store, open_store
 from model_gateway.store.base import STORE_ERRORS, StoreOpenError, sqlite_path, store_location
 from model_gateway.store.schema import LATEST_VERSION, SchemaTooNewError
 
-from .conftest import GatewayFactory, Upstream, route
+from .conftest import GatewayFactory, Upstream, route, wait_until
 
 POSTGRES = os.environ.get(
     "MODEL_GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -361,6 +365,92 @@ def test_a_store_that_cannot_be_opened_is_named_and_leaves_nothing_open(
         # not a daemon and would keep the process alive, no pool, no log process
         assert getattr(store, "_db", None) is None and getattr(store, "_pool", None) is None
         assert getattr(getattr(store, "_log", None), "_process", None) is None
+
+
+def test_an_open_cancelled_at_any_point_leaves_nothing_running(store_url: str) -> None:
+    """1. A full open and close of the store is timed.
+    2. Opens are cancelled after delays drawn across that time (and past it: then the open
+       has finished, and the store is closed instead).
+    3. After each, nothing the open started is left: no aiosqlite thread, no log process,
+       no PostgreSQL connection; and the store opens again.
+    """
+    sqlite = store_url.startswith("sqlite")
+    made = 0
+
+    def next_url() -> str:
+        # SQLite: a new file each time, so that the cancel can land in a migration too
+        nonlocal made
+        made += 1
+        return store_url.replace("store.db", f"store{made}.db") if sqlite else store_url
+
+    async def open_and_close(url: str) -> float:
+        began = time.monotonic()
+        await with_store(url, lambda store: asyncio.sleep(0))
+        return time.monotonic() - began
+
+    async def cancel_open(url: str, delay: float) -> None:
+        store = open_store(url)
+        opening = asyncio.create_task(store.open())
+        await asyncio.sleep(delay)
+        opening.cancel()
+        try:
+            await opening
+        except asyncio.CancelledError:
+            return
+        await store.close()
+
+    async def postgres_connections() -> int:
+        conn = await asyncpg.connect(POSTGRES)
+        try:
+            # this one included
+            found: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            )
+            return found
+        finally:
+            await conn.close()
+
+    threads = _lasting_threads()
+    children = _log_processes()
+    connections = asyncio.run(postgres_connections())
+    full = asyncio.run(open_and_close(next_url()))
+
+    @settings(max_examples=20, deadline=None)
+    @given(fraction=st.floats(0, 1.2))
+    def cancelled_at(fraction: float) -> None:
+        url = next_url()
+        asyncio.run(cancel_open(url, fraction * full))
+        # aiosqlite's thread ends a moment after its close has returned
+        wait_until(lambda: _lasting_threads() <= threads, "aiosqlite's thread to end", 5)
+        wait_until(lambda: _log_processes() == children, "the log process to end", 5)
+        if not sqlite:
+            wait_until(
+                lambda: asyncio.run(postgres_connections()) == connections,
+                "the cancelled open's connections to close",
+            )
+        asyncio.run(open_and_close(url))
+
+    cancelled_at()
+
+
+def _lasting_threads() -> set[threading.Thread]:
+    """Threads that keep the process alive (aiosqlite's is one); asyncio's daemon threads that
+    wait for a child to exit are not."""
+    return {thread for thread in threading.enumerate() if not thread.daemon}
+
+
+def _log_processes() -> set[int]:
+    """The log processes this process has running."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = status.read_text().rsplit(")", 1)[1].split()[1]
+            command = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if ppid == str(os.getpid()) and b"log_child" in command:
+            found.add(int(status.parent.name))
+    return found
 
 
 def test_a_store_too_new_for_this_gateway_is_refused_and_closed(store_url: str) -> None:

@@ -64,6 +64,11 @@ class LogProcess:
             ready = await process.stdout.readexactly(1)
         except asyncio.IncompleteReadError:
             ready = b""
+        except BaseException:
+            # cancelled before it was ready: nothing else holds it, so it would run as long
+            # as the gateway does
+            await _kill(process)
+            raise
         if ready != log_child.READY:
             await _kill(process)
             raise LogProcessError(f"the log process could not open {self._path}")
