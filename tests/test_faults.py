@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import socket
 import sqlite3
@@ -18,7 +19,9 @@ import asyncpg
 import httpx
 import yaml
 
-from .conftest import GatewayFactory, Upstream, route
+from .conftest import GatewayFactory, Upstream, route, wait_until
+from .test_health import gauge
+from .test_http import in_flight
 from .test_processes import INFER, GatewayProcess
 from .test_store import POSTGRES
 
@@ -130,6 +133,120 @@ def test_upstream_that_never_accepts_times_out(gateway: GatewayFactory) -> None:
         assert r.status_code == 504
         gw.stop()
     assert gw.records()[0]["error"].startswith("timeout")
+
+
+def test_a_client_that_leaves_while_the_model_computes_is_let_go_and_logged_499(
+    gateway: GatewayFactory,
+) -> None:
+    """1. A model server reads the request and never answers; it notes when the gateway
+       closes the connection.
+    2. A client sends a request and closes its connection once the model server has it.
+    3. The gateway stops waiting and closes its connection to the model server, as nginx
+       does, long before the total timeout.
+    4. The record says 499, client disconnected; the in-flight gauge is back to 0.
+    """
+    received, let_go = threading.Event(), threading.Event()
+
+    def computes_for_ever(conn: socket.socket) -> None:
+        received.set()
+        conn.settimeout(30)
+        if conn.recv(1) == b"":
+            let_go.set()
+
+    with raw_upstream(computes_for_ever) as model:
+        gw = gateway([route("m", "/m", [("m", model, 1)], timeouts={"total": 60})])
+        client = socket.create_connection(("127.0.0.1", gw.server.port))
+        client.sendall(
+            b"POST /m HTTP/1.1\r\nHost: x\r\nX-Request-Id: gone-1\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        assert received.wait(10)
+        client.close()
+        assert let_go.wait(20), "the gateway kept waiting on the model server"
+        wait_until(lambda: len(gw.records()) == 1, "the record")
+        (record,) = gw.records()
+        assert (record["status"], record["error"]) == (499, "client disconnected")
+        assert record["request_id"] == "gone-1"
+        assert in_flight(gw.url) == 0
+        gw.stop()
+
+
+def test_a_client_that_leaves_neither_fails_nor_clears_its_variant(
+    gateway: GatewayFactory,
+) -> None:
+    """1. A model server that never answers, behind a route that times out at 0.3 s and
+       ejects a variant after 3 consecutive failures.
+    2. Timeouts (504) alternate with clients that leave before the timeout (499).
+    3. The third timeout ejects the variant: the clients that left did not clear its count
+       of failures, nor add to it (nginx's max_fails and Envoy's outlier detection count
+       neither).
+    """
+    with raw_upstream(lambda conn: conn.recv(1)) as model:
+        gw = gateway(
+            [
+                route(
+                    "m",
+                    "/m",
+                    [("m", model, 1)],
+                    timeouts={"total": 0.3},
+                    health={"passive_failures": 3, "ejection_seconds": 60},
+                )
+            ]
+        )
+        for i in range(3):
+            if i:
+                with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+                    conn.sendall(b"GET /m HTTP/1.1\r\nHost: x\r\n\r\n")
+                    time.sleep(0.1)
+                wait_until(lambda n=2 * i: len(gw.records()) == n, "the 499's record")
+            assert httpx.get(f"{gw.url}/m").status_code == 504
+        assert gauge(gw, "model_gateway_variant_up", route="m", variant="m") == 0
+        assert httpx.get(f"{gw.url}/m").status_code == 503
+        gw.stop()
+    statuses = [r["status"] for r in sorted(gw.records(), key=lambda r: r["request_time"])]
+    assert statuses == [504, 499, 504, 499, 504]  # the 503 chose no variant: not logged
+
+
+def test_clients_that_leave_at_any_moment_leave_one_record_each(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. 60 clients at once each send a request to a model that answers in 50 ms, and close
+       their connection after a delay drawn from 0 to 100 ms: some before their answer,
+       some after; a third of them at once.
+    2. After a graceful stop the store holds exactly one record per client. A client that
+       got its answer has a 200; one that left before has a 499 or, where the answer was
+       already on its way, a 200. Nothing else.
+    3. The gateway still answers, and nothing is left in flight.
+    """
+    gw = gateway([route("slow", "/slow", [("a", upstreams["a"].url, 1)])])
+    rng = random.Random(6)
+    delays = [0.0 if i % 3 == 0 else rng.uniform(0, 0.1) for i in range(60)]
+    answered: dict[str, bool] = {}
+
+    def client(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+            head = f"GET /slow?seconds=0.05 HTTP/1.1\r\nHost: x\r\nX-Request-Id: c-{i}\r\n\r\n"
+            conn.sendall(head.encode())
+            time.sleep(delays[i])
+            conn.setblocking(False)
+            try:
+                answered[f"c-{i}"] = conn.recv(12).startswith(b"HTTP/1.1 200")
+            except BlockingIOError:
+                answered[f"c-{i}"] = False
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(60)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert httpx.get(f"{gw.url}/slow?seconds=0").status_code == 200
+    wait_until(lambda: in_flight(gw.url) == 0, "no request in flight")
+    gw.stop()
+    records = {r["request_id"]: r for r in gw.records() if r["request_id"]}
+    assert sorted(records) == sorted(answered)
+    for request_id, got_answer in answered.items():
+        status = records[request_id]["status"]
+        assert status == 200 if got_answer else status in (200, 499), (request_id, status)
+    assert sum(r["status"] == 499 for r in records.values()) >= 20  # those that left at once
 
 
 def test_locked_sqlite_store_delays_records_but_not_requests(

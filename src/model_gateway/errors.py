@@ -15,15 +15,20 @@ Hierarchy::
 
     ConfigError                  invalid configuration; carries path-qualified messages
 
+A client that goes away before its answer began gets nothing (nobody is there to read it);
+its request is logged with :data:`CLIENT_CLOSED_REQUEST`, nginx's 499.
+
 Upstream client exceptions are translated in exactly one place,
 :class:`model_gateway.upstream.UpstreamErrors`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import orjson
+
+CLIENT_CLOSED_REQUEST: Final = 499
 
 
 class GatewayError(Exception):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from .config import HealthConfig
+from .errors import CLIENT_CLOSED_REQUEST
 from .metrics import Metrics
 from .routing import Route
 
@@ -90,7 +91,10 @@ class HealthMonitor:
         if state is None:
             return
         if status not in _FAILED_STATUSES:
-            state.request_failures = 0
+            # a client that left says nothing of the model server either way (nginx's
+            # max_fails and Envoy's outlier detection do not count it)
+            if status != CLIENT_CLOSED_REQUEST:
+                state.request_failures = 0
             return
         state.request_failures += 1
         limit = state.config.passive_failures

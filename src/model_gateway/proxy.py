@@ -14,6 +14,7 @@ import time
 from typing import Any, Final
 
 from .errors import (
+    CLIENT_CLOSED_REQUEST,
     BadRequestError,
     GatewayError,
     NoHealthyVariantError,
@@ -65,6 +66,12 @@ _NOT_FORWARDED = HOP_BY_HOP | _REQUEST_REBUILT
 _NOT_RELAYED = HOP_BY_HOP | _RESPONSE_REPLACED
 _DOT_SEGMENTS = frozenset({".", ".."})
 _JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
+# While a request waits on the model server, its task is in its scope under WAITING_TASK. The
+# gateway's uvicorn protocol (``http.py``) cancels that task when the client goes away, and
+# sets CLIENT_GONE: the gateway stops waiting and logs 499, as nginx does. The task is there
+# only while it waits on the model server, never while it writes to the client or the log.
+WAITING_TASK: Final = "model_gateway.waiting_task"
+CLIENT_GONE: Final = "model_gateway.client_gone"
 
 
 class ClientDisconnected(Exception):
@@ -168,7 +175,7 @@ class ProxyApp:
                 exchange,
             )
         except ClientDisconnected:
-            exchange.status, exchange.error = 499, "client disconnected"
+            exchange.status, exchange.error = CLIENT_CLOSED_REQUEST, "client disconnected"
         finally:
             metrics.requests_in_flight -= 1
         variant = exchange.variant
@@ -258,6 +265,7 @@ class ProxyApp:
             target = exchange.target = _target(scope)
             retries_left = route.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
+            scope[WAITING_TASK] = asyncio.current_task()
             while True:
                 sent = time.perf_counter()
                 upstream_errors = UpstreamErrors(variant.name)
@@ -288,7 +296,9 @@ class ProxyApp:
             complete = False
             try:
                 with upstream_errors:
-                    await self._relay(send, receive, route, variant, upstream, ours, exchange)
+                    await self._relay(
+                        scope, send, receive, route, variant, upstream, ours, exchange
+                    )
                 complete = True
                 exchange.upstream_seconds = time.perf_counter() - sent
             finally:
@@ -296,7 +306,16 @@ class ProxyApp:
                 # the end has already given its connection back.
                 if not complete:
                     upstream.close()
+        except asyncio.CancelledError:
+            if not scope.get(CLIENT_GONE):
+                raise
+            scope[WAITING_TASK] = None
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # the cancel was the protocol's, and is answered here
+            raise ClientDisconnected from None
         except GatewayError as error:
+            scope[WAITING_TASK] = None
             exchange.error = f"{error.reason}: {error.message}"
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
@@ -320,6 +339,7 @@ class ProxyApp:
 
     async def _relay(
         self,
+        scope: Scope,
         send: Any,
         receive: Any,
         route: Route,
@@ -345,6 +365,7 @@ class ProxyApp:
             and "event-stream" not in (content_type or "")
         ):
             body = await upstream.read()
+            scope[WAITING_TASK] = None
             doc = answers.document(body, content_type, plain=not encoded)
             exchange.reported_version = answers.version(upstream.headers, doc)
             exchange.status = upstream.status
@@ -361,6 +382,7 @@ class ProxyApp:
                 exchange.predicted, exchange.score = answers.prediction(doc)
             return
 
+        scope[WAITING_TASK] = None  # from here on, a client that goes away is seen by receive
         exchange.reported_version = answers.version(upstream.headers, None)
         version = exchange.reported_version or variant.model_version
         headers.extend(ours)
