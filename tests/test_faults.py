@@ -164,7 +164,7 @@ def test_a_client_that_leaves_while_the_model_computes_is_let_go_and_logged_499(
         assert let_go.wait(20), "the gateway kept waiting on the model server"
         wait_until(lambda: len(gw.records()) == 1, "the record")
         (record,) = gw.records()
-        assert (record["status"], record["error"]) == (499, "client disconnected")
+        assert (record["status"], record["error"]) == (499, "client disconnected before the answer")
         assert record["request_id"] == "gone-1"
         assert in_flight(gw.url) == 0
         gw.stop()

@@ -184,11 +184,18 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
         upstream_host = upstream.url.removeprefix("http://").encode()
         assert all(h == upstream_host for h in model.hosts)
         assert sum(statuses.values()) > 1000
-    # every request the live variant answered was copied, and every copy became a record
+    # every request the live variant got was copied, and every copy became a record; the
+    # client half-closes after its request, which the gateway (as uvicorn and nginx) takes
+    # for a client gone: many left before their answer (499)
     records = gw.records()
     live = {r["prediction_id"] for r in records if not r["shadow"]}
-    answered = {r["prediction_id"] for r in records if not r["shadow"] and r["status"] == 200}
+    reached = {
+        r["prediction_id"]
+        for r in records
+        if not r["shadow"]
+        and (r["status"] == 200 or r["error"] == "client disconnected before the answer")
+    }
     copied = [r["shadow_of"] for r in records if r["shadow"]]
-    assert answered <= set(copied) <= live and len(copied) == len(set(copied))
-    assert len(answered) > 100
+    assert reached <= set(copied) <= live and len(copied) == len(set(copied))
+    assert len(reached) > 100
     assert "shadow copy" not in caplog.text

@@ -75,7 +75,7 @@ CLIENT_GONE: Final = "model_gateway.client_gone"
 
 
 class ClientDisconnected(Exception):
-    """The client went away before the response was complete."""
+    """The client went away before the response was complete; the message says when."""
 
 
 class Exchange:
@@ -174,8 +174,9 @@ class ProxyApp:
                 client,
                 exchange,
             )
-        except ClientDisconnected:
-            exchange.status, exchange.error = CLIENT_CLOSED_REQUEST, "client disconnected"
+        except ClientDisconnected as gone:
+            exchange.status = CLIENT_CLOSED_REQUEST
+            exchange.error = f"client disconnected {gone}"
         finally:
             metrics.requests_in_flight -= 1
         variant = exchange.variant
@@ -313,7 +314,7 @@ class ProxyApp:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()  # the cancel was the protocol's, and is answered here
-            raise ClientDisconnected from None
+            raise ClientDisconnected("before the answer") from None
         except GatewayError as error:
             scope[WAITING_TASK] = None
             exchange.error = f"{error.reason}: {error.message}"
@@ -398,7 +399,7 @@ class ProxyApp:
                 await asyncio.wait((read, disconnect), return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     read.cancel()
-                    raise ClientDisconnected
+                    raise ClientDisconnected("during the stream")
                 chunk = read.result()
                 if not chunk:
                     break
@@ -427,7 +428,7 @@ async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientDisconnected
+            raise ClientDisconnected("while sending the request")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
