@@ -137,7 +137,9 @@ class RunningGateway:
         self.config_path = config_path
         self.db_path = db_path
         self.app = GatewayApp(load_config(config_path))
-        self.server = ServerThread(gateway_server_config(self.app, "127.0.0.1", 0)).start()
+        grace = self.app.loaded.config.server.shutdown_timeout
+        config = gateway_server_config(self.app, "127.0.0.1", 0, shutdown_timeout=grace)
+        self.server = ServerThread(config).start()
         self.url = self.server.url
         self.stopped = False
 

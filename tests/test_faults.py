@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 import yaml
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
@@ -247,6 +248,43 @@ def test_clients_that_leave_at_any_moment_leave_one_record_each(
         status = records[request_id]["status"]
         assert status == 200 if got_answer else status in (200, 499), (request_id, status)
     assert sum(r["status"] == 499 for r in records.values()) >= 20  # those that left at once
+
+
+def test_requests_still_running_when_the_shutdown_timeout_ends_are_answered_and_logged(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. A gateway whose graceful stop waits 0.5 s for requests in flight. One request
+       waits on a model server that holds its answer; another is mid-stream, the model
+       server holding the second chunk.
+    2. The gateway is stopped gracefully.
+    3. The waiting request is answered 503 shutting_down; the stream ends incomplete.
+    4. Both are in the log, which was closed after them: the 503, and the stream's 200, each
+       with the shutdown as its error.
+    """
+    url = upstreams["a"].url
+    gw = gateway(
+        [route("held", "/held", [("a", url, 1)]), route("stream", "/stream", [("a", url, 1)])],
+        server={"shutdown_timeout": 0.5, "config_poll_interval": 0},
+    )
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(httpx.get(f"{gw.url}/held/x", timeout=30))
+    )
+    waiting.start()
+    wait_until(lambda: upstreams["a"].control.requests == 1, "the held request upstream")
+    with httpx.stream("GET", f"{gw.url}/stream", timeout=30) as stream:
+        chunks = stream.iter_raw()
+        assert next(chunks) == b"data: first\n\n"
+        gw.stop()
+        with pytest.raises(httpx.RemoteProtocolError):  # the chunked body never ended
+            b"".join(chunks)
+    waiting.join(timeout=30)
+    (answer,) = answers
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "shutting_down"
+    cut_off = "shutdown: the gateway stopped before the request was complete"
+    statuses = {r["path"]: (r["status"], r["error"]) for r in gw.records()}
+    assert statuses == {"/held/x": (503, cut_off), "/stream": (200, cut_off)}
 
 
 def test_locked_sqlite_store_delays_records_but_not_requests(

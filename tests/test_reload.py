@@ -132,6 +132,19 @@ def test_storage_change_needs_a_restart(
     assert answer.json()["error"]["problems"] == ["storage: changes take effect only on restart"]
 
 
+def test_a_new_shutdown_timeout_needs_a_restart(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    # the server holds it from its start, as it holds its host and port
+    gw = two_variant_gateway(gateway, upstreams)
+    rewrite(gw, lambda d: d.setdefault("server", {}).update(shutdown_timeout=5))
+    answer = httpx.post(f"{gw.url}/admin/reload")
+    assert answer.status_code == 422
+    assert answer.json()["error"]["problems"] == [
+        "server.shutdown_timeout: changes take effect only on restart"
+    ]
+
+
 def test_file_change_is_picked_up(gateway: GatewayFactory, upstreams: dict[str, Upstream]) -> None:
     gw = gateway(
         [route("r", "/echo", [("a", upstreams["a"].url, 1), ("b", upstreams["b"].url, 0)])],

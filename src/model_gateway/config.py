@@ -38,6 +38,7 @@ DEFAULT_BATCH_SIZE = 512
 DEFAULT_LINGER = 0.05
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 #: environment variable that supplies admin.token when the file sets none
 ADMIN_TOKEN_ENV = "MODEL_GATEWAY_ADMIN_TOKEN"  # noqa: S105 (a variable name)
 #: request and response headers whose values never reach the log, whatever the config says
@@ -58,6 +59,9 @@ class ServerConfig(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     #: seconds between checks of the config file for changes; 0 turns the check off
     config_poll_interval: float = Field(default=DEFAULT_CONFIG_POLL_INTERVAL, ge=0)
+    #: seconds a graceful stop lets requests in flight finish; those still running then are
+    #: cut off, answered 503 if nothing was sent yet, and logged
+    shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
 
 
 class StorageConfig(_Strict):

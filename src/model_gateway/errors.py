@@ -10,6 +10,7 @@ Hierarchy::
     ├── BadGatewayError          502  upstream reset, or answered garbage
     │   └── UpstreamConnectError 502  upstream refused the connection (nothing was sent)
     ├── NoHealthyVariantError    503  no variant of the route can take traffic
+    ├── ShuttingDownError        503  the gateway's graceful stop ran out of time
     └── UpstreamTimeoutError     504  upstream did not answer within the route's timeout
         └── UpstreamConnectTimeoutError  504  no connection within the connect timeout
 
@@ -89,6 +90,12 @@ class NoHealthyVariantError(GatewayError):
     status = 503
     code = "no_healthy_variant"
     reason = "no_healthy_variant"
+
+
+class ShuttingDownError(GatewayError):
+    status = 503
+    code = "shutting_down"
+    reason = "shutdown"
 
 
 class UpstreamTimeoutError(GatewayError):

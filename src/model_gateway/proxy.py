@@ -20,6 +20,7 @@ from .errors import (
     NoHealthyVariantError,
     NoRouteError,
     PayloadTooLargeError,
+    ShuttingDownError,
     UnknownVariantError,
 )
 from .records import PredictionRecord, new_prediction_id
@@ -177,6 +178,10 @@ class ProxyApp:
         except ClientDisconnected as gone:
             exchange.status = CLIENT_CLOSED_REQUEST
             exchange.error = f"client disconnected {gone}"
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when a graceful stop's shutdown_timeout ends,
+            # then closes the log: the request is answered and logged here, before that
+            await _cut_off(send, prediction_id, exchange)
         finally:
             metrics.requests_in_flight -= 1
         variant = exchange.variant
@@ -393,6 +398,7 @@ class ProxyApp:
         captured = bytearray()
         keep = route.redactor.max_bytes if route.redactor.keep_bodies else 0
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
+        read: asyncio.Future[bytes] | None = None
         try:
             while True:
                 read = asyncio.ensure_future(upstream.readany())
@@ -410,6 +416,8 @@ class ProxyApp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             disconnect.cancel()
+            if read is not None:
+                read.cancel()  # cancelled while it waited (a no-op once it is done)
             if route.redactor.keep_bodies:
                 exchange.response_body = bytes(captured)
         await send({"type": "http.response.body", "body": b""})
@@ -539,6 +547,19 @@ def _forward_headers(
         out.append((b"X-Forwarded-Host", client.host))
     out.append((b"X-Prediction-Id", prediction_id.encode()))
     return out
+
+
+async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()  # the request ends here, as the cancel asked
+    error = ShuttingDownError("the gateway stopped before the request was complete")
+    exchange.error = f"{error.reason}: {error.message}"
+    exchange.forwarded_headers = None  # no shadow copies are made during the shutdown
+    if exchange.status == 0:
+        exchange.status = error.status
+        await _send_error(send, error, _gateway_headers(prediction_id, exchange.variant))
+    # else a response had begun: it stays incomplete, and uvicorn closes the connection
 
 
 async def _send_error(send: Any, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:

@@ -40,7 +40,7 @@ def restart_only_changes(old: LoadedConfig, new: LoadedConfig) -> list[str]:
     problems = []
     if old.config.storage != new.config.storage:
         problems.append("storage: changes take effect only on restart")
-    for key in ("host", "port"):
+    for key in ("host", "port", "shutdown_timeout"):
         if getattr(old.config.server, key) != getattr(new.config.server, key):
             problems.append(f"server.{key}: changes take effect only on restart")
     return problems

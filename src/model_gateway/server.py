@@ -17,19 +17,23 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from .app import CONFIG_ENV, GatewayApp
-from .config import LoadedConfig, ShadowConfig, VariantConfig
+from .config import DEFAULT_SHUTDOWN_TIMEOUT, LoadedConfig, ShadowConfig, VariantConfig
 from .demo import create_model_server
 from .http import CoalescingHttpToolsProtocol
 from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("model_gateway")
 
-# How long SIGTERM waits for requests in flight before the log is flushed and the process exits.
-GRACEFUL_SHUTDOWN_SECONDS = 30
 DEMO_START_SECONDS = 10
 
 
-def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -> uvicorn.Config:
+def gateway_server_config(
+    app: object,
+    host: str,
+    port: int,
+    workers: int = 1,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -44,22 +48,28 @@ def gateway_server_config(app: object, host: str, port: int, workers: int = 1) -
         proxy_headers=False,
         server_header=False,
         access_log=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # SIGTERM lets requests in flight finish for this long, then cancels them (the proxy
+        # answers and logs those), and the log is flushed. Declared int, used as
+        # asyncio.wait_for's timeout: a float works.
+        timeout_graceful_shutdown=shutdown_timeout,  # type: ignore[arg-type]
         log_level="info",
     )
 
 
 def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
     """Run until SIGINT/SIGTERM, then finish requests in flight and flush the log."""
+    grace = loaded.config.server.shutdown_timeout
     if workers > 1:
         # Each worker process builds its own app from the same file, and writes its metrics
         # where every worker's /metrics can read them all.
         os.environ[CONFIG_ENV] = os.path.abspath(loaded.source)
         os.environ[MULTIPROC_ENV] = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
-        config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers)
+        config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers, grace)
         sockets, url = bind_one_per_worker(config, workers)
     else:
-        config = gateway_server_config(GatewayApp(loaded, settle_heap=True), host, port)
+        config = gateway_server_config(
+            GatewayApp(loaded, settle_heap=True), host, port, shutdown_timeout=grace
+        )
         sock, url = _bind(config)
         sockets = [sock]
     log.info("model-gateway listening on %s (%d worker%s)", url, workers, "s"[: workers - 1])
@@ -217,7 +227,8 @@ def run_demo(loaded: LoadedConfig, host: str, port: int) -> None:
             time.sleep(0.02)
         servers.append(server)
         print(f"demo model server: {model} version {version} on http://{up_host}:{up_port}")
-    config = gateway_server_config(GatewayApp(loaded), host, port)
+    grace = loaded.config.server.shutdown_timeout
+    config = gateway_server_config(GatewayApp(loaded), host, port, shutdown_timeout=grace)
     sock, url = _bind(config)
     route = loaded.config.routes[0]
     gateway = uvicorn.Server(config)
