@@ -1,6 +1,6 @@
 """The server side's transport: a busy server's writes go out once per loop turn, whole and in
-order; a lone request's response in one write as soon as it is complete; nothing is held past
-the turn."""
+order; a lone request's response, or any response of a server with time to spare, in one
+write as soon as it is complete; nothing is held past the turn."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from model_gateway.http import CoalescingTransport
+from model_gateway.http import HOLD_ABOVE, RELEASE_BELOW, CoalescingTransport, LoadWatch
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 
@@ -40,9 +40,19 @@ class RecordingTransport:
         return lambda *args: self.calls.append((name, args))
 
 
-def coalescing(in_progress: set[object]) -> tuple[CoalescingTransport, RecordingTransport]:
+class Load:
+    """A :class:`LoadWatch`'s verdict, set by the test."""
+
+    def __init__(self, busy: bool) -> None:
+        self.busy = busy
+
+
+def coalescing(
+    in_progress: set[object], busy: bool = True
+) -> tuple[CoalescingTransport, RecordingTransport]:
     socket = RecordingTransport()
-    transport = CoalescingTransport(socket, asyncio.get_running_loop(), in_progress)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    transport = CoalescingTransport(socket, loop, in_progress, Load(busy))  # type: ignore[arg-type]
     return transport, socket
 
 
@@ -83,6 +93,43 @@ def test_a_busy_server_writes_once_per_turn_in_order() -> None:
         assert socket.calls[-1] == ("pause_reading", ())
 
     asyncio.run(scenario())
+
+
+def test_a_server_with_time_to_spare_writes_each_response_when_it_is_complete() -> None:
+    async def scenario() -> None:
+        transport, socket = coalescing({"this request", "another"}, busy=False)
+        transport.write(b"head,")
+        transport.write(b"body")
+        transport.response_complete()  # others in progress, but no turn is waited
+        assert socket.calls == [("write", b"head,body")]
+        # what streams still leaves at the end of the turn, in one write
+        transport.write(b"first,")
+        transport.write(b"chunk")
+        assert len(socket.calls) == 1
+        await asyncio.sleep(0)
+        assert socket.calls[-1] == ("write", b"first,chunk")
+
+    asyncio.run(scenario())
+
+
+def test_the_load_watch_holds_above_its_bound_and_lets_go_below_the_lower_one() -> None:
+    """The share of the CPU in each interval decides; between the two bounds the verdict
+    stays as it was, so that a load at the border does not flip it every interval."""
+    shares = [0.4, HOLD_ABOVE + 0.05, (HOLD_ABOVE + RELEASE_BELOW) / 2, RELEASE_BELOW - 0.05]
+    shares += [(HOLD_ABOVE + RELEASE_BELOW) / 2, 1.0]
+    wall, cpu = [0.0], [0.0]
+
+    async def scenario() -> list[bool]:
+        watch = LoadWatch(asyncio.get_running_loop(), lambda: wall[0], lambda: cpu[0])
+        verdicts = []
+        for share in shares:
+            wall[0] += 0.05
+            cpu[0] += share * 0.05
+            watch.sample()
+            verdicts.append(watch.busy)
+        return verdicts
+
+    assert asyncio.run(scenario()) == [False, True, True, False, False, True]
 
 
 def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
@@ -185,6 +232,9 @@ def test_through_a_real_gateway_a_lone_response_is_one_write_at_its_end(
     answer = httpx.post(f"{gw.url}/echo/1", content=b"x")
     assert answer.status_code == 200
     assert events == ["complete", 2]  # head and body, written at once when complete
+    # every connection of the server answers to one watch, kept on the server's state
+    load = getattr(gw.server.server.server_state, "model_gateway_load", None)
+    assert isinstance(load, LoadWatch) and not load.busy
 
     with httpx.stream("GET", f"{gw.url}/stream", timeout=2) as r:
         chunks = r.iter_raw()

@@ -15,6 +15,16 @@ samples holding the GIL). Writes are held instead, and go out together:
 
 A response that streams is never held past the end of the loop turn it was written in.
 
+Holding pays only when the process is busy: it turns a stream of requests into batches, which
+a saturated loop serves with fewer wakeups, and which a loop with time to spare would only
+make wait. So responses are held to the end of the turn only while the process has kept a
+core busy (:class:`LoadWatch`: its CPU time over the last 50 ms); otherwise each goes as soon
+as it is complete. Against a 20 ms model at 64 connections, which keeps one worker some 40 %
+busy, writing at completion took the rate from 0.914 to 0.940 of the direct one with one
+worker and from 0.948 to 0.960 with two (alternating runs); at 32 connections on a fast
+model, where the worker is saturated, holding gives 18.4 k req/s and writing at completion
+15.8 k.
+
 It also tells a request that its client has gone while the request waits on the model
 server, which an ASGI app could learn only from a task of its own per request reading
 ``receive``: the connection's loss cancels the task the proxy left in the scope
@@ -24,18 +34,54 @@ server, which an ASGI app could learn only from a task of its own per request re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sized
+import time
+from collections.abc import Callable, Iterable, Sized
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .proxy import CLIENT_GONE, WAITING_TASK
 
+#: how often a :class:`LoadWatch` looks at the process's CPU time
+LOAD_INTERVAL = 0.05
+#: a process that spent more than this share of an interval on the CPU holds its responses
+HOLD_ABOVE = 0.75
+#: one that holds them goes back to writing each at once below this share
+RELEASE_BELOW = 0.5
+
+
+class LoadWatch:
+    """Whether the process is busy enough for held writes to pay: ``busy`` once it spent over
+    HOLD_ABOVE of an interval on the CPU, until it spends under RELEASE_BELOW (the gap keeps
+    it from flapping at the border)."""
+
+    __slots__ = ("_cpu", "_cpu_clock", "_loop", "_wall", "_wall_clock", "busy")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        wall_clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
+    ) -> None:
+        self.busy = False
+        self._loop = loop
+        self._wall_clock, self._cpu_clock = wall_clock, cpu_clock
+        self._wall, self._cpu = wall_clock(), cpu_clock()
+        loop.call_later(LOAD_INTERVAL, self.sample)
+
+    def sample(self) -> None:
+        """Take the last interval's share of the CPU, and look again in LOAD_INTERVAL."""
+        wall, cpu = self._wall_clock(), self._cpu_clock()
+        share = (cpu - self._cpu) / max(wall - self._wall, 1e-9)
+        self._wall, self._cpu = wall, cpu
+        self.busy = share > (RELEASE_BELOW if self.busy else HOLD_ABOVE)
+        self._loop.call_later(LOAD_INTERVAL, self.sample)
+
 
 class CoalescingTransport:
-    """A connection's transport whose writes wait for the end of the loop turn, or, when no
-    other request is in progress (``in_progress`` holds only this one), for the end of the
-    response."""
+    """A connection's transport whose writes wait for the end of the loop turn, or for the end
+    of the response when no other request is in progress (``in_progress`` holds only this one)
+    or the process is not busy (``load``)."""
 
     # The socket transport's own methods, taken once: uvicorn calls some of them per request,
     # and a slot is found at once where a miss would raise before reaching ``__getattr__``.
@@ -53,14 +99,19 @@ class CoalescingTransport:
         "set_write_buffer_limits",
         "write_eof",
     )
-    __slots__ = ("_held", "_in_progress", "_loop", "_transport", *_FORWARDED)
+    __slots__ = ("_held", "_in_progress", "_load", "_loop", "_transport", *_FORWARDED)
 
     def __init__(
-        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, in_progress: Sized
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        in_progress: Sized,
+        load: LoadWatch,
     ) -> None:
         self._transport = transport
         self._loop = loop
         self._in_progress = in_progress
+        self._load = load
         self._held: list[bytes] | None = None
         for name in self._FORWARDED:
             setattr(self, name, getattr(transport, name))
@@ -74,9 +125,9 @@ class CoalescingTransport:
             self._loop.call_soon(self.flush)
 
     def response_complete(self) -> None:
-        """The response's last write is done: alone, it goes now; with others in progress,
-        at the end of the turn with theirs."""
-        if len(self._in_progress) <= 1:
+        """The response's last write is done: alone or in a process with time to spare, it
+        goes now; in a busy one with others in progress, at the end of the turn with theirs."""
+        if not self._load.busy or len(self._in_progress) <= 1:
             self.flush()
 
     def writelines(self, lines: Iterable[bytes]) -> None:
@@ -110,7 +161,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     transport: CoalescingTransport  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        coalescing = CoalescingTransport(transport, self.loop, self.tasks)
+        # one watch per server (a process may run several, each on its loop, as the tests do),
+        # kept on its state, which every connection of the server shares
+        load: LoadWatch | None = getattr(self.server_state, "model_gateway_load", None)
+        if load is None:
+            load = LoadWatch(self.loop)
+            setattr(self.server_state, "model_gateway_load", load)  # noqa: B010
+        coalescing = CoalescingTransport(transport, self.loop, self.tasks, load)
         super().connection_made(coalescing)  # type: ignore[arg-type]
 
     def on_response_complete(self) -> None:
