@@ -20,10 +20,10 @@ a saturated loop serves with fewer wakeups, and which a loop with time to spare 
 make wait. So responses are held to the end of the turn only while the process has kept a
 core busy (:class:`LoadWatch`: its CPU time over the last 50 ms); otherwise each goes as soon
 as it is complete. Against a 20 ms model at 64 connections, which keeps one worker some 40 %
-busy, writing at completion took the rate from 0.914 to 0.940 of the direct one with one
-worker and from 0.948 to 0.960 with two (alternating runs); at 32 connections on a fast
-model, where the worker is saturated, holding gives 18.4 k req/s and writing at completion
-15.8 k.
+busy, that took the rate from 0.914 to 0.937 of the direct one (alternating runs; always
+writing at completion gave 0.940 with one worker and 0.948 → 0.960 with two). At 32
+connections on a fast model the worker is saturated and holds, as before: always writing at
+completion would have cost 14 % (15.8 k req/s against 18.4 k).
 
 It also tells a request that its client has gone while the request waits on the model
 server, which an ASGI app could learn only from a task of its own per request reading
