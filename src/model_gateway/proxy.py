@@ -163,6 +163,7 @@ class ProxyApp:
         exchange = Exchange(variant, key, rand)
         metrics = self.state.metrics
         metrics.requests_in_flight += 1
+        cut_off = False
         try:
             await self._exchange(
                 scope,
@@ -181,6 +182,7 @@ class ProxyApp:
         except asyncio.CancelledError:
             # uvicorn cancels what still runs when a graceful stop's shutdown_timeout ends,
             # then closes the log: the request is answered and logged here, before that
+            cut_off = True
             await _cut_off(send, prediction_id, exchange)
         finally:
             metrics.requests_in_flight -= 1
@@ -232,7 +234,8 @@ class ProxyApp:
         )
         if not self.state.writer.offer(record):
             await self.state.writer.submit(record)  # block: wait for room
-        if route.shadows and exchange.forwarded_headers is not None:
+        # no copies are made during a shutdown's last moments: it would wait for them
+        if route.shadows and exchange.forwarded_headers is not None and not cut_off:
             shadows = shadows_for(route, self._draw())  # a draw of its own, not the variant's
             if shadows:
                 live = LiveRequest(
@@ -555,7 +558,6 @@ async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
         task.uncancel()  # the request ends here, as the cancel asked
     error = ShuttingDownError("the gateway stopped before the request was complete")
     exchange.error = f"{error.reason}: {error.message}"
-    exchange.forwarded_headers = None  # no shadow copies are made during the shutdown
     if exchange.status == 0:
         exchange.status = error.status
         await _send_error(send, error, _gateway_headers(prediction_id, exchange.variant))
