@@ -317,6 +317,39 @@ def test_locked_sqlite_store_delays_records_but_not_requests(
     assert len(gw.records()) == 21
 
 
+def test_records_waiting_for_room_when_the_shutdown_timeout_ends_are_written(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. A gateway whose log queue holds 2 records and blocks when full, and whose graceful
+       stop waits 0.5 s.
+    2. Another process locks the SQLite file: the writer stalls on one record, two fill
+       the queue, and the requests after them are answered, then wait for room.
+    3. The gateway is stopped; the 0.5 s run out while they wait, and the lock goes a
+       moment later.
+    4. Every request is in the log.
+    """
+    gw = gateway(
+        [route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])],
+        storage={"queue_size": 2, "batch_size": 1},
+        server={"shutdown_timeout": 0.5, "config_poll_interval": 0},
+    )
+    httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)  # the file and tables exist
+    wait_until(lambda: len(gw.records()) == 1, "the first record")
+    locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(6):
+            assert httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
+        stopping = threading.Thread(target=gw.stop)
+        stopping.start()
+        time.sleep(1.5)  # past the shutdown timeout
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    stopping.join(timeout=60)
+    assert len(gw.records()) == 7
+
+
 def test_locked_postgres_table_delays_records_but_not_requests(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

@@ -233,7 +233,15 @@ class ProxyApp:
             score=exchange.score,
         )
         if not self.state.writer.offer(record):
-            await self.state.writer.submit(record)  # block: wait for room
+            try:
+                await self.state.writer.submit(record)  # block: wait for room
+            except asyncio.CancelledError:
+                # the stop ran out of time while this waited: past the bound, not lost
+                cut_off = True
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                self.state.writer.force(record)
         # no copies are made during a shutdown's last moments: it would wait for them
         if route.shadows and exchange.forwarded_headers is not None and not cut_off:
             shadows = shadows_for(route, self._draw())  # a draw of its own, not the variant's

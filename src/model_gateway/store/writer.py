@@ -91,6 +91,12 @@ class RecordWriter:
         self._wake_writer()
         return True
 
+    def force(self, record: PredictionRecord) -> None:
+        """Queue a record past the bound: for a request that a stop running out of time cut
+        off while it waited for room. The writer writes it before it closes."""
+        self._waiting.append(record)
+        self._wake_writer()
+
     async def submit(self, record: PredictionRecord) -> None:
         """Queue a record; under ``block`` wait for room, under ``drop`` count it and go on."""
         while not self.offer(record):
