@@ -238,9 +238,7 @@ class ProxyApp:
             except asyncio.CancelledError:
                 # the stop ran out of time while this waited: past the bound, not lost
                 cut_off = True
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+                _answer_cancel()
                 self.state.writer.force(record)
         # no copies are made during a shutdown's last moments: it would wait for them
         if route.shadows and exchange.forwarded_headers is not None and not cut_off:
@@ -327,9 +325,7 @@ class ProxyApp:
             if not scope.get(CLIENT_GONE):
                 raise
             scope[WAITING_TASK] = None
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # the cancel was the protocol's, and is answered here
+            _answer_cancel()  # the protocol's cancel becomes this exception
             raise ClientDisconnected("before the answer") from None
         except GatewayError as error:
             scope[WAITING_TASK] = None
@@ -560,10 +556,17 @@ def _forward_headers(
     return out
 
 
-async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
+def _answer_cancel() -> None:
+    """The request's task caught a cancel meant for it and answers it itself (the request
+    ends, or the cancel becomes its own exception): ``Task.uncancel``, so that the task no
+    longer counts as being cancelled."""
     task = asyncio.current_task()
     if task is not None:
-        task.uncancel()  # the request ends here, as the cancel asked
+        task.uncancel()
+
+
+async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
+    _answer_cancel()  # the request ends here, as the cancel asked
     error = ShuttingDownError("the gateway stopped before the request was complete")
     exchange.error = f"{error.reason}: {error.message}"
     if exchange.status == 0:
