@@ -298,7 +298,7 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _children(parent: int) -> list[int]:
+def child_pids(parent: int) -> list[int]:
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -337,7 +337,7 @@ def test_each_worker_listens_on_its_own_socket_and_connections_spread(
             "both workers to start",
         )
         port = int(gw.url.rsplit(":", 1)[1])
-        workers = _children(gw.proc.pid)
+        workers = child_pids(gw.proc.pid)
         listening = {inode for inode, state in _tcp_sockets(port).items() if state == "0A"}
         held = {pid: _socket_inodes(pid) & listening for pid in workers}
         serving = {pid: inodes for pid, inodes in held.items() if inodes}
@@ -350,7 +350,7 @@ def test_each_worker_listens_on_its_own_socket_and_connections_spread(
 
         def replaced() -> bool:
             return any(
-                pid != dead and _socket_inodes(pid) >= inodes for pid in _children(gw.proc.pid)
+                pid != dead and _socket_inodes(pid) >= inodes for pid in child_pids(gw.proc.pid)
             )
 
         wait_until(replaced, "a new worker on the dead one's socket")
@@ -360,7 +360,7 @@ def test_each_worker_listens_on_its_own_socket_and_connections_spread(
         )
         serving = {
             pid: _socket_inodes(pid) & listening
-            for pid in _children(gw.proc.pid)
+            for pid in child_pids(gw.proc.pid)
             if _socket_inodes(pid) & listening
         }
         assert len(serving) == 2 and dead not in serving

@@ -29,6 +29,7 @@ from model_gateway.store.base import STORE_ERRORS, StoreOpenError, sqlite_path, 
 from model_gateway.store.schema import LATEST_VERSION, SchemaTooNewError
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
+from .test_processes import child_pids
 
 POSTGRES = os.environ.get(
     "MODEL_GATEWAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -442,14 +443,12 @@ def _lasting_threads() -> set[threading.Thread]:
 def _log_processes() -> set[int]:
     """The log processes this process has running."""
     found = set()
-    for status in Path("/proc").glob("[0-9]*/stat"):
+    for pid in child_pids(os.getpid()):
         try:
-            ppid = status.read_text().rsplit(")", 1)[1].split()[1]
-            command = (status.parent / "cmdline").read_bytes()
+            if b"log_child" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
         except OSError:
             continue  # gone meanwhile
-        if ppid == str(os.getpid()) and b"log_child" in command:
-            found.add(int(status.parent.name))
     return found
 
 

@@ -17,7 +17,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from .app import CONFIG_ENV, GatewayApp
-from .config import DEFAULT_SHUTDOWN_TIMEOUT, LoadedConfig, ShadowConfig, VariantConfig
+from .config import LoadedConfig, ShadowConfig, VariantConfig
 from .demo import create_model_server
 from .http import CoalescingHttpToolsProtocol
 from .metrics import MULTIPROC_ENV
@@ -31,8 +31,9 @@ def gateway_server_config(
     app: object,
     host: str,
     port: int,
+    *,
+    shutdown_timeout: float,
     workers: int = 1,
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -64,7 +65,9 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
         # where every worker's /metrics can read them all.
         os.environ[CONFIG_ENV] = os.path.abspath(loaded.source)
         os.environ[MULTIPROC_ENV] = prepare_metrics_dir(os.environ.get(MULTIPROC_ENV))
-        config = gateway_server_config("model_gateway.app:app_from_env", host, port, workers, grace)
+        config = gateway_server_config(
+            "model_gateway.app:app_from_env", host, port, shutdown_timeout=grace, workers=workers
+        )
         sockets, url = bind_one_per_worker(config, workers)
     else:
         config = gateway_server_config(
