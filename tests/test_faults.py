@@ -260,12 +260,15 @@ def test_requests_still_running_when_the_shutdown_timeout_ends_are_answered_and_
     3. The waiting request is answered 503 shutting_down; the stream ends incomplete.
     4. Both are in the log, which was closed after them: the 503, and the stream's 200, each
        with the shutdown as its error. No shadow copy was made that the stop would wait for.
+    5. The gateway's own 503 did not count against the model server: a route that ejects a
+       variant after one failed request still has it in.
     """
     url = upstreams["a"].url
     shadow = {"name": "s", "url": upstreams["b"].url, "model_version": "2"}
+    eject_at_once = {"passive_failures": 1}
     gw = gateway(
         [
-            route("held", "/held", [("a", url, 1)], shadows=[shadow]),
+            route("held", "/held", [("a", url, 1)], shadows=[shadow], health=eject_at_once),
             route("stream", "/stream", [("a", url, 1)]),
         ],
         server={"shutdown_timeout": 0.5, "config_poll_interval": 0},
@@ -292,6 +295,7 @@ def test_requests_still_running_when_the_shutdown_timeout_ends_are_answered_and_
         ("/held/x", 503, cut_off),
         ("/stream", 200, cut_off),
     ]
+    assert gw.app.state.health.down == {}
 
 
 def test_locked_sqlite_store_delays_records_but_not_requests(

@@ -187,7 +187,8 @@ class ProxyApp:
         finally:
             metrics.requests_in_flight -= 1
         variant = exchange.variant
-        self.state.health.record_result(route.name, variant.name, exchange.status)
+        if not cut_off:  # the gateway's own stop says nothing of the model server
+            self.state.health.record_result(route.name, variant.name, exchange.status)
 
         elapsed = time.perf_counter() - started
         version = exchange.reported_version or variant.model_version
