@@ -10,7 +10,13 @@ from typing import Any
 
 import httpx
 
-from model_gateway.http import HOLD_ABOVE, RELEASE_BELOW, CoalescingTransport, LoadWatch
+from model_gateway.http import (
+    HOLD_ABOVE,
+    LOAD_INTERVAL,
+    RELEASE_BELOW,
+    CoalescingTransport,
+    LoadWatch,
+)
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 
@@ -44,7 +50,10 @@ class Load:
     """A :class:`LoadWatch`'s verdict, set by the test."""
 
     def __init__(self, busy: bool) -> None:
-        self.busy = busy
+        self.verdict = busy
+
+    def busy(self) -> bool:
+        return self.verdict
 
 
 def coalescing(
@@ -118,18 +127,38 @@ def test_the_load_watch_holds_above_its_bound_and_lets_go_below_the_lower_one() 
     shares = [0.4, HOLD_ABOVE + 0.05, (HOLD_ABOVE + RELEASE_BELOW) / 2, RELEASE_BELOW - 0.05]
     shares += [(HOLD_ABOVE + RELEASE_BELOW) / 2, 1.0]
     wall, cpu = [0.0], [0.0]
+    watch = LoadWatch(lambda: wall[0], lambda: cpu[0])
+    verdicts = []
+    step = 0.0625  # over LOAD_INTERVAL, and a sum of such steps is exact in binary
+    assert step >= LOAD_INTERVAL
+    for share in shares:
+        wall[0] += step
+        cpu[0] += share * step
+        verdicts.append(watch.busy())
+    assert verdicts == [False, True, True, False, False, True]
 
-    async def scenario() -> list[bool]:
-        watch = LoadWatch(asyncio.get_running_loop(), lambda: wall[0], lambda: cpu[0])
-        verdicts = []
-        for share in shares:
-            wall[0] += 0.05
-            cpu[0] += share * 0.05
-            watch.sample()
-            verdicts.append(watch.busy)
-        return verdicts
 
-    assert asyncio.run(scenario()) == [False, True, True, False, False, True]
+def test_the_load_watch_looks_once_per_interval_and_a_quiet_spell_counts_whole() -> None:
+    """1. Within an interval of its last look the watch answers as it did, whatever the CPU
+       did meanwhile (and reads no CPU clock).
+    2. Asked again after a quiet second, it measures that second: not busy, although the
+       last 50 ms of it were spent on the CPU."""
+    wall, cpu = [0.0], [0.0]
+    cpu_reads = [0]
+
+    def cpu_clock() -> float:
+        cpu_reads[0] += 1
+        return cpu[0]
+
+    watch = LoadWatch(lambda: wall[0], cpu_clock)
+    wall[0] = cpu[0] = LOAD_INTERVAL  # a whole interval on the CPU
+    assert watch.busy()
+    reads = cpu_reads[0]
+    wall[0] += LOAD_INTERVAL / 2  # idle, but not an interval yet
+    assert watch.busy() and cpu_reads[0] == reads
+    wall[0] += 1.0
+    cpu[0] += LOAD_INTERVAL
+    assert not watch.busy()
 
 
 def test_close_sends_what_is_held_first_and_abort_drops_it() -> None:
@@ -232,9 +261,6 @@ def test_through_a_real_gateway_a_lone_response_is_one_write_at_its_end(
     answer = httpx.post(f"{gw.url}/echo/1", content=b"x")
     assert answer.status_code == 200
     assert events == ["complete", 2]  # head and body, written at once when complete
-    # every connection of the server answers to one watch, kept on the server's state
-    load = getattr(gw.server.server.server_state, "model_gateway_load", None)
-    assert isinstance(load, LoadWatch) and not load.busy
 
     with httpx.stream("GET", f"{gw.url}/stream", timeout=2) as r:
         chunks = r.iter_raw()

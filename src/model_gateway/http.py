@@ -18,7 +18,7 @@ A response that streams is never held past the end of the loop turn it was writt
 Holding pays only when the process is busy: it turns a stream of requests into batches, which
 a saturated loop serves with fewer wakeups, and which a loop with time to spare would only
 make wait. So responses are held to the end of the turn only while the process has kept a
-core busy (:class:`LoadWatch`: its CPU time over the last 50 ms); otherwise each goes as soon
+core busy (:class:`LoadWatch`: its CPU time over the last 50 ms or so); otherwise each goes as soon
 as it is complete. Against a 20 ms model at 64 connections, which keeps one worker some 40 %
 busy, that took the rate from 0.914 to 0.937 of the direct one (alternating runs; always
 writing at completion gave 0.940 with one worker and 0.948 → 0.960 with two). At 32
@@ -51,31 +51,38 @@ RELEASE_BELOW = 0.5
 
 
 class LoadWatch:
-    """Whether the process is busy enough for held writes to pay: ``busy`` once it spent over
+    """Whether the process is busy enough for held writes to pay: busy once it spent over
     HOLD_ABOVE of an interval on the CPU, until it spends under RELEASE_BELOW (the gap keeps
-    it from flapping at the border)."""
+    it from flapping at the border).
 
-    __slots__ = ("_cpu", "_cpu_clock", "_loop", "_wall", "_wall_clock", "busy")
+    It looks when asked, at most once per LOAD_INTERVAL, rather than on a timer of its own:
+    a process with nothing to serve is not woken to measure that it is idle. The first look
+    after a quiet spell spans the whole of it, and finds the process not busy, which it was.
+    """
+
+    __slots__ = ("_busy", "_cpu", "_cpu_clock", "_wall", "_wall_clock")
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         wall_clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.process_time,
     ) -> None:
-        self.busy = False
-        self._loop = loop
+        self._busy = False
         self._wall_clock, self._cpu_clock = wall_clock, cpu_clock
         self._wall, self._cpu = wall_clock(), cpu_clock()
-        loop.call_later(LOAD_INTERVAL, self.sample)
 
-    def sample(self) -> None:
-        """Take the last interval's share of the CPU, and look again in LOAD_INTERVAL."""
-        wall, cpu = self._wall_clock(), self._cpu_clock()
-        share = (cpu - self._cpu) / max(wall - self._wall, 1e-9)
-        self._wall, self._cpu = wall, cpu
-        self.busy = share > (RELEASE_BELOW if self.busy else HOLD_ABOVE)
-        self._loop.call_later(LOAD_INTERVAL, self.sample)
+    def busy(self) -> bool:
+        wall = self._wall_clock()
+        if wall - self._wall >= LOAD_INTERVAL:
+            cpu = self._cpu_clock()
+            share = (cpu - self._cpu) / (wall - self._wall)
+            self._wall, self._cpu = wall, cpu
+            self._busy = share > (RELEASE_BELOW if self._busy else HOLD_ABOVE)
+        return self._busy
+
+
+#: the process's CPU time is the process's, whichever server or loop in it asks
+PROCESS_LOAD = LoadWatch()
 
 
 class CoalescingTransport:
@@ -127,7 +134,7 @@ class CoalescingTransport:
     def response_complete(self) -> None:
         """The response's last write is done: alone or in a process with time to spare, it
         goes now; in a busy one with others in progress, at the end of the turn with theirs."""
-        if not self._load.busy or len(self._in_progress) <= 1:
+        if len(self._in_progress) <= 1 or not self._load.busy():
             self.flush()
 
     def writelines(self, lines: Iterable[bytes]) -> None:
@@ -161,13 +168,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     transport: CoalescingTransport  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        # one watch per server (a process may run several, each on its loop, as the tests do),
-        # kept on its state, which every connection of the server shares
-        load: LoadWatch | None = getattr(self.server_state, "model_gateway_load", None)
-        if load is None:
-            load = LoadWatch(self.loop)
-            setattr(self.server_state, "model_gateway_load", load)  # noqa: B010
-        coalescing = CoalescingTransport(transport, self.loop, self.tasks, load)
+        coalescing = CoalescingTransport(transport, self.loop, self.tasks, PROCESS_LOAD)
         super().connection_made(coalescing)  # type: ignore[arg-type]
 
     def on_response_complete(self) -> None:
