@@ -156,6 +156,38 @@ def test_admin_token_from_the_environment(
     assert httpx.post(f"{gw.url}/admin/reload", headers=ok).status_code == 200
 
 
+def test_the_control_planes_own_404_and_405_are_json_errors(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A control path with no endpoint, or a method its endpoint does not take, gets the
+    gateway's JSON error (not the framework's plain text), with ``Allow`` on a 405."""
+    gw = gateway([route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])])
+    cases = [
+        ("GET", "/admin/nope", 404, "not_found", "no endpoint /admin/nope", None),
+        ("GET", "/admin/predictions/", 404, "not_found", "no endpoint /admin/predictions/", None),
+        ("GET", "/metrics/x", 404, "not_found", "no endpoint /metrics/x", None),
+        ("PUT", "/admin/routing", 405, "method_not_allowed", None, {"GET", "HEAD"}),
+        (
+            "GET",
+            "/feedback",
+            405,
+            "method_not_allowed",
+            "GET is not allowed on /feedback",
+            {"POST"},
+        ),
+    ]
+    for method, path, status, code, message, allow in cases:
+        answer = httpx.request(method, f"{gw.url}{path}")
+        assert answer.status_code == status, path
+        assert answer.headers["content-type"] == "application/json"
+        error = answer.json()["error"]
+        assert error["code"] == code
+        assert message is None or error["message"] == message
+        allowed = answer.headers.get("allow")
+        # the router lists the methods in no fixed order
+        assert (None if allowed is None else set(allowed.split(", "))) == allow
+
+
 @settings(
     max_examples=8,
     deadline=None,

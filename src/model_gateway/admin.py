@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -41,6 +42,30 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
+
+
+#: the codes of the answers the control plane's router makes itself
+_ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def router_error(request: Request, exc: Exception) -> Response:
+    """The router's own answers (a control path with no endpoint, a method the endpoint does
+    not take) in the JSON shape of every other error the gateway makes, headers such as
+    ``Allow`` kept; Starlette's are plain text."""
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    if status in (204, 304):  # no body allowed
+        return Response(status_code=status, headers=exc.headers)
+    if status == 404:
+        message = f"no endpoint {request.url.path}"
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = exc.detail
+    response = error_response(status, _ROUTER_CODES.get(status, "http_error"), message)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
 
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 
 from . import heap
-from .admin import control_routes, store_unavailable
+from .admin import control_routes, router_error, store_unavailable
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
@@ -44,10 +45,9 @@ class GatewayApp:
         self._state: GatewayState | None = None
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
-        self._control = Starlette(
-            routes=control_routes(self),
-            exception_handlers=dict.fromkeys(STORE_ERRORS, store_unavailable),
-        )
+        handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
+        handlers[HTTPException] = router_error
+        self._control = Starlette(routes=control_routes(self), exception_handlers=handlers)
         self.reloader = ConfigReloader(self)
         self.joiner = FeedbackJoiner(self)
 
