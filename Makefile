@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install build tools run test lint bench bench-instructions clean
+.PHONY: install build tools run test test-pure lint bench bench-instructions clean
 
 # The package installed editable as plain Python; `build` then compiles the hot path in place.
 $(STAMP): pyproject.toml
@@ -73,6 +73,14 @@ lint: $(COMPILED)
 ## test: lint, then the whole suite, on the compiled build
 test: lint tools
 	MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest
+
+## test-pure: the whole suite on plain Python, as a `MODEL_GATEWAY_PURE=1 pip install .` runs
+## the gateway: from a copy of src/ without the compiled extensions (slower; not part of `make test`)
+PURE_SRC := build/pure/src
+test-pure: $(STAMP) tools
+	rm -rf build/pure && mkdir -p build/pure
+	cp -r src build/pure/ && find $(PURE_SRC) -name '*.so' -delete
+	PYTHONPATH=$(CURDIR)/$(PURE_SRC) MODEL_GATEWAY_EXPECT_PURE=1 $(BIN)/pytest
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

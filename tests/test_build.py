@@ -11,13 +11,23 @@ from .compiled import SRC, compiled_module_names, extensions, loaded_from_extens
 
 @pytest.mark.skipif(
     not os.environ.get("MODEL_GATEWAY_EXPECT_COMPILED"),
-    reason="the suite runs on plain Python here (make test sets MODEL_GATEWAY_EXPECT_COMPILED)",
+    reason="for `make test`, which sets MODEL_GATEWAY_EXPECT_COMPILED",
 )
 def test_every_hot_path_module_runs_compiled() -> None:
     names = compiled_module_names()
     assert "model_gateway.proxy" in names
     plain = [name for name in names if not loaded_from_extension(name)]
     assert plain == [], f"built by setup.py but imported as plain Python: {plain}"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MODEL_GATEWAY_EXPECT_PURE"),
+    reason="for `make test-pure`, which sets MODEL_GATEWAY_EXPECT_PURE",
+)
+def test_every_hot_path_module_runs_as_plain_python_under_make_test_pure() -> None:
+    names = compiled_module_names()
+    built = [name for name in names if loaded_from_extension(name)]
+    assert built == [], f"imported compiled where plain Python was asked for: {built}"
 
 
 def test_no_extension_outlives_its_place_in_setup_py() -> None:
