@@ -1,4 +1,5 @@
-"""The hot path runs compiled under ``make test``, as ``make run`` and a wheel run it."""
+"""The hot path runs compiled under ``make test``, as ``make run`` and a wheel run it, and as
+plain Python under ``make test-pure``, as a ``MODEL_GATEWAY_PURE=1`` install runs it."""
 
 from __future__ import annotations
 
@@ -8,26 +9,22 @@ import pytest
 
 from .compiled import SRC, compiled_module_names, extensions, loaded_from_extension
 
-
-@pytest.mark.skipif(
-    not os.environ.get("MODEL_GATEWAY_EXPECT_COMPILED"),
-    reason="for `make test`, which sets MODEL_GATEWAY_EXPECT_COMPILED",
+#: what the make target running the suite asks for: `make test` compiled, `make test-pure` plain
+EXPECTED = (
+    "compiled"
+    if os.environ.get("MODEL_GATEWAY_EXPECT_COMPILED")
+    else "plain"
+    if os.environ.get("MODEL_GATEWAY_EXPECT_PURE")
+    else None
 )
-def test_every_hot_path_module_runs_compiled() -> None:
+
+
+@pytest.mark.skipif(EXPECTED is None, reason="run by `make test` or `make test-pure`")
+def test_every_hot_path_module_runs_as_the_make_target_asked() -> None:
     names = compiled_module_names()
     assert "model_gateway.proxy" in names
-    plain = [name for name in names if not loaded_from_extension(name)]
-    assert plain == [], f"built by setup.py but imported as plain Python: {plain}"
-
-
-@pytest.mark.skipif(
-    not os.environ.get("MODEL_GATEWAY_EXPECT_PURE"),
-    reason="for `make test-pure`, which sets MODEL_GATEWAY_EXPECT_PURE",
-)
-def test_every_hot_path_module_runs_as_plain_python_under_make_test_pure() -> None:
-    names = compiled_module_names()
-    built = [name for name in names if loaded_from_extension(name)]
-    assert built == [], f"imported compiled where plain Python was asked for: {built}"
+    wrong = [name for name in names if loaded_from_extension(name) != (EXPECTED == "compiled")]
+    assert wrong == [], f"asked for {EXPECTED} modules, imported otherwise: {wrong}"
 
 
 def test_no_extension_outlives_its_place_in_setup_py() -> None:
