@@ -44,8 +44,9 @@ def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
-#: the codes of the answers the control plane's router makes itself
-_ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
+#: the statuses the control plane's router answers itself, with the gateway's error code for
+#: each; every other ``HTTPException`` keeps Starlette's own handler
+ROUTER_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 async def router_error(request: Request, exc: Exception) -> Response:
@@ -53,16 +54,12 @@ async def router_error(request: Request, exc: Exception) -> Response:
     not take) in the JSON shape of every other error the gateway makes, headers such as
     ``Allow`` kept; Starlette's are plain text."""
     assert isinstance(exc, HTTPException)
-    status = exc.status_code
-    if status in (204, 304):  # no body allowed
-        return Response(status_code=status, headers=exc.headers)
-    if status == 404:
-        message = f"no endpoint {request.url.path}"
-    elif status == 405:
-        message = f"{request.method} is not allowed on {request.url.path}"
+    path = request.url.path
+    if exc.status_code == 404:
+        message = f"no endpoint {path}"
     else:
-        message = exc.detail
-    response = error_response(status, _ROUTER_CODES.get(status, "http_error"), message)
+        message = f"{request.method} is not allowed on {path}"
+    response = error_response(exc.status_code, ROUTER_CODES[exc.status_code], message)
     if exc.headers:
         response.headers.update(exc.headers)
     return response

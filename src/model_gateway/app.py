@@ -11,10 +11,9 @@ import time
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 
 from . import heap
-from .admin import control_routes, router_error, store_unavailable
+from .admin import ROUTER_CODES, control_routes, router_error, store_unavailable
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
@@ -46,7 +45,7 @@ class GatewayApp:
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
         handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
-        handlers[HTTPException] = router_error
+        handlers.update(dict.fromkeys(ROUTER_CODES, router_error))  # by status code
         self._control = Starlette(routes=control_routes(self), exception_handlers=handlers)
         self.reloader = ConfigReloader(self)
         self.joiner = FeedbackJoiner(self)

@@ -18,8 +18,8 @@ A response that streams is never held past the end of the loop turn it was writt
 Holding pays only when the process is busy: it turns a stream of requests into batches, which
 a saturated loop serves with fewer wakeups, and which a loop with time to spare would only
 make wait. So responses are held to the end of the turn only while the process has kept a
-core busy (:class:`LoadWatch`: its CPU time over the last 50 ms or so); otherwise each goes as soon
-as it is complete. Against a 20 ms model at 64 connections, which keeps one worker some 40 %
+core busy (:class:`LoadWatch`: its CPU time over the last 50 ms or so); otherwise each goes
+as soon as it is complete. Against a 20 ms model at 64 connections, which keeps one worker some 40 %
 busy, that took the rate from 0.914 to 0.937 of the direct one (alternating runs; always
 writing at completion gave 0.940 with one worker and 0.948 → 0.960 with two). At 32
 connections on a fast model the worker is saturated and holds, as before: always writing at
