@@ -158,6 +158,26 @@ def fast_upstream(workdir: Path, fast: int, fast2: int) -> Service:
     return Service("fast upstream (nginx)", cmd, fast)
 
 
+def nginx_proxy(workdir: Path, name: str, port: int, first: int, second: int) -> Service:
+    """nginx as the reference proxy: a 90/10 weighted split over two upstream ports (the same
+    port twice for the 20 ms model), keep-alive to them, an access log on every request."""
+    cmd, _ = nginx(
+        workdir,
+        name,
+        f"""
+    log_format main '$remote_addr [$time_local] "$request" $status $body_bytes_sent $request_time $upstream_addr';
+    access_log {workdir}/{name}/logs/access.log main;
+    upstream models {{ server 127.0.0.1:{first} weight=90; server 127.0.0.1:{second} weight=10; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://models; proxy_http_version 1.1; proxy_set_header Connection "";
+        }}
+    }}""",
+    )
+    return Service(f"nginx {name}", cmd, port)
+
+
 def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
     return [
         *(sys.executable, "-m", "model_gateway", "serve", "--config", str(config)),
@@ -220,6 +240,13 @@ def start_bare_proxy(name: str, upstream_url: str, kind: str, workers: int) -> S
     port = free_port()
     command = bare_proxy_command(port, upstream_url, kind, workers)
     return start_workers(name, command, port, workers, b"bare proxy started")
+
+
+def start_callback_proxy(upstream_port: int) -> Service:
+    port = free_port()
+    command = [sys.executable, str(HERE / "callback_proxy.py"), str(port), "127.0.0.1"]
+    command.append(str(upstream_port))
+    return start_workers("callback proxy", command, port, 1, b"callback proxy started")
 
 
 @dataclass
@@ -340,21 +367,7 @@ def main() -> int:
                 modules=(ECHO_MODULE,),
             )
             services.append(Service("20 ms upstream (nginx echo_sleep)", cmd, slow))
-            cmd, _ = nginx(
-                workdir,
-                "proxy",
-                f"""
-    log_format main '$remote_addr [$time_local] "$request" $status $body_bytes_sent $request_time $upstream_addr';
-    access_log {workdir}/proxy/logs/access.log main;
-    upstream models {{ server 127.0.0.1:{fast} weight=90; server 127.0.0.1:{fast2} weight=10; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{proxy};
-        location / {{
-            proxy_pass http://models; proxy_http_version 1.1; proxy_set_header Connection "";
-        }}
-    }}""",
-            )
-            services.append(Service("nginx proxy", cmd, proxy))
+            services.append(nginx_proxy(workdir, "proxy", proxy, fast, fast2))
 
             targets = [
                 Target("direct", f"http://127.0.0.1:{fast}{PATH}"),
@@ -383,6 +396,13 @@ def main() -> int:
                 gateways.append((service, target))
                 targets.append(target)
             slow_targets = [Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")]
+            # what a proxy in C and a proxy of bare callbacks on the same loop make of the
+            # 20 ms case: the stack's share of the gap, apart from the gateway's
+            services.append(nginx_proxy(workdir, "proxy-20ms", free_port(), slow, slow))
+            slow_targets.append(Target("nginx-20ms", services[-1].url + PATH))
+            services.append(start_callback_proxy(slow))
+            pid = services[-1].proc.pid
+            slow_targets.append(Target("callback-proxy-20ms", services[-1].url + PATH, pid))
             for workers in (1, 2):
                 url = f"http://127.0.0.1:{slow}"
                 name = f"bare proxy x{workers} (20 ms upstream)"
@@ -513,16 +533,24 @@ def summarise(
                 "rps_vs_starlette_proxy": g["rps"] / table[f"starlette-proxy c={c}"]["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
+    d, n = table["direct-20ms c=64"], table["nginx-20ms c=64"]
+    callbacks = table["callback-proxy-20ms c=64"]
     for workers in (1, 2):
-        d = table["direct-20ms c=64"]
         bare = table[f"bare-proxy-{workers}w-20ms c=64"]
         for name in (f"gateway-{workers}w-20ms", f"bare-proxy-{workers}w-20ms"):
             g = table[f"{name} c=64"]
             ratios[f"{name} c=64"] = {
                 "rps_vs_direct": g["rps"] / d["rps"],
+                "rps_vs_nginx": g["rps"] / n["rps"],
                 "rps_vs_bare_proxy": g["rps"] / bare["rps"],
+                "rps_vs_callback_proxy": g["rps"] / callbacks["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
+    for name, g in (("nginx-20ms", n), ("callback-proxy-20ms", callbacks)):
+        ratios[f"{name} c=64"] = {
+            "rps_vs_direct": g["rps"] / d["rps"],
+            "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
+        }
     # How far a second worker carries each on these shared cores, and how far it could: if
     # every request costs the machine as much CPU (gateway, wrk, upstream) as it did with one
     # worker, all the cores serve at most cores / (cores busy with one worker) times as many.

@@ -43,6 +43,8 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "gateway-2w c=1",
         "gateway-1w-20ms c=64",
         "gateway-2w-20ms c=64",
+        "nginx-20ms c=64",
+        "callback-proxy-20ms c=64",
     ):
         assert results["results"][case]["rps"] > 0, case
     assert results["results"]["gateway-1w c=32"]["cpu_ms_per_request"] > 0
@@ -55,6 +57,13 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "rps_vs_session_proxy",
         "rps_vs_starlette_proxy",
     } <= set(results["ratios"]["gateway-1w c=32"])
+    assert {
+        "rps_vs_direct",
+        "rps_vs_nginx",
+        "rps_vs_bare_proxy",
+        "rps_vs_callback_proxy",
+    } <= set(results["ratios"]["gateway-1w-20ms c=64"])
+    assert results["results"]["callback-proxy-20ms c=64"]["cpu_ms_per_request"] > 0
     for name, log in results["log_completeness"].items():
         # every response wrk read is logged; the surplus is what was in flight when wrk stopped
         surplus = log["records"] - log["wrk_completed"]
