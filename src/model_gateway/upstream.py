@@ -141,8 +141,12 @@ class UpstreamResponse:
         return int(value) if value is not None else None
 
     async def read(self) -> bytes:
-        assert self.content is not None
-        body = await self.content.read()
+        content = self.content
+        assert content is not None
+        # An answer whose end is already in (a small one comes in one read from the socket)
+        # is taken in one call; ``read()`` would loop over ``readany()`` coroutines to find
+        # the end it has already seen.
+        body = content.read_nowait() if content.is_eof() else await content.read()
         self.release()
         return body
 
