@@ -28,8 +28,10 @@ from .conftest import GatewayFactory, RunningGateway, Upstream, route
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 # A scripted model server: given (connection number, request number on it, the request's
-# bytes), the bytes to answer, or None to close the connection without answering.
+# bytes), the bytes to answer, or None to close the connection without answering. An answer
+# that ends with THEN_CLOSE is sent without it, and the server then closes the connection.
 Script = Callable[[int, int, bytes], bytes | None]
+THEN_CLOSE = b"<then close>"
 
 
 def _read_request(conn: socket.socket, buffer: bytearray) -> bytes | None:
@@ -80,10 +82,10 @@ def scripted_upstream(script: Script) -> Iterator[tuple[str, list[bytes]]]:
                 if answer is None:
                     return
                 try:
-                    conn.sendall(answer)
+                    conn.sendall(answer.removesuffix(THEN_CLOSE))
                 except OSError:
                     return
-                if answer.startswith(b"HTTP/1.0"):
+                if answer.startswith(b"HTTP/1.0") or answer.endswith(THEN_CLOSE):
                     return  # an HTTP/1.0 answer ends with the connection
 
     def accept() -> None:
@@ -347,6 +349,7 @@ async def test_a_connection_that_comes_after_the_total_timeout_is_not_used() -> 
             with pytest.raises(TimeoutError):
                 await client.request("POST", url, b"/infer", [], b"{}", deadlines)
         finally:
+            client.close()
             await connector.close()
         assert seen == []
 
@@ -401,6 +404,7 @@ async def test_a_pooled_connection_keeps_its_parser_across_answers_framed_every_
                     final = _FRAMINGS[target].rsplit(b"HTTP/1.1 ", 1)[1]  # after any 103
                     assert response.status == int(final.split(b" ")[0]), target
         finally:
+            client.close()
             await connector.close()
         assert len(seen) == len(order)  # one connection throughout
     head = order.index(b"HEAD")
@@ -413,24 +417,128 @@ async def test_a_pooled_connection_keeps_its_parser_across_answers_framed_every_
 
 @pytest.mark.anyio
 async def test_a_parser_the_health_checks_session_built_is_not_reused() -> None:
+    # The health checks' session and the client share the connector: a connection the session
+    # gave back to the connector's pool is the next one the client takes from it.
     with scripted_upstream(_one_connection) as (url, seen):
         connector = aiohttp.TCPConnector()
         session = aiohttp.ClientSession(connector=connector, connector_owner=False)
         client = UpstreamClient(connector)
         deadlines = Deadlines(Timeouts(connect=5, total=5))
         try:
-            first = await client.request("POST", url, b"/length", [], b"{}", deadlines)
-            assert await first.read() == b"{}"
-            protocol = first._protocol
-            assert protocol is not None
             async with session.post(f"{url}/chunked", data=b"{}") as answer:
                 assert await answer.read() == b'{"a": 1}'
+            protocol = answer._protocol  # back in the connector's pool
+            assert protocol is not None and protocol.is_connected()
             sessions = protocol._parser  # built with the session's settings and timer
+            first = await client.request("POST", url, b"/length", [], b"{}", deadlines)
+            assert first._protocol is protocol  # the same connection, a parser of our own
+            ours = protocol._parser
+            assert sessions is not None and ours is not sessions
+            assert await first.read() == b"{}"
             second = await client.request("POST", url, b"/length", [], b"{}", deadlines)
+            assert second._protocol is protocol and protocol._parser is ours
             assert await second.read() == b"{}"
-            assert second._protocol is protocol  # the same connection, a parser of our own
-            assert sessions is not None and protocol._parser is not sessions
         finally:
+            client.close()
             await session.close()
             await connector.close()
         assert len(seen) == 3
+
+
+def _numbered(log: list[tuple[int, int]]) -> Script:
+    """Answers every request, noting on which connection (number, index) it came."""
+
+    def script(number: int, index: int, request: bytes) -> bytes:
+        log.append((number, index))
+        return OK
+
+    return script
+
+
+@pytest.mark.anyio
+async def test_idle_connections_are_reused_newest_first_and_closed_past_the_keepalive() -> None:
+    came_on: list[tuple[int, int]] = []
+    with scripted_upstream(_numbered(came_on)) as (url, _):
+        connector = aiohttp.TCPConnector()
+        client = UpstreamClient(connector, keepalive=0.3)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        try:
+            # two at once open two connections; then one at a time, the newest idle one
+            both = await asyncio.gather(
+                *(client.request("POST", url, b"/", [], b"{}", deadlines) for _ in range(2))
+            )
+            first, second = both
+            assert await first.read() == b"{}"
+            assert await second.read() == b"{}"
+            newest = second._protocol
+            again = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            assert again._protocol is newest
+            assert await again.read() == b"{}"
+            assert newest is not None and first._protocol is not None
+            idle = [connection.protocol for connection, _ in client._origins[url].idle]
+            assert idle == [first._protocol, newest]  # oldest first
+            await asyncio.sleep(0.8)  # past the keep-alive: the sweep closes both
+            assert client._origins[url].idle == []
+            assert not newest.is_connected() and not first._protocol.is_connected()
+            late = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            assert late._protocol not in (newest, first._protocol)
+            assert await late.read() == b"{}"
+        finally:
+            client.close()
+            await connector.close()
+    assert sorted(came_on[:2]) == [(0, 0), (1, 0)]
+    assert came_on[2] in {(0, 1), (1, 1)}
+    assert came_on[3] == (2, 0)  # a new connection after the keep-alive
+
+
+@pytest.mark.anyio
+async def test_a_connection_the_server_closed_or_said_it_would_close_is_not_reused() -> None:
+    closing = OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+    came_on: list[tuple[int, int]] = []
+
+    def script(number: int, index: int, request: bytes) -> bytes:
+        came_on.append((number, index))
+        # connection 0 says it will close; connection 1 closes without saying so
+        return {0: closing, 1: OK + THEN_CLOSE}.get(number, OK)
+
+    with scripted_upstream(script) as (url, seen):
+        connector = aiohttp.TCPConnector()
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        try:
+            said_close = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            assert await said_close.read() == b"{}"
+            kept = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            assert await kept.read() == b"{}"
+            assert kept._protocol is not said_close._protocol
+            # the server ended the idle connection: the next POST (never sent twice) must
+            # not go out on it
+            idle = client._origins[url].idle
+            assert [connection.protocol for connection, _ in idle] == [kept._protocol]
+            await asyncio.sleep(0.2)  # the close reaches the client
+            fresh = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            assert await fresh.read() == b"{}"
+            assert fresh._protocol is not kept._protocol
+        finally:
+            client.close()
+            await connector.close()
+    assert came_on == [(0, 0), (1, 0), (2, 0)]
+    assert len(seen) == 3
+
+
+@pytest.mark.anyio
+async def test_closing_the_client_closes_its_idle_connections() -> None:
+    with scripted_upstream(lambda number, index, request: OK) as (url, _):
+        connector = aiohttp.TCPConnector()
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        try:
+            response = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            assert await response.read() == b"{}"
+            protocol = response._protocol
+            assert protocol is not None and protocol.is_connected()
+            client.close()
+            assert not protocol.is_connected()
+            assert client._origins[url].idle == []
+        finally:
+            await connector.close()

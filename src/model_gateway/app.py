@@ -143,8 +143,8 @@ class GatewayApp:
         await self.joiner.stop()
         await state.health.close()
         await state.writer.close()
+        state.upstream.close()  # its idle connections, before the connector closes
         await state.session.close()
-        state.upstream.close()
         await self._store.close()
         state.metrics.process_exited()
         log.info("model-gateway stopped; prediction log flushed")

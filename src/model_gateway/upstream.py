@@ -88,9 +88,9 @@ class Deadlines:
 
 class Origin:
     """One upstream base URL, resolved once: the key to its pooled connections, the Host
-    header, the path prefix and the credentials the URL carries."""
+    header, the path prefix and the credentials the URL carries; and its idle connections."""
 
-    __slots__ = ("authorization", "host", "key", "prefix")
+    __slots__ = ("authorization", "host", "idle", "key", "prefix")
 
     def __init__(self, base: str, loop: asyncio.AbstractEventLoop) -> None:
         url = URL(base)
@@ -103,6 +103,9 @@ class Origin:
         if url.user is not None:  # RFC 7617, in UTF-8
             credentials = f"{url.user}:{url.password or ''}".encode()
             self.authorization = b"Basic " + base64.b64encode(credentials)
+        #: connections whose last answer was read to the end, with when (the loop's clock),
+        #: oldest first; the newest is used first, so the pool shrinks to what the load needs
+        self.idle: list[tuple[Connection, float]] = []
 
 
 class UpstreamResponse:
@@ -115,9 +118,11 @@ class UpstreamResponse:
     """
 
     __slots__ = (
+        "_client",
         "_connection",
         "_deadline",
         "_expired",
+        "_origin",
         "_protocol",
         "content",
         "headers",
@@ -125,7 +130,8 @@ class UpstreamResponse:
         "status",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, client: UpstreamClient, origin: Origin) -> None:
+        self._client, self._origin = client, origin
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self.raw_headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -158,11 +164,11 @@ class UpstreamResponse:
         return chunk
 
     def release(self) -> None:
-        """Back to the pool (the pool closes it instead if it cannot be reused)."""
+        """Back to the idle connections (closed instead if it cannot be reused)."""
         self._cancel_deadline()
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.release()
+            self._client.keep(self._origin, connection)
 
     def close(self) -> None:
         self._cancel_deadline()
@@ -191,17 +197,80 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    """Sends one already-read request to a model server and returns its answer's head."""
+    """Sends one already-read request to a model server and returns its answer's head.
 
-    def __init__(self, connector: aiohttp.BaseConnector) -> None:
+    New connections come from aiohttp's connector, and go back to it to be closed; between
+    two exchanges a connection waits in its origin's ``idle`` list rather than in the
+    connector's pool. Taking one from and giving one back to the connector (its connection
+    key built and hashed per call, its acquired sets, a ``Connection`` object per exchange)
+    was a twentieth of the gateway's instructions per request; here it is a list pop and
+    append, with the same keep-alive limit and the same checks before reuse.
+    """
+
+    def __init__(
+        self, connector: aiohttp.BaseConnector, keepalive: float = KEEPALIVE_SECONDS
+    ) -> None:
         self._connector = connector
+        self._keepalive = keepalive
         self._origins: dict[str, Origin] = {}
         # the total timeouts: armed by every exchange, fired by almost none
         self._timeouts = TimeoutWheel()
+        self._loop = asyncio.get_running_loop()
+        # closes the connections left idle past the keep-alive time; set while any is idle
+        self._sweep: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
-        """Drop the timeouts still armed; the connection pool closes with the session."""
+        """Drop the timeouts still armed and close the idle connections, before the session
+        closes the connector."""
         self._timeouts.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for origin in self._origins.values():
+            idle, origin.idle = origin.idle, []
+            for connection, _ in idle:
+                connection.close()
+
+    def keep(self, origin: Origin, connection: Connection) -> None:
+        """``connection``'s answer was read to the end: idle until the next exchange, unless
+        it cannot carry one (the server said close, or it is closed already)."""
+        protocol = connection.protocol
+        if protocol is None or protocol.should_close or not protocol.is_connected():
+            connection.close()
+            return
+        origin.idle.append((connection, self._loop.time()))
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self._keepalive, self._close_expired)
+
+    def _idle_connection(self, origin: Origin) -> Connection | None:
+        """The newest idle connection still open and within the keep-alive time, if any;
+        those found past it on the way are closed."""
+        idle = origin.idle
+        if not idle:
+            return None
+        now = self._loop.time()
+        while idle:
+            connection, since = idle.pop()
+            protocol = connection.protocol
+            if protocol is not None and protocol.is_connected() and now - since < self._keepalive:
+                return connection
+            connection.close()
+        return None
+
+    def _close_expired(self) -> None:
+        self._sweep = None
+        deadline = self._loop.time() - self._keepalive
+        for origin in self._origins.values():
+            idle = origin.idle
+            expired = 0
+            while expired < len(idle) and idle[expired][1] <= deadline:
+                expired += 1
+            if expired:
+                for connection, _ in idle[:expired]:
+                    connection.close()
+                del idle[:expired]
+            if idle and self._sweep is None:
+                self._sweep = self._loop.call_later(self._keepalive, self._close_expired)
 
     async def request(
         self,
@@ -219,7 +288,7 @@ class UpstreamClient:
             origin = self._origins[base] = Origin(base, asyncio.get_running_loop())
         head = _request_head(method, origin, target, headers, len(body))
         message = [head + body] if len(body) <= _JOIN_LIMIT else [head, body]
-        response = UpstreamResponse()
+        response = UpstreamResponse(self, origin)
         response._deadline = self._timeouts.arm(response, deadlines.total, response._time_out)
         retry = method in IDEMPOTENT_METHODS
         try:
@@ -250,10 +319,12 @@ class UpstreamClient:
         method: str,
         deadlines: Deadlines,
     ) -> None:
-        try:
-            connection = await self._connector.connect(origin.key, [], deadlines.connect)
-        except TimeoutError as error:
-            raise aiohttp.ConnectionTimeoutError("no connection in time") from error
+        connection = self._idle_connection(origin)
+        if connection is None:
+            try:
+                connection = await self._connector.connect(origin.key, [], deadlines.connect)
+            except TimeoutError as error:
+                raise aiohttp.ConnectionTimeoutError("no connection in time") from error
         response._connection = connection
         if response._expired:  # the connection came, but after the total timeout
             raise aiohttp.ServerTimeoutError("the total timeout passed")
