@@ -1,14 +1,16 @@
-"""The upstream side: aiohttp's connection pool and response parser, per-route timeouts, errors.
+"""The upstream side: aiohttp's connections and response parser, per-route timeouts, errors.
 
-Every exchange with a model server goes through aiohttp's ``TCPConnector`` (keep-alive pool,
-DNS cache, TLS, connect timeouts) and its ``ResponseHandler`` (the C response parser, the body
-stream). What the gateway leaves out is the ``ClientSession.request`` layer above them:
-cookies, redirects, auth helpers, tracing, middlewares, the ``ClientRequest`` and
-``ClientResponse`` objects built and validated per request. A proxy has no use for any of it
-— the request it forwards is already parsed and its body already read — and on a fast model
-server that layer was nearly half of a bare uvicorn + aiohttp proxy's instructions per
-request (475 k on the session, 265 k on this client; benchmarks/README.md). The session
-stays for the health checks, on the same pool.
+Every connection to a model server is opened and closed by aiohttp's ``TCPConnector`` (DNS
+cache, TLS, connect timeouts), and every answer is read by its ``ResponseHandler`` (the C
+response parser, the body stream); between two exchanges a connection waits in its origin's
+idle list (:class:`UpstreamClient`). What the gateway leaves out is the
+``ClientSession.request`` layer above them: cookies, redirects, auth helpers, tracing,
+middlewares, the ``ClientRequest`` and ``ClientResponse`` objects built and validated per
+request. A proxy has no use for any of it — the request it forwards is already parsed and
+its body already read — and on a fast model server that layer was nearly half of a bare
+uvicorn + aiohttp proxy's instructions per request (475 k on the session, 265 k on this
+client; benchmarks/README.md). The session stays for the health checks, on the same
+connector.
 
 ``set_response_params``, ``_parser`` and ``read`` of the connection's protocol are aiohttp's
 internals, not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases
