@@ -542,3 +542,19 @@ async def test_closing_the_client_closes_its_idle_connections() -> None:
             assert client._origins[url].idle == []
         finally:
             await connector.close()
+
+
+@pytest.mark.anyio
+async def test_an_answer_read_after_the_client_closed_does_not_keep_its_connection() -> None:
+    with scripted_upstream(lambda number, index, request: OK) as (url, _):
+        connector = aiohttp.TCPConnector()
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        try:
+            response = await client.request("POST", url, b"/", [], b"{}", deadlines)
+            client.close()  # the gateway stops while the answer is being read
+            assert await response.read() == b"{}"
+            assert response._protocol is not None and not response._protocol.is_connected()
+            assert client._origins[url].idle == []
+        finally:
+            await connector.close()

@@ -220,10 +220,12 @@ class UpstreamClient:
         self._loop = asyncio.get_running_loop()
         # closes the connections left idle past the keep-alive time; set while any is idle
         self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def close(self) -> None:
         """Drop the timeouts still armed and close the idle connections, before the session
         closes the connector."""
+        self._closed = True
         self._timeouts.close()
         if self._sweep is not None:
             self._sweep.cancel()
@@ -235,9 +237,10 @@ class UpstreamClient:
 
     def keep(self, origin: Origin, connection: Connection) -> None:
         """``connection``'s answer was read to the end: idle until the next exchange, unless
-        it cannot carry one (the server said close, or it is closed already)."""
+        it cannot carry one (the server said close, or it is closed already) or the client
+        has closed (an answer read to its end while the gateway stops)."""
         protocol = connection.protocol
-        if protocol is None or protocol.should_close or not protocol.is_connected():
+        if protocol is None or protocol.should_close or not protocol.is_connected() or self._closed:
             connection.close()
             return
         origin.idle.append((connection, self._loop.time()))
@@ -287,7 +290,7 @@ class UpstreamClient:
         alone decides the host."""
         origin = self._origins.get(base)
         if origin is None:
-            origin = self._origins[base] = Origin(base, asyncio.get_running_loop())
+            origin = self._origins[base] = Origin(base, self._loop)
         head = _request_head(method, origin, target, headers, len(body))
         message = [head + body] if len(body) <= _JOIN_LIMIT else [head, body]
         response = UpstreamResponse(self, origin)
