@@ -527,6 +527,33 @@ async def test_a_connection_the_server_closed_or_said_it_would_close_is_not_reus
 
 
 @pytest.mark.anyio
+async def test_the_resend_after_a_closed_idle_connection_goes_on_a_new_one() -> None:
+    # The model server restarted: every idle connection is dead, though none has been told
+    # yet. The GET goes again once, on a new connection rather than on another idle one.
+    def script(number: int, index: int, request: bytes) -> bytes | None:
+        return OK if index == 0 else None  # each connection dies under its second request
+
+    with scripted_upstream(script) as (url, seen):
+        connector = aiohttp.TCPConnector()
+        client = UpstreamClient(connector)
+        deadlines = Deadlines(Timeouts(connect=5, total=5))
+        try:
+            first, second = await asyncio.gather(
+                *(client.request("GET", url, b"/", [], b"", deadlines) for _ in range(2))
+            )
+            assert await first.read() == b"{}"
+            assert await second.read() == b"{}"
+            assert len(client._origins[url].idle) == 2
+            again = await client.request("GET", url, b"/", [], b"", deadlines)
+            assert await again.read() == b"{}"
+            assert again._protocol not in (first._protocol, second._protocol)
+        finally:
+            client.close()
+            await connector.close()
+    assert len(seen) == 4  # two, the GET on an idle connection, and once more on a new one
+
+
+@pytest.mark.anyio
 async def test_closing_the_client_closes_its_idle_connections() -> None:
     with scripted_upstream(lambda number, index, request: OK) as (url, _):
         connector = aiohttp.TCPConnector()

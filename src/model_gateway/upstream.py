@@ -89,8 +89,9 @@ class Deadlines:
 
 
 class Origin:
-    """One upstream base URL, resolved once: the key to its pooled connections, the Host
-    header, the path prefix and the credentials the URL carries; and its idle connections."""
+    """One upstream base URL, resolved once: the key the connector opens its connections by,
+    the Host header, the path prefix and the credentials the URL carries; and its idle
+    connections."""
 
     __slots__ = ("authorization", "host", "idle", "key", "prefix")
 
@@ -296,21 +297,23 @@ class UpstreamClient:
         response = UpstreamResponse(self, origin)
         response._deadline = self._timeouts.arm(response, deadlines.total, response._time_out)
         retry = method in IDEMPOTENT_METHODS
+        reuse = True
         try:
             while True:
                 try:
-                    await self._send(response, origin, message, method, deadlines)
+                    await self._send(response, origin, message, method, deadlines, reuse)
                     return response
                 # A refused connection (a ClientOSError too, hence named first) sent
                 # nothing: the proxy's connect retries, not this resend, deal with it.
                 except aiohttp.ClientConnectorError:
                     raise
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                    # a pooled connection the server had closed: once more on a new one,
-                    # within what is left of the total timeout
+                    # an idle connection the server had closed: once more on a new one,
+                    # within what is left of the total timeout (the other idle ones date
+                    # from before the server closed this one)
                     if not retry:
                         raise
-                    retry = False
+                    retry = reuse = False
                     response.drop_connection()
         except BaseException:
             response.close()
@@ -323,8 +326,9 @@ class UpstreamClient:
         message: list[bytes],
         method: str,
         deadlines: Deadlines,
+        reuse: bool,
     ) -> None:
-        connection = self._idle_connection(origin)
+        connection = self._idle_connection(origin) if reuse else None
         if connection is None:
             try:
                 connection = await self._connector.connect(origin.key, [], deadlines.connect)
