@@ -244,8 +244,8 @@ def start_bare_proxy(name: str, upstream_url: str, kind: str, workers: int) -> S
 
 def start_callback_proxy(upstream_port: int) -> Service:
     port = free_port()
-    command = [sys.executable, str(HERE / "callback_proxy.py"), str(port), "127.0.0.1"]
-    command.append(str(upstream_port))
+    script = str(HERE / "callback_proxy.py")
+    command = [sys.executable, script, str(port), "127.0.0.1", str(upstream_port)]
     return start_workers("callback proxy", command, port, 1, b"callback proxy started")
 
 

@@ -8,8 +8,8 @@ import asyncio
 import base64
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import aiohttp
@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 from model_gateway.config import Timeouts
 from model_gateway.errors import BadRequestError
-from model_gateway.upstream import Deadlines, Origin, UpstreamClient, _request_head
+from model_gateway.upstream import (
+    KEEPALIVE_SECONDS,
+    Deadlines,
+    Origin,
+    UpstreamClient,
+    _request_head,
+)
 
 from .conftest import GatewayFactory, RunningGateway, Upstream, route
 
@@ -339,19 +345,38 @@ class _SlowToConnect(aiohttp.TCPConnector):
         return await super().connect(req, traces, timeout)
 
 
-@pytest.mark.anyio
-async def test_a_connection_that_comes_after_the_total_timeout_is_not_used() -> None:
-    with scripted_upstream(lambda number, index, request: OK) as (url, seen):
-        connector = _SlowToConnect()
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=0.1))
+DEADLINES = Deadlines(Timeouts(connect=5, total=5))
+
+
+def _answer_every_request(number: int, index: int, request: bytes) -> bytes:
+    return OK
+
+
+@asynccontextmanager
+async def direct_client(
+    script: Script,
+    connector: aiohttp.TCPConnector | None = None,
+    keepalive: float = KEEPALIVE_SECONDS,
+) -> AsyncIterator[tuple[UpstreamClient, str, list[bytes]]]:
+    """The upstream client alone, on a connector of its own, in front of a scripted model
+    server: yields the client, the server's URL and every request the server saw."""
+    with scripted_upstream(script) as (url, seen):
+        connector = connector or aiohttp.TCPConnector()
+        client = UpstreamClient(connector, keepalive)
         try:
-            with pytest.raises(TimeoutError):
-                await client.request("POST", url, b"/infer", [], b"{}", deadlines)
+            yield client, url, seen
         finally:
             client.close()
             await connector.close()
-        assert seen == []
+
+
+@pytest.mark.anyio
+async def test_a_connection_that_comes_after_the_total_timeout_is_not_used() -> None:
+    async with direct_client(_answer_every_request, _SlowToConnect()) as (client, url, seen):
+        deadlines = Deadlines(Timeouts(connect=5, total=0.1))
+        with pytest.raises(TimeoutError):
+            await client.request("POST", url, b"/infer", [], b"{}", deadlines)
+    assert seen == []
 
 
 # Answers framed every way HTTP/1.1 allows on a keep-alive connection, in a row.
@@ -383,30 +408,23 @@ def _one_connection(number: int, index: int, request: bytes) -> bytes | None:
 
 @pytest.mark.anyio
 async def test_a_pooled_connection_keeps_its_parser_across_answers_framed_every_way() -> None:
-    with scripted_upstream(_one_connection) as (url, seen):
-        connector = aiohttp.TCPConnector()
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        parsers = []
-        order = [*_FRAMINGS, b"/length", b"HEAD", b"/chunked", *reversed(_FRAMINGS)]
-        try:
-            for target in order:
-                method = "HEAD" if target == b"HEAD" else "POST"
-                path = b"/length" if method == "HEAD" else target
-                response = await client.request(method, url, path, [], b"{}", deadlines)
-                assert response._protocol is not None
-                parsers.append(response._protocol._parser)
-                body = await response.read()
-                if method == "HEAD":
-                    assert (response.status, body) == (200, b"")
-                else:
-                    assert body == _BODIES[target], target
-                    final = _FRAMINGS[target].rsplit(b"HTTP/1.1 ", 1)[1]  # after any 103
-                    assert response.status == int(final.split(b" ")[0]), target
-        finally:
-            client.close()
-            await connector.close()
-        assert len(seen) == len(order)  # one connection throughout
+    parsers = []
+    order = [*_FRAMINGS, b"/length", b"HEAD", b"/chunked", *reversed(_FRAMINGS)]
+    async with direct_client(_one_connection) as (client, url, seen):
+        for target in order:
+            method = "HEAD" if target == b"HEAD" else "POST"
+            path = b"/length" if method == "HEAD" else target
+            response = await client.request(method, url, path, [], b"{}", DEADLINES)
+            assert response._protocol is not None
+            parsers.append(response._protocol._parser)
+            body = await response.read()
+            if method == "HEAD":
+                assert (response.status, body) == (200, b"")
+            else:
+                assert body == _BODIES[target], target
+                final = _FRAMINGS[target].rsplit(b"HTTP/1.1 ", 1)[1]  # after any 103
+                assert response.status == int(final.split(b" ")[0]), target
+    assert len(seen) == len(order)  # one connection throughout
     head = order.index(b"HEAD")
     # one parser for every answer before the HEAD, a parser of its own for the HEAD (it
     # expects no body), and then one again for every answer after it
@@ -419,30 +437,23 @@ async def test_a_pooled_connection_keeps_its_parser_across_answers_framed_every_
 async def test_a_parser_the_health_checks_session_built_is_not_reused() -> None:
     # The health checks' session and the client share the connector: a connection the session
     # gave back to the connector's pool is the next one the client takes from it.
-    with scripted_upstream(_one_connection) as (url, seen):
-        connector = aiohttp.TCPConnector()
+    connector = aiohttp.TCPConnector()
+    async with direct_client(_one_connection, connector) as (client, url, seen):
         session = aiohttp.ClientSession(connector=connector, connector_owner=False)
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        try:
-            async with session.post(f"{url}/chunked", data=b"{}") as answer:
-                assert await answer.read() == b'{"a": 1}'
-            protocol = answer._protocol  # back in the connector's pool
-            assert protocol is not None and protocol.is_connected()
-            sessions = protocol._parser  # built with the session's settings and timer
-            first = await client.request("POST", url, b"/length", [], b"{}", deadlines)
-            assert first._protocol is protocol  # the same connection, a parser of our own
-            ours = protocol._parser
-            assert sessions is not None and ours is not sessions
-            assert await first.read() == b"{}"
-            second = await client.request("POST", url, b"/length", [], b"{}", deadlines)
-            assert second._protocol is protocol and protocol._parser is ours
-            assert await second.read() == b"{}"
-        finally:
-            client.close()
-            await session.close()
-            await connector.close()
-        assert len(seen) == 3
+        async with session, session.post(f"{url}/chunked", data=b"{}") as answer:
+            assert await answer.read() == b'{"a": 1}'
+        protocol = answer._protocol  # back in the connector's pool
+        assert protocol is not None and protocol.is_connected()
+        sessions = protocol._parser  # built with the session's settings and timer
+        first = await client.request("POST", url, b"/length", [], b"{}", DEADLINES)
+        assert first._protocol is protocol  # the same connection, a parser of our own
+        ours = protocol._parser
+        assert sessions is not None and ours is not sessions
+        assert await first.read() == b"{}"
+        second = await client.request("POST", url, b"/length", [], b"{}", DEADLINES)
+        assert second._protocol is protocol and protocol._parser is ours
+        assert await second.read() == b"{}"
+    assert len(seen) == 3
 
 
 def _numbered(log: list[tuple[int, int]]) -> Script:
@@ -458,34 +469,26 @@ def _numbered(log: list[tuple[int, int]]) -> Script:
 @pytest.mark.anyio
 async def test_idle_connections_are_reused_newest_first_and_closed_past_the_keepalive() -> None:
     came_on: list[tuple[int, int]] = []
-    with scripted_upstream(_numbered(came_on)) as (url, _):
-        connector = aiohttp.TCPConnector()
-        client = UpstreamClient(connector, keepalive=0.3)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        try:
-            # two at once open two connections; then one at a time, the newest idle one
-            both = await asyncio.gather(
-                *(client.request("POST", url, b"/", [], b"{}", deadlines) for _ in range(2))
-            )
-            first, second = both
-            assert await first.read() == b"{}"
-            assert await second.read() == b"{}"
-            newest = second._protocol
-            again = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            assert again._protocol is newest
-            assert await again.read() == b"{}"
-            assert newest is not None and first._protocol is not None
-            idle = [connection.protocol for connection, _ in client._origins[url].idle]
-            assert idle == [first._protocol, newest]  # oldest first
-            await asyncio.sleep(0.8)  # past the keep-alive: the sweep closes both
-            assert client._origins[url].idle == []
-            assert not newest.is_connected() and not first._protocol.is_connected()
-            late = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            assert late._protocol not in (newest, first._protocol)
-            assert await late.read() == b"{}"
-        finally:
-            client.close()
-            await connector.close()
+    async with direct_client(_numbered(came_on), keepalive=0.3) as (client, url, _):
+        # two at once open two connections; then one at a time, the newest idle one
+        first, second = await asyncio.gather(
+            *(client.request("POST", url, b"/", [], b"{}", DEADLINES) for _ in range(2))
+        )
+        assert await first.read() == b"{}"
+        assert await second.read() == b"{}"
+        newest = second._protocol
+        again = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        assert again._protocol is newest
+        assert await again.read() == b"{}"
+        assert newest is not None and first._protocol is not None
+        idle = [connection.protocol for connection, _ in client._origins[url].idle]
+        assert idle == [first._protocol, newest]  # oldest first
+        await asyncio.sleep(0.8)  # past the keep-alive: the sweep closes both
+        assert client._origins[url].idle == []
+        assert not newest.is_connected() and not first._protocol.is_connected()
+        late = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        assert late._protocol not in (newest, first._protocol)
+        assert await late.read() == b"{}"
     assert sorted(came_on[:2]) == [(0, 0), (1, 0)]
     assert came_on[2] in {(0, 1), (1, 1)}
     assert came_on[3] == (2, 0)  # a new connection after the keep-alive
@@ -501,27 +504,20 @@ async def test_a_connection_the_server_closed_or_said_it_would_close_is_not_reus
         # connection 0 says it will close; connection 1 closes without saying so
         return {0: closing, 1: OK + THEN_CLOSE}.get(number, OK)
 
-    with scripted_upstream(script) as (url, seen):
-        connector = aiohttp.TCPConnector()
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        try:
-            said_close = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            assert await said_close.read() == b"{}"
-            kept = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            assert await kept.read() == b"{}"
-            assert kept._protocol is not said_close._protocol
-            # the server ended the idle connection: the next POST (never sent twice) must
-            # not go out on it
-            idle = client._origins[url].idle
-            assert [connection.protocol for connection, _ in idle] == [kept._protocol]
-            await asyncio.sleep(0.2)  # the close reaches the client
-            fresh = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            assert await fresh.read() == b"{}"
-            assert fresh._protocol is not kept._protocol
-        finally:
-            client.close()
-            await connector.close()
+    async with direct_client(script) as (client, url, seen):
+        said_close = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        assert await said_close.read() == b"{}"
+        kept = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        assert await kept.read() == b"{}"
+        assert kept._protocol is not said_close._protocol
+        # the server ended the idle connection: the next POST (never sent twice) must not go
+        # out on it
+        idle = client._origins[url].idle
+        assert [connection.protocol for connection, _ in idle] == [kept._protocol]
+        await asyncio.sleep(0.2)  # the close reaches the client
+        fresh = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        assert await fresh.read() == b"{}"
+        assert fresh._protocol is not kept._protocol
     assert came_on == [(0, 0), (1, 0), (2, 0)]
     assert len(seen) == 3
 
@@ -533,55 +529,36 @@ async def test_the_resend_after_a_closed_idle_connection_goes_on_a_new_one() -> 
     def script(number: int, index: int, request: bytes) -> bytes | None:
         return OK if index == 0 else None  # each connection dies under its second request
 
-    with scripted_upstream(script) as (url, seen):
-        connector = aiohttp.TCPConnector()
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        try:
-            first, second = await asyncio.gather(
-                *(client.request("GET", url, b"/", [], b"", deadlines) for _ in range(2))
-            )
-            assert await first.read() == b"{}"
-            assert await second.read() == b"{}"
-            assert len(client._origins[url].idle) == 2
-            again = await client.request("GET", url, b"/", [], b"", deadlines)
-            assert await again.read() == b"{}"
-            assert again._protocol not in (first._protocol, second._protocol)
-        finally:
-            client.close()
-            await connector.close()
+    async with direct_client(script) as (client, url, seen):
+        first, second = await asyncio.gather(
+            *(client.request("GET", url, b"/", [], b"", DEADLINES) for _ in range(2))
+        )
+        assert await first.read() == b"{}"
+        assert await second.read() == b"{}"
+        assert len(client._origins[url].idle) == 2
+        again = await client.request("GET", url, b"/", [], b"", DEADLINES)
+        assert await again.read() == b"{}"
+        assert again._protocol not in (first._protocol, second._protocol)
     assert len(seen) == 4  # two, the GET on an idle connection, and once more on a new one
 
 
 @pytest.mark.anyio
 async def test_closing_the_client_closes_its_idle_connections() -> None:
-    with scripted_upstream(lambda number, index, request: OK) as (url, _):
-        connector = aiohttp.TCPConnector()
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        try:
-            response = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            assert await response.read() == b"{}"
-            protocol = response._protocol
-            assert protocol is not None and protocol.is_connected()
-            client.close()
-            assert not protocol.is_connected()
-            assert client._origins[url].idle == []
-        finally:
-            await connector.close()
+    async with direct_client(_answer_every_request) as (client, url, _):
+        response = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        assert await response.read() == b"{}"
+        protocol = response._protocol
+        assert protocol is not None and protocol.is_connected()
+        client.close()
+        assert not protocol.is_connected()
+        assert client._origins[url].idle == []
 
 
 @pytest.mark.anyio
 async def test_an_answer_read_after_the_client_closed_does_not_keep_its_connection() -> None:
-    with scripted_upstream(lambda number, index, request: OK) as (url, _):
-        connector = aiohttp.TCPConnector()
-        client = UpstreamClient(connector)
-        deadlines = Deadlines(Timeouts(connect=5, total=5))
-        try:
-            response = await client.request("POST", url, b"/", [], b"{}", deadlines)
-            client.close()  # the gateway stops while the answer is being read
-            assert await response.read() == b"{}"
-            assert response._protocol is not None and not response._protocol.is_connected()
-            assert client._origins[url].idle == []
-        finally:
-            await connector.close()
+    async with direct_client(_answer_every_request) as (client, url, _):
+        response = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
+        client.close()  # the gateway stops while the answer is being read
+        assert await response.read() == b"{}"
+        assert response._protocol is not None and not response._protocol.is_connected()
+        assert client._origins[url].idle == []
