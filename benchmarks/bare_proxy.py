@@ -4,7 +4,7 @@ No routing, logging, metrics, header handling or error handling: what the gatewa
 if it did nothing but pass bytes. Three of them:
 
 - ``lean``: a plain ASGI function on the gateway's own upstream client
-  (``model_gateway.upstream``: aiohttp's connection pool and response parser, no
+  (``model_gateway.upstream``: aiohttp's connector and response parser, no
   ``ClientSession.request``): the floor of this stack as the gateway uses it;
 - ``asgi``: a plain ASGI function on ``aiohttp.ClientSession``, the usual way to call aiohttp;
 - ``starlette``: the same behind a Starlette route, ``Request`` and ``Response`` — the "bare
