@@ -241,7 +241,7 @@ class UpstreamClient:
         it cannot carry one (the server said close, or it is closed already) or the client
         has closed (an answer read to its end while the gateway stops)."""
         protocol = connection.protocol
-        if protocol is None or protocol.should_close or not protocol.is_connected() or self._closed:
+        if self._closed or connection.closed or protocol is None or protocol.should_close:
             connection.close()
             return
         origin.idle.append((connection, self._loop.time()))
@@ -257,8 +257,7 @@ class UpstreamClient:
         now = self._loop.time()
         while idle:
             connection, since = idle.pop()
-            protocol = connection.protocol
-            if protocol is not None and protocol.is_connected() and now - since < self._keepalive:
+            if not connection.closed and now - since < self._keepalive:
                 return connection
             connection.close()
         return None
