@@ -194,11 +194,15 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             return error_response(
                 400, "bad_request", f"route: one of {', '.join(sorted(routes))} is required"
             )
-        try:
-            until = parse_rfc3339(params["until"]) if "until" in params else time.time()
-            since = parse_rfc3339(params["since"]) if "since" in params else until - DAY
-        except ValueError as exc:
-            return error_response(400, "bad_request", str(exc))
+        bounds: dict[str, float] = {}
+        for bound in ("until", "since"):
+            if bound in params:
+                try:
+                    bounds[bound] = parse_rfc3339(params[bound])
+                except ValueError as exc:
+                    return error_response(400, "bad_request", f"{bound}: {exc}")
+        until = bounds.get("until", time.time())
+        since = bounds.get("since", until - DAY)
         if since >= until:
             return error_response(400, "bad_request", "since must be before until")
         rows = await gateway.store.report_rows(name, since, until)
