@@ -8,9 +8,11 @@ if it did nothing but pass bytes. Three of them:
   ``ClientSession.request``): the floor of this stack as the gateway uses it;
 - ``asgi``: a plain ASGI function on ``aiohttp.ClientSession``, the usual way to call aiohttp;
 - ``starlette``: the same behind a Starlette route, ``Request`` and ``Response`` — the "bare
-  Starlette + aiohttp proxy" that the gateway's hot path is meant to beat.
+  Starlette + aiohttp proxy" that the gateway's hot path is meant to beat;
+- ``raw``: a plain ASGI function on a raw httptools connection to the model server
+  (``callback_proxy.RawUpstream``), no aiohttp: uvicorn's half of the floor alone.
 
-``python bare_proxy.py PORT UPSTREAM_URL [lean|asgi|starlette] [WORKERS]``. Each worker prints
+``python bare_proxy.py PORT UPSTREAM_URL [lean|asgi|starlette|raw] [WORKERS]``. Each worker prints
 ``bare proxy started`` on stderr once it serves, so that a harness can wait for all of them.
 """
 
@@ -24,10 +26,12 @@ from typing import Any
 
 import aiohttp
 import uvicorn
+from callback_proxy import RawUpstream  # beside this script
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from yarl import URL
 
 from model_gateway.config import Timeouts
 from model_gateway.upstream import Deadlines, UpstreamClient, create_clients
@@ -35,6 +39,7 @@ from model_gateway.upstream import Deadlines, UpstreamClient, create_clients
 UPSTREAM = sys.argv[2]
 session: aiohttp.ClientSession | None = None
 client: UpstreamClient | None = None
+raw: RawUpstream | None = None
 
 
 def started() -> None:
@@ -52,12 +57,24 @@ def open_session() -> None:
     session = aiohttp.ClientSession(auto_decompress=False)
 
 
+def open_raw() -> None:
+    global raw
+    url = URL(UPSTREAM)
+    assert url.host is not None and url.port is not None
+    raw = RawUpstream(url.host, url.port)
+
+
 async def via_client(scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
     assert client is not None
     upstream = await client.request(
         scope["method"], UPSTREAM, scope["raw_path"], [], body, DEADLINES
     )
     return upstream.status, await upstream.read()
+
+
+async def via_raw(scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    assert raw is not None
+    return await raw.exchange(scope["raw_path"], body)
 
 
 async def via_session(scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
@@ -79,8 +96,8 @@ def plain_asgi(open_clients: Callable[[], None], forward: Forward) -> Any:
             await send({"type": "lifespan.startup.complete"})
             started()
             await receive()
-            assert session is not None
-            await session.close()
+            if session is not None:
+                await session.close()
             await send({"type": "lifespan.shutdown.complete"})
             return
         status, answer = await forward(scope, (await receive())["body"])
@@ -99,6 +116,7 @@ def plain_asgi(open_clients: Callable[[], None], forward: Forward) -> Any:
 DEADLINES = Deadlines(Timeouts())
 lean_app = plain_asgi(open_lean, via_client)
 asgi_app = plain_asgi(open_session, via_session)
+raw_app = plain_asgi(open_raw, via_raw)
 
 
 @contextlib.asynccontextmanager
@@ -125,7 +143,12 @@ starlette_app = Starlette(
 if __name__ == "__main__":
     kind = sys.argv[3] if len(sys.argv) > 3 else "lean"
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    app_name = {"lean": "lean_app", "asgi": "asgi_app", "starlette": "starlette_app"}[kind]
+    app_name = {
+        "lean": "lean_app",
+        "asgi": "asgi_app",
+        "starlette": "starlette_app",
+        "raw": "raw_app",
+    }[kind]
     config = uvicorn.Config(
         # several workers import the app by name (each reads the same argv)
         f"bare_proxy:{app_name}" if workers > 1 else globals()[app_name],

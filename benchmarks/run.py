@@ -189,7 +189,8 @@ def bare_proxy_command(
     port: int, upstream_url: str, kind: str = "lean", workers: int = 1
 ) -> list[str]:
     """``kind``: "lean" (the floor: the gateway's upstream client and nothing else), "asgi"
-    (the same on aiohttp's ``ClientSession``) or "starlette" (that behind Starlette)."""
+    (the same on aiohttp's ``ClientSession``), "starlette" (that behind Starlette) or "raw"
+    (uvicorn in front of a raw httptools upstream connection, no aiohttp)."""
     command = [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream_url, kind]
     return [*command, str(workers)]
 
@@ -242,11 +243,12 @@ def start_bare_proxy(name: str, upstream_url: str, kind: str, workers: int) -> S
     return start_workers(name, command, port, workers, b"bare proxy started")
 
 
-def start_callback_proxy(upstream_port: int) -> Service:
+def start_callback_proxy(upstream_port: int, mode: str = "callbacks") -> Service:
+    """``mode``: "callbacks", "task" or "client" (``callback_proxy.py``)."""
     port = free_port()
     script = str(HERE / "callback_proxy.py")
-    command = [sys.executable, script, str(port), "127.0.0.1", str(upstream_port)]
-    return start_workers("callback proxy", command, port, 1, b"callback proxy started")
+    command = [sys.executable, script, str(port), "127.0.0.1", str(upstream_port), mode]
+    return start_workers(f"callback proxy ({mode})", command, port, 1, b"callback proxy started")
 
 
 @dataclass
@@ -403,6 +405,17 @@ def main() -> int:
             services.append(start_callback_proxy(slow))
             pid = services[-1].proc.pid
             slow_targets.append(Target("callback-proxy-20ms", services[-1].url + PATH, pid))
+            # the bare proxy's two halves apart: a task per request on bare callbacks, then
+            # with aiohttp behind (the gateway's upstream client), then uvicorn in front
+            for mode in ("task", "client"):
+                services.append(start_callback_proxy(slow, mode))
+                pid = services[-1].proc.pid
+                name = f"callback-{mode}-proxy-20ms"
+                slow_targets.append(Target(name, services[-1].url + PATH, pid))
+            url = f"http://127.0.0.1:{slow}"
+            services.append(start_bare_proxy("uvicorn raw proxy (20 ms upstream)", url, "raw", 1))
+            pid = services[-1].proc.pid
+            slow_targets.append(Target("uvicorn-raw-proxy-20ms", services[-1].url + PATH, pid))
             for workers in (1, 2):
                 url = f"http://127.0.0.1:{slow}"
                 name = f"bare proxy x{workers} (20 ms upstream)"
@@ -546,7 +559,14 @@ def summarise(
                 "rps_vs_callback_proxy": g["rps"] / callbacks["rps"],
                 "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
             }
-    for name, g in (("nginx-20ms", n), ("callback-proxy-20ms", callbacks)):
+    for name in (
+        "nginx-20ms",
+        "callback-proxy-20ms",
+        "callback-task-proxy-20ms",
+        "callback-client-proxy-20ms",
+        "uvicorn-raw-proxy-20ms",
+    ):
+        g = table[f"{name} c=64"]
         ratios[f"{name} c=64"] = {
             "rps_vs_direct": g["rps"] / d["rps"],
             "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],

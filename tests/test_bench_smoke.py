@@ -45,6 +45,9 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "gateway-2w-20ms c=64",
         "nginx-20ms c=64",
         "callback-proxy-20ms c=64",
+        "callback-task-proxy-20ms c=64",
+        "callback-client-proxy-20ms c=64",
+        "uvicorn-raw-proxy-20ms c=64",
     ):
         assert results["results"][case]["rps"] > 0, case
     assert results["results"]["gateway-1w c=32"]["cpu_ms_per_request"] > 0
@@ -63,7 +66,14 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "rps_vs_bare_proxy",
         "rps_vs_callback_proxy",
     } <= set(results["ratios"]["gateway-1w-20ms c=64"])
-    assert results["results"]["callback-proxy-20ms c=64"]["cpu_ms_per_request"] > 0
+    for name in (
+        "callback-proxy-20ms",
+        "callback-task-proxy-20ms",
+        "callback-client-proxy-20ms",
+        "uvicorn-raw-proxy-20ms",
+    ):
+        assert results["results"][f"{name} c=64"]["cpu_ms_per_request"] > 0, name
+        assert "rps_vs_direct" in results["ratios"][f"{name} c=64"], name
     for name, log in results["log_completeness"].items():
         # every response wrk read is logged; the surplus is what was in flight when wrk stopped
         surplus = log["records"] - log["wrk_completed"]
