@@ -597,21 +597,24 @@ def summarise(
     }
 
 
+NAME_WIDTH = 34  # the longest case name, "callback-client-proxy-20ms c=64", and a gap
+
+
 def print_table(results: dict[str, Any]) -> None:
     print(
-        f"{'case':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}"
+        f"{'case':<{NAME_WIDTH}}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/req':>12}"
         f"{'machine cores busy':>20}"
     )
     for name, r in results["results"].items():
         cpu = f"{r['cpu_ms_per_request']:.3f}" if r["cpu_ms_per_request"] is not None else "-"
         busy = f"{r['machine_busy_cores']:.2f}" if r["machine_busy_cores"] is not None else "-"
         print(
-            f"{name:<26}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{cpu:>12}"
+            f"{name:<{NAME_WIDTH}}{r['rps']:>10.0f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{cpu:>12}"
             f"{busy:>20}"
         )
     print()
     for name, r in results["ratios"].items():
-        print(f"{name:<26}" + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        print(f"{name:<{NAME_WIDTH}}" + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
     print()
     for name, c in results["log_completeness"].items():
         print(
