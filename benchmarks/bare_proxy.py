@@ -1,7 +1,7 @@
-"""The floors: uvicorn and aiohttp with nothing else, the same stack as the gateway.
+"""The floors: uvicorn and aiohttp with nothing else, the same stack as the gateway (and uvicorn alone).
 
 No routing, logging, metrics, header handling or error handling: what the gateway would cost
-if it did nothing but pass bytes. Three of them:
+if it did nothing but pass bytes. Four of them:
 
 - ``lean``: a plain ASGI function on the gateway's own upstream client
   (``model_gateway.upstream``: aiohttp's connector and response parser, no
