@@ -1,4 +1,4 @@
-"""The floors: uvicorn and aiohttp with nothing else, the same stack as the gateway (and uvicorn alone).
+"""The floors: uvicorn and aiohttp with nothing else (the gateway's stack), and uvicorn alone.
 
 No routing, logging, metrics, header handling or error handling: what the gateway would cost
 if it did nothing but pass bytes. Four of them:
