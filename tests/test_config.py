@@ -110,6 +110,10 @@ def test_version_is_the_content_hash() -> None:
             lambda d: d["routes"][0].update(timeouts={"total": 0}),
             "routes[0].timeouts.total: must be > 0",
         ),
+        (
+            lambda d: d.update(server={"client_body_timeout": 0}),
+            "server.client_body_timeout: must be > 0",
+        ),
     ],
 )
 def test_problems_name_the_yaml_path(change, expected: str) -> None:

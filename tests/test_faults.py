@@ -17,10 +17,11 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 import yaml
 
-from .conftest import GatewayFactory, Upstream, route, wait_until
+from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
 from .test_health import gauge
 from .test_http import in_flight
 from .test_processes import INFER, GatewayProcess
@@ -169,6 +170,96 @@ def test_a_client_that_leaves_while_the_model_computes_is_let_go_and_logged_499(
         assert record["request_id"] == "gone-1"
         assert in_flight(gw.url) == 0
         gw.stop()
+
+
+def read_answer(conn: socket.socket) -> bytes:
+    """Everything the gateway sends on ``conn`` until it closes it."""
+    conn.settimeout(20)  # a guard against a gateway that never answers, not a timing
+    answer = b""
+    while chunk := conn.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_request_body_that_stops_coming_is_answered_408_and_logged(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. A client sends a request's headers and the first 10 of its 100 bytes of body, then
+       nothing more, to a gateway whose client_body_timeout is 0.5 s.
+    2. The gateway answers 408 request_timeout with its own headers, and closes the
+       connection (the rest of the body may still come on it), as nginx does.
+    3. Nothing reached the model server; the record says 408 and why.
+    """
+    a = upstreams["a"]
+    gw = gateway([route("m", "/m", [("a", a.url, 1)])], server={"client_body_timeout": 0.5})
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(
+            b"POST /m HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-1\r\n"
+            b"Content-Length: 100\r\n\r\n0123456789"
+        )
+        answer = read_answer(conn)  # returns once the gateway closes the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"\r\nconnection: close" in head.lower()
+    assert b"\r\nx-prediction-id: " in head.lower()
+    assert orjson.loads(body)["error"]["code"] == "request_timeout"
+    assert a.control.requests == 0
+    wait_until(lambda: len(gw.records()) == 1, "the record")
+    (record,) = gw.records()
+    assert (record["status"], record["request_id"]) == (408, "slow-1")
+    assert record["error"].startswith("client_body_timeout: the request body stopped coming")
+    assert in_flight(gw.url) == 0
+
+
+def test_requests_that_never_reach_the_model_server_say_nothing_of_it(
+    gateway: GatewayFactory,
+) -> None:
+    """A variant is ejected after 2 consecutive failed requests. Between its two failures
+    (502: nothing listens) come a body that stops coming (408) and one too large (413):
+    neither reached the model server, so neither clears its count, and the second failure
+    ejects it."""
+    gw = gateway(
+        [
+            route(
+                "m",
+                "/m",
+                [("m", dead_url(), 1)],
+                max_body_bytes=10,
+                health={"passive_failures": 2, "ejection_seconds": 60},
+            )
+        ],
+        server={"client_body_timeout": 0.5},
+    )
+    assert httpx.post(f"{gw.url}/m", content=b"{}").status_code == 502
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n01")
+        assert read_answer(conn).startswith(b"HTTP/1.1 408 ")
+    assert httpx.post(f"{gw.url}/m", content=b"x" * 11).status_code == 413
+    assert gauge(gw, "model_gateway_variant_up", route="m", variant="m") == 1
+    assert httpx.post(f"{gw.url}/m", content=b"{}").status_code == 502
+    assert gauge(gw, "model_gateway_variant_up", route="m", variant="m") == 0
+
+
+def test_a_request_body_that_comes_slowly_but_steadily_is_forwarded(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """client_body_timeout bounds the time between two parts of a body, not the whole body
+    (as nginx's): a body that comes in five parts, 0.2 s apart, within a 0.5 s timeout, is
+    forwarded whole, though it takes longer than 0.5 s in all."""
+    a = upstreams["a"]
+    gw = gateway([route("e", "/echo", [("a", a.url, 1)])], server={"client_body_timeout": 0.5})
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(
+            b"POST /echo/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\n"
+        )
+        for part in (b"01", b"23", b"45", b"67", b"89"):
+            time.sleep(0.2)
+            conn.sendall(part)
+        answer = read_answer(conn)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert orjson.loads(body)["body"] == "0123456789"
+    assert a.control.requests == 1
 
 
 def test_a_client_that_leaves_neither_fails_nor_clears_its_variant(

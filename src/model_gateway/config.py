@@ -39,6 +39,7 @@ DEFAULT_LINGER = 0.05
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_CLIENT_BODY_TIMEOUT = 60.0  # nginx's client_body_timeout
 #: environment variable that supplies admin.token when the file sets none
 ADMIN_TOKEN_ENV = "MODEL_GATEWAY_ADMIN_TOKEN"  # noqa: S105 (a variable name)
 #: request and response headers whose values never reach the log, whatever the config says
@@ -62,6 +63,9 @@ class ServerConfig(_Strict):
     #: seconds a graceful stop lets requests in flight finish; those still running then are
     #: cut off, answered 503 if nothing was sent yet, and logged
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
+    #: seconds a request's body may go without a byte arriving (between two reads, as
+    #: nginx's client_body_timeout); past it the request is answered 408 and not forwarded
+    client_body_timeout: float = Field(default=DEFAULT_CLIENT_BODY_TIMEOUT, gt=0)
 
 
 class StorageConfig(_Strict):

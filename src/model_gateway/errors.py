@@ -6,6 +6,7 @@ Hierarchy::
     ├── BadRequestError          400  a request the gateway will not forward (e.g. "..")
     ├── NoRouteError             404  no route matches the path and method
     ├── UnknownVariantError      404  a forced variant the route does not have
+    ├── RequestTimeoutError      408  the request's body stopped coming (client_body_timeout)
     ├── PayloadTooLargeError     413  request body over the route's limit
     ├── BadGatewayError          502  upstream reset, or answered garbage
     │   └── UpstreamConnectError 502  upstream refused the connection (nothing was sent)
@@ -42,6 +43,8 @@ class GatewayError(Exception):
     #: the request never reached the model server, so another variant may safely take it
     #: (whatever the method: nothing was sent)
     nothing_sent: ClassVar[bool] = False
+    #: the answer closes the connection: what is left of the request may still arrive on it
+    closes_connection: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -67,6 +70,13 @@ class UnknownVariantError(GatewayError):
     status = 404
     code = "unknown_variant"
     reason = "unknown_variant"
+
+
+class RequestTimeoutError(GatewayError):
+    status = 408
+    code = "request_timeout"
+    reason = "client_body_timeout"
+    closes_connection = True
 
 
 class PayloadTooLargeError(GatewayError):

@@ -40,7 +40,7 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .proxy import CLIENT_GONE, WAITING_TASK
+from .proxy import BODY_COMPLETE, CLIENT_GONE, WAITING_TASK
 
 #: how often a :class:`LoadWatch` looks at the process's CPU time
 LOAD_INTERVAL = 0.05
@@ -170,6 +170,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing = CoalescingTransport(transport, self.loop, self.tasks, PROCESS_LOAD)
         super().connection_made(coalescing)  # type: ignore[arg-type]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # the request's last byte is in: reading its body cannot wait (see BODY_COMPLETE)
+        self.scope[BODY_COMPLETE] = True  # type: ignore[typeddict-unknown-key]
 
     def on_response_complete(self) -> None:
         # uvicorn calls this right after a response's last write; the request's task is

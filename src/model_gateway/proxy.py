@@ -20,6 +20,7 @@ from .errors import (
     NoHealthyVariantError,
     NoRouteError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ShuttingDownError,
     UnknownVariantError,
 )
@@ -73,6 +74,10 @@ _JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
 # only while it waits on the model server, never while it writes to the client or the log.
 WAITING_TASK: Final = "model_gateway.waiting_task"
 CLIENT_GONE: Final = "model_gateway.client_gone"
+# Set in the scope by the gateway's uvicorn protocol once the request's last byte has arrived:
+# reading the body then cannot wait, and needs no timeout (a loop timer per request). Without
+# it (another server) every read of the body is timed.
+BODY_COMPLETE: Final = "model_gateway.body_complete"
 
 
 class ClientDisconnected(Exception):
@@ -187,7 +192,9 @@ class ProxyApp:
         finally:
             metrics.requests_in_flight -= 1
         variant = exchange.variant
-        if not cut_off:  # the gateway's own stop says nothing of the model server
+        # Neither the gateway's own stop nor a request that never reached the model server
+        # (its body refused, too large, or not sent in time) says anything of the model server.
+        if not cut_off and exchange.forwarded_headers is not None:
             self.state.health.record_result(route.name, variant.name, exchange.status)
 
         elapsed = time.perf_counter() - started
@@ -275,7 +282,7 @@ class ProxyApp:
             if "/." in path and not _DOT_SEGMENTS.isdisjoint(path.split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
             exchange.request_body = await _read_body(
-                receive, route.max_body_bytes, client.content_length
+                scope, receive, route.max_body_bytes, client.content_length, active
             )
             headers = exchange.forwarded_headers = _forward_headers(scope, client, prediction_id)
             target = exchange.target = _target(scope)
@@ -436,13 +443,18 @@ async def _wait_for_disconnect(receive: Any) -> None:
         pass
 
 
-async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
+async def _read_body(
+    scope: Scope, receive: Any, limit: int, content_length: int, active: ActiveConfig
+) -> bytes:
     if content_length > limit:
         raise PayloadTooLargeError(f"request body of {content_length} bytes is over {limit}")
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        if scope.get(BODY_COMPLETE):
+            message = await receive()
+        else:
+            message = await _receive_within(receive, active.client_body_timeout)
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("while sending the request")
         chunk = message.get("body", b"")
@@ -452,6 +464,18 @@ async def _read_body(receive: Any, limit: int, content_length: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _receive_within(receive: Any, seconds: float) -> Message:
+    """The next part of the request, as long as it comes within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            message: Message = await receive()
+            return message
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body stopped coming: nothing arrived for {seconds:g} s"
+        ) from None
 
 
 def _gateway_headers(prediction_id: str, variant: Variant) -> list[tuple[bytes, bytes]]:
@@ -578,6 +602,8 @@ async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
 
 async def _send_error(send: Any, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
     body = error.body()
+    if error.closes_connection:
+        headers = [*headers, (b"connection", b"close")]
     await send(
         {
             "type": "http.response.start",

@@ -26,6 +26,8 @@ class ActiveConfig:
     timeouts: dict[str, Deadlines]
     #: the configuration's version (its content hash), which every record carries
     version: str
+    #: seconds a request body may go without a byte arriving
+    client_body_timeout: float
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> ActiveConfig:
@@ -35,6 +37,7 @@ class ActiveConfig:
             table=table,
             timeouts={r.name: Deadlines(r.config.timeouts) for r in table.routes},
             version=loaded.version,
+            client_body_timeout=loaded.config.server.client_body_timeout,
         )
 
 
