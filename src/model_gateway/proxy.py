@@ -282,7 +282,11 @@ class ProxyApp:
             if "/." in path and not _DOT_SEGMENTS.isdisjoint(path.split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
             exchange.request_body = await _read_body(
-                scope, receive, route.max_body_bytes, client.content_length, active
+                scope,
+                receive,
+                route.max_body_bytes,
+                client.content_length,
+                active.client_body_timeout,
             )
             headers = exchange.forwarded_headers = _forward_headers(scope, client, prediction_id)
             target = exchange.target = _target(scope)
@@ -444,8 +448,9 @@ async def _wait_for_disconnect(receive: Any) -> None:
 
 
 async def _read_body(
-    scope: Scope, receive: Any, limit: int, content_length: int, active: ActiveConfig
+    scope: Scope, receive: Any, limit: int, content_length: int, pause_limit: float
 ) -> bytes:
+    """The whole request body; ``pause_limit``: the longest wait for its next part."""
     if content_length > limit:
         raise PayloadTooLargeError(f"request body of {content_length} bytes is over {limit}")
     chunks: list[bytes] = []
@@ -454,7 +459,7 @@ async def _read_body(
         if scope.get(BODY_COMPLETE):
             message = await receive()
         else:
-            message = await _receive_within(receive, active.client_body_timeout)
+            message = await _receive_within(receive, pause_limit)
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("while sending the request")
         chunk = message.get("body", b"")
