@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import httptools
 import uvloop
@@ -39,17 +39,16 @@ REASONS = {200: b"OK"}
 Answer = Callable[[int, bytes], None]
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to the model server, idle or carrying one request."""
+class ParsedConnection(asyncio.Protocol):
+    """A connection whose bytes go to an httptools parser, which calls back the methods
+    below; the body of the message being parsed is gathered in ``body``."""
 
-    def __init__(self, pool: RawUpstream) -> None:
-        self.pool = pool
-        self.on_answer: Answer | None = None
+    def __init__(self, parser: Callable[[ParsedConnection], Any]) -> None:
+        self.parser = parser(self)
         self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
@@ -59,6 +58,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
+
+
+class UpstreamConnection(ParsedConnection):
+    """One keep-alive connection to the model server, idle or carrying one request."""
+
+    def __init__(self, pool: RawUpstream) -> None:
+        super().__init__(httptools.HttpResponseParser)
+        self.pool = pool
+        self.on_answer: Answer | None = None
 
     def on_message_complete(self) -> None:
         on_answer, self.on_answer = self.on_answer, None
@@ -116,27 +124,17 @@ class RawUpstream:
         return await answer
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ParsedConnection):
     def __init__(self, forward: Forward) -> None:
+        super().__init__(httptools.HttpRequestParser)
         self.forward = forward
         self.url = b""
-        self.body: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.parser = httptools.HttpRequestParser(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
 
     def on_message_begin(self) -> None:
-        self.url, self.body = b"", []
+        self.url, self.body = b"", []  # the base's reset and this one's, in one call
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
 
     def on_message_complete(self) -> None:
         self.forward(self, self.url, b"".join(self.body))
