@@ -114,6 +114,14 @@ def test_version_is_the_content_hash() -> None:
             lambda d: d.update(server={"client_body_timeout": 0}),
             "server.client_body_timeout: must be > 0",
         ),
+        (
+            lambda d: d.update(server={"client_header_timeout": -1}),
+            "server.client_header_timeout: must be > 0",
+        ),
+        (
+            lambda d: d.update(server={"send_timeout": 0}),
+            "server.send_timeout: must be > 0",
+        ),
     ],
 )
 def test_problems_name_the_yaml_path(change, expected: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ import orjson
 import pytest
 import yaml
 
-from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
+from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, wait_until
 from .test_health import gauge
 from .test_http import in_flight
 from .test_processes import INFER, GatewayProcess
@@ -260,6 +261,119 @@ def test_a_request_body_that_comes_slowly_but_steadily_is_forwarded(
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert orjson.loads(body)["body"] == "0123456789"
     assert a.control.requests == 1
+
+
+def read_one_answer(conn: socket.socket) -> bytes:
+    """One answer with a Content-Length from a connection that stays open."""
+    conn.settimeout(20)  # a guard against a gateway that never answers, not a timing
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+    assert length is not None, head
+    while len(body) < int(length[1]):
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def connection_timeouts(gw: RunningGateway, timeout: str) -> float:
+    return gauge(gw, "model_gateway_connection_timeouts_total", timeout=timeout) or 0.0
+
+
+def test_a_request_head_that_stops_coming_is_answered_408_and_its_connection_closed(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. On a gateway whose client_header_timeout is 0.5 s, a client sends a request that
+       takes the model 1 s, and right behind it (pipelined) half of its next request's head,
+       then nothing.
+    2. The first request is answered whole: the limit is on a head's arrival, and a head
+       behind a request in progress waits its turn.
+    3. Then, once the limit has passed (not before), the gateway answers 408
+       request_timeout and closes the connection, as nginx's client_header_timeout does.
+    4. The half request reached neither the model server nor the log; the metric counts it.
+    """
+    a = upstreams["a"]
+    gw = gateway([route("s", "/slow", [("a", a.url, 1)])], server={"client_header_timeout": 0.5})
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(
+            b"GET /slow?seconds=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /slow?seconds=0 HTTP/1.1\r\nHost: x\r\nX-Req"
+        )
+        sent = time.monotonic()
+        first = read_one_answer(conn)
+        answer = read_answer(conn)  # returns once the gateway closes the connection
+        waited = time.monotonic() - sent
+    assert first.startswith(b"HTTP/1.1 200 "), first
+    assert orjson.loads(first.partition(b"\r\n\r\n")[2])["upstream"] == "a"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"\r\nconnection: close" in head.lower()
+    assert orjson.loads(body)["error"] == {
+        "code": "request_timeout",
+        "message": "the request's head did not arrive in full within 0.5 s",
+    }
+    assert waited >= 1.5  # the model's 1 s, then the limit (how long after is not asserted)
+    assert a.control.requests == 1
+    wait_until(lambda: connection_timeouts(gw, "client_header") == 1, "the count")
+    assert len(gw.records()) == 1
+
+
+def test_a_head_must_arrive_whole_within_the_limit_and_a_silent_connection_is_closed(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """Unlike the body's limit, client_header_timeout bounds the whole head (as nginx's):
+    a head sent in six parts 0.2 s apart, none late on its own, but whole only after 1 s, is
+    answered 408 once 0.5 s have passed. A connection that sends nothing at all is closed
+    without an answer (nothing to answer, and not counted), also as nginx does."""
+    a = upstreams["a"]
+    gw = gateway([route("e", "/echo", [("a", a.url, 1)])], server={"client_header_timeout": 0.5})
+    parts = (b"GET /echo/x HTTP/1.1\r\n", b"Host: x\r\n", b"A: 1\r\n", b"B: 2\r\n", b"C: 3\r\n")
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as silent:
+        with socket.create_connection(("127.0.0.1", gw.server.port)) as dribbling:
+            try:
+                for part in (*parts, b"\r\n"):
+                    dribbling.sendall(part)
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the gateway closed the connection before the head was whole
+            answer = read_answer(dribbling)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert read_answer(silent) == b""
+    assert a.control.requests == 0
+    assert connection_timeouts(gw, "client_header") == 1
+
+
+def test_a_client_that_stops_reading_a_streamed_answer_is_let_go_and_logged(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. A client asks for a 32 MB answer (streamed: it is over the 1 MiB buffer limit) and
+       reads none of it; its socket's buffers fill, and the gateway's writes pause.
+    2. After server.send_timeout (0.5 s) the gateway closes the connection, as nginx's
+       send_timeout does, rather than holding it and the model server's connection for good.
+    3. The record keeps the answer's status and says why it ended; nothing is left in flight.
+    """
+    a = upstreams["a"]
+    gw = gateway([route("b", "/big", [("a", a.url, 1)])], server={"send_timeout": 0.5})
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.connect(("127.0.0.1", gw.server.port))
+        conn.sendall(
+            b"GET /big?bytes=32000000 HTTP/1.1\r\nHost: x\r\nX-Request-Id: stalled\r\n\r\n"
+        )
+        wait_until(lambda: len(gw.records()) == 1, "the record")
+        (record,) = gw.records()
+        assert (record["status"], record["request_id"]) == (200, "stalled")
+        assert record["error"] == "send_timeout: the client read nothing for 0.5 s"
+        assert connection_timeouts(gw, "send") == 1
+        assert in_flight(gw.url) == 0
+        received = 0
+        try:
+            while chunk := conn.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass  # the unread rest was dropped with the connection
+        assert received < 32_000_000
 
 
 def test_a_client_that_leaves_neither_fails_nor_clears_its_variant(

@@ -4,6 +4,7 @@ the configuration they started with, and every activation is kept for /admin/rou
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,6 +144,24 @@ def test_a_new_shutdown_timeout_needs_a_restart(
     assert answer.json()["error"]["problems"] == [
         "server.shutdown_timeout: changes take effect only on restart"
     ]
+
+
+def test_the_client_limits_change_with_a_reload(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """client_header_timeout (and send_timeout beside it) take effect on a reload, for the
+    connections already open too: a half head, held under the default 60 s, is answered 408
+    once the limit is reloaded at 0.3 s."""
+    gw = two_variant_gateway(gateway, upstreams)
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(b"GET /echo/x HTTP/1.1\r\nHost")
+        rewrite(
+            gw,
+            lambda d: d.setdefault("server", {}).update(client_header_timeout=0.3, send_timeout=5),
+        )
+        assert httpx.post(f"{gw.url}/admin/reload").status_code == 200
+        conn.settimeout(20)  # a guard against a gateway that never answers, not a timing
+        assert conn.recv(65536).startswith(b"HTTP/1.1 408 ")
 
 
 def test_file_change_is_picked_up(gateway: GatewayFactory, upstreams: dict[str, Upstream]) -> None:

@@ -40,6 +40,8 @@ DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_CLIENT_BODY_TIMEOUT = 60.0  # nginx's client_body_timeout
+DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0  # nginx's client_header_timeout
+DEFAULT_SEND_TIMEOUT = 60.0  # nginx's send_timeout
 #: environment variable that supplies admin.token when the file sets none
 ADMIN_TOKEN_ENV = "MODEL_GATEWAY_ADMIN_TOKEN"  # noqa: S105 (a variable name)
 #: request and response headers whose values never reach the log, whatever the config says
@@ -66,6 +68,13 @@ class ServerConfig(_Strict):
     #: seconds a request's body may go without a byte arriving (between two reads, as
     #: nginx's client_body_timeout); past it the request is answered 408 and not forwarded
     client_body_timeout: float = Field(default=DEFAULT_CLIENT_BODY_TIMEOUT, gt=0)
+    #: seconds a request's head may take to arrive whole, from its first byte (or from the
+    #: connection's start, for its first request; nginx's client_header_timeout); past it
+    #: the connection is answered 408 (closed without an answer if nothing came)
+    client_header_timeout: float = Field(default=DEFAULT_CLIENT_HEADER_TIMEOUT, gt=0)
+    #: seconds a client may leave its socket's buffer full without reading any of the answer
+    #: (nginx's send_timeout); past it the connection is closed
+    send_timeout: float = Field(default=DEFAULT_SEND_TIMEOUT, gt=0)
 
 
 class StorageConfig(_Strict):

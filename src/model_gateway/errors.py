@@ -6,7 +6,8 @@ Hierarchy::
     ├── BadRequestError          400  a request the gateway will not forward (e.g. "..")
     ├── NoRouteError             404  no route matches the path and method
     ├── UnknownVariantError      404  a forced variant the route does not have
-    ├── RequestTimeoutError      408  the request's body stopped coming (client_body_timeout)
+    ├── RequestTimeoutError      408  the request's body stopped coming (client_body_timeout),
+    │                                 or its head did not come (client_header_timeout)
     ├── PayloadTooLargeError     413  request body over the route's limit
     ├── BadGatewayError          502  upstream reset, or answered garbage
     │   └── UpstreamConnectError 502  upstream refused the connection (nothing was sent)

@@ -29,6 +29,10 @@ It also tells a request that its client has gone while the request waits on the 
 server, which an ASGI app could learn only from a task of its own per request reading
 ``receive``: the connection's loss cancels the task the proxy left in the scope
 (:data:`~model_gateway.proxy.WAITING_TASK`).
+
+And it holds its clients to the gateway's stall limits (``client_timeouts.py``): it shows a
+sweep whether it waits for a request's head, and notes when the transport pauses its writes.
+Nothing of that is done per request.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .proxy import BODY_COMPLETE, CLIENT_GONE, WAITING_TASK
+from .client_timeouts import ClientTimeouts
+from .errors import RequestTimeoutError
+from .proxy import BODY_COMPLETE, CLIENT_GONE, SEND_TIMED_OUT, WAITING_TASK
 
 #: how often a :class:`LoadWatch` looks at the process's CPU time
 LOAD_INTERVAL = 0.05
@@ -163,13 +169,27 @@ class CoalescingTransport:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a `CoalescingTransport`; ``Config(http=...)``."""
+    """uvicorn's httptools protocol over a `CoalescingTransport`; ``Config(http=...)``.
+
+    With an app that has ``client_timeouts`` (the gateway), its connections are held to them.
+    """
 
     transport: CoalescingTransport  # type: ignore[assignment]
+    # what the stall sweep notes (client_timeouts.StallableConnection)
+    head_seen: object | None = None
+    head_seen_at = 0.0
+    writes_paused_at = 0.0
+    _timeouts: ClientTimeouts | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing = CoalescingTransport(transport, self.loop, self.tasks, PROCESS_LOAD)
         super().connection_made(coalescing)  # type: ignore[arg-type]
+        timeouts = getattr(self.app, "client_timeouts", None)
+        if isinstance(timeouts, ClientTimeouts):
+            self._timeouts = timeouts
+            # a new connection waits for its first head from now, as nginx's does
+            self.head_seen, self.head_seen_at = self, self.loop.time()
+            timeouts.watch(self)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -182,7 +202,62 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self.transport.response_complete()
         super().on_response_complete()
 
+    def pause_writing(self) -> None:
+        # the client's socket buffer is full: from now on the client is not reading
+        self.writes_paused_at = self.loop.time()
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self.writes_paused_at = 0.0
+        super().resume_writing()
+
+    def waiting_for_head(self) -> object | None:
+        if self.transport.is_closing():
+            return None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            return None  # a request is being served; a head behind it waits its turn
+        scope = cast(dict[str, Any] | None, self.scope)
+        if scope is None:
+            return self  # a new connection, nothing received yet
+        if "method" in scope:
+            return None  # the last head is complete: idle, under uvicorn's keep-alive timer
+        return scope  # a head begun and not complete: uvicorn's parser made this scope for it
+
+    def head_timed_out(self) -> bool:
+        if self.scope is None:
+            self.transport.close()  # nothing to answer, as nginx does
+            return False
+        assert self._timeouts is not None
+        error = RequestTimeoutError(
+            f"the request's head did not arrive in full within {self._timeouts.header:g} s"
+        )
+        body = error.body()
+        head = [f"HTTP/1.1 {error.status} Request Timeout".encode()]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [
+            b"content-type: application/json",
+            b"content-length: " + str(len(body)).encode(),
+            b"connection: close",
+        ]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()
+        return True
+
+    def send_timed_out(self) -> None:
+        assert self._timeouts is not None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # the request's task learns why its client is gone (see SEND_TIMED_OUT)
+            scope = cast(dict[str, Any], cycle.scope)
+            scope[SEND_TIMED_OUT] = (
+                f"send_timeout: the client read nothing for {self._timeouts.send:g} s"
+            )
+        self.transport.abort()  # a close would wait for the unread answer to leave
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timeouts is not None:
+            self._timeouts.forget(self)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             scope = cast(dict[str, Any], cycle.scope)

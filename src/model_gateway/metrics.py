@@ -119,6 +119,14 @@ class Metrics:
             ["route", "variant", "reason"],
             registry=r,
         )
+        self.connection_timeouts = Counter(
+            f"{PREFIX}_connection_timeouts",
+            "Client connections the gateway closed because the client stalled: its request's"
+            " head did not arrive in time (client_header, answered 408), or it read none of its"
+            " answer for server.send_timeout (send).",
+            ["timeout"],
+            registry=r,
+        )
         self.upstream_retries = Counter(
             f"{PREFIX}_upstream_retries",
             "Requests sent on to another variant after this one refused the connection or did"
@@ -348,6 +356,9 @@ class Metrics:
 
     def skip_shadow(self, route: str, variant: str) -> None:
         self._child(self.shadow_skipped, route, variant).inc()  # type: ignore[attr-defined]
+
+    def connection_timeout(self, timeout: str) -> None:
+        self.connection_timeouts.labels(timeout).inc()
 
     def upstream_retry(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_retries, route, variant, reason).inc()  # type: ignore[attr-defined]

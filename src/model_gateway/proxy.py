@@ -78,6 +78,10 @@ CLIENT_GONE: Final = "model_gateway.client_gone"
 # reading the body then cannot wait, and needs no timeout (a loop timer per request). Without
 # it (another server) every read of the body is timed.
 BODY_COMPLETE: Final = "model_gateway.body_complete"
+# Set in the scope by the gateway's uvicorn protocol, to the record's error, when it closed a
+# connection whose client stopped reading the answer (server.send_timeout): the request's task
+# then sees a client gone, and records why.
+SEND_TIMED_OUT: Final = "model_gateway.send_timed_out"
 
 
 class ClientDisconnected(Exception):
@@ -182,8 +186,12 @@ class ProxyApp:
                 exchange,
             )
         except ClientDisconnected as gone:
-            exchange.status = CLIENT_CLOSED_REQUEST
-            exchange.error = f"client disconnected {gone}"
+            stalled: str | None = scope.get(SEND_TIMED_OUT)
+            if stalled is None:
+                exchange.status = CLIENT_CLOSED_REQUEST
+                exchange.error = f"client disconnected {gone}"
+            else:  # the answer had begun: its status stands, as nginx logs it
+                exchange.error = stalled
         except asyncio.CancelledError:
             # uvicorn cancels what still runs when a graceful stop's shutdown_timeout ends,
             # then closes the log: the request is answered and logged here, before that
@@ -422,8 +430,8 @@ class ProxyApp:
             while True:
                 read = asyncio.ensure_future(upstream.readany())
                 await asyncio.wait((read, disconnect), return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():
-                    read.cancel()
+                # a client gone ends the stream even when the model's next part is ready
+                if disconnect.done():
                     raise ClientDisconnected("during the stream")
                 chunk = read.result()
                 if not chunk:
