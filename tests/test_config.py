@@ -122,6 +122,10 @@ def test_version_is_the_content_hash() -> None:
             lambda d: d.update(server={"send_timeout": 0}),
             "server.send_timeout: must be > 0",
         ),
+        (
+            lambda d: d.update(server={"max_header_bytes": 100}),
+            "server.max_header_bytes: must be >= 1024",
+        ),
     ],
 )
 def test_problems_name_the_yaml_path(change, expected: str) -> None:

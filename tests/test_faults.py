@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -277,8 +278,8 @@ def read_one_answer(conn: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def connection_timeouts(gw: RunningGateway, timeout: str) -> float:
-    return gauge(gw, "model_gateway_connection_timeouts_total", timeout=timeout) or 0.0
+def connections_closed(gw: RunningGateway, reason: str) -> float:
+    return gauge(gw, "model_gateway_client_connections_closed_total", reason=reason) or 0.0
 
 
 def test_a_request_head_that_stops_coming_is_answered_408_and_its_connection_closed(
@@ -315,7 +316,7 @@ def test_a_request_head_that_stops_coming_is_answered_408_and_its_connection_clo
     }
     assert waited >= 1.5  # the model's 1 s, then the limit (how long after is not asserted)
     assert a.control.requests == 1
-    wait_until(lambda: connection_timeouts(gw, "client_header") == 1, "the count")
+    wait_until(lambda: connections_closed(gw, "header_timeout") == 1, "the count")
     assert len(gw.records()) == 1
 
 
@@ -341,7 +342,67 @@ def test_a_head_must_arrive_whole_within_the_limit_and_a_silent_connection_is_cl
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert read_answer(silent) == b""
     assert a.control.requests == 0
-    assert connection_timeouts(gw, "client_header") == 1
+    assert connections_closed(gw, "header_timeout") == 1
+
+
+def test_a_head_too_large_is_answered_431_before_it_is_read_whole(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. With max_header_bytes at 16 KiB, a head of some 12 KiB (sent in parts) is served.
+    2. A header that never ends is answered 431 request_header_too_large once 16 KiB of the
+       head are in, and its connection is closed: the gateway does not buffer it further.
+    3. Neither the model server nor the log saw the refused request; the metric counts it.
+    4. Behind a request in progress (pipelined), such a head is refused only once that
+       request's answer is out, whole; nothing more is read meanwhile.
+    """
+    a = upstreams["a"]
+    gw = gateway(
+        [route("e", "/echo", [("a", a.url, 1)]), route("s", "/slow", [("a", a.url, 1)])],
+        server={"max_header_bytes": 16384},
+    )
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for part in (
+            b"GET /echo/x HTTP/1.1\r\nHost: x\r\n",
+            *[b"X-Pad: " + b"p" * 4000 + b"\r\n"] * 3,
+        ):
+            conn.sendall(part)
+            time.sleep(0.05)  # separate reads, most likely; the limit must hold either way
+        conn.sendall(b"Connection: close\r\n\r\n")
+        assert read_answer(conn).startswith(b"HTTP/1.1 200 ")
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(b"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        sent = 0
+        # the header goes on until the gateway answers (the guard: 64 MB)
+        while sent < 64 * 1024 * 1024 and not select.select([conn], [], [], 0)[0]:
+            conn.sendall(b"e" * 4096)
+            sent += 4096
+        answer = read_answer(conn)  # the gateway shut its side after the answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), answer[:200]
+    assert b"\r\nconnection: close" in head.lower()
+    assert orjson.loads(body)["error"] == {
+        "code": "request_header_too_large",
+        "message": "the request's head is over 16384 bytes",
+    }
+    assert sent < 64 * 1024 * 1024
+    assert a.control.requests == 1  # the first request only
+    wait_until(lambda: connections_closed(gw, "header_too_large") == 1, "the count")
+    assert len(gw.records()) == 1  # the first request's
+
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(b"GET /slow?seconds=0.5 HTTP/1.1\r\nHost: x\r\n\r\nGET /e HTTP/1.1\r\nX: ")
+        try:
+            for _ in range(64):
+                conn.sendall(b"e" * 1024)
+        except OSError:
+            pass
+        answer = read_answer(conn)
+    first, refusal = answer.split(b"HTTP/1.1 431 ")
+    assert first.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert orjson.loads(first.partition(b"\r\n\r\n")[2])["upstream"] == "a"
+    assert b'"code":"request_header_too_large"' in refusal
+    wait_until(lambda: connections_closed(gw, "header_too_large") == 2, "the second count")
 
 
 def test_a_client_that_stops_reading_a_streamed_answer_is_let_go_and_logged(
@@ -365,7 +426,7 @@ def test_a_client_that_stops_reading_a_streamed_answer_is_let_go_and_logged(
         (record,) = gw.records()
         assert (record["status"], record["request_id"]) == (200, "stalled")
         assert record["error"] == "send_timeout: the client read nothing for 0.5 s"
-        assert connection_timeouts(gw, "send") == 1
+        assert connections_closed(gw, "send_timeout") == 1
         assert in_flight(gw.url) == 0
         received = 0
         try:

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 
 from . import heap
 from .admin import ROUTER_CODES, control_routes, router_error, store_unavailable
-from .client_timeouts import ClientTimeouts
+from .client_limits import ClientLimits
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
@@ -48,9 +48,8 @@ class GatewayApp:
         handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
         handlers.update(dict.fromkeys(ROUTER_CODES, router_error))  # by status code
         self._control = Starlette(routes=control_routes(self), exception_handlers=handlers)
-        server = loaded.config.server
         #: read by the gateway's uvicorn protocol (http.py) for each new connection
-        self.client_timeouts = ClientTimeouts(server.client_header_timeout, server.send_timeout)
+        self.client_limits = ClientLimits(loaded.config.server)
         self.reloader = ConfigReloader(self)
         self.joiner = FeedbackJoiner(self)
 
@@ -116,7 +115,7 @@ class GatewayApp:
             health=HealthMonitor(metrics, session),
             mirror=ShadowMirror(upstream, writer, metrics),
         )
-        self.client_timeouts.on_timeout = metrics.connection_timeout
+        self.client_limits.on_close = metrics.client_connection_closed
         await self.activate(self.loaded, time.time(), self._state.active)
         self._proxy = ProxyApp(self._state)
         self.reloader.start()
@@ -137,8 +136,7 @@ class GatewayApp:
         self.state.active = active or ActiveConfig.build(loaded)
         self.state.health.configure(self.state.active.table.routes)
         self.state.metrics.set_config_version(loaded.version)
-        server = loaded.config.server
-        self.client_timeouts.configure(server.client_header_timeout, server.send_timeout)
+        self.client_limits.configure(loaded.config.server)
 
     async def shutdown(self) -> None:
         # The server has stopped taking requests and finished those in flight, so every
@@ -146,7 +144,7 @@ class GatewayApp:
         state = self.state
         await state.mirror.close()  # shadow copies still in flight end, and are queued too
         await state.metrics.close()  # every request is answered: fold the last of them
-        self.client_timeouts.close()
+        self.client_limits.close()
         await self.reloader.stop()
         await self.joiner.stop()
         await state.health.close()

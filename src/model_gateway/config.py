@@ -42,6 +42,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_CLIENT_BODY_TIMEOUT = 60.0  # nginx's client_body_timeout
 DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0  # nginx's client_header_timeout
 DEFAULT_SEND_TIMEOUT = 60.0  # nginx's send_timeout
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024  # about Envoy's max_request_headers_kb (60)
 #: environment variable that supplies admin.token when the file sets none
 ADMIN_TOKEN_ENV = "MODEL_GATEWAY_ADMIN_TOKEN"  # noqa: S105 (a variable name)
 #: request and response headers whose values never reach the log, whatever the config says
@@ -75,6 +76,9 @@ class ServerConfig(_Strict):
     #: seconds a client may leave its socket's buffer full without reading any of the answer
     #: (nginx's send_timeout); past it the connection is closed
     send_timeout: float = Field(default=DEFAULT_SEND_TIMEOUT, gt=0)
+    #: bytes a request's head may hold while still incomplete (as h11's
+    #: max_incomplete_event_size); past it the connection is answered 431
+    max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
 
 
 class StorageConfig(_Strict):

@@ -9,6 +9,7 @@ Hierarchy::
     ├── RequestTimeoutError      408  the request's body stopped coming (client_body_timeout),
     │                                 or its head did not come (client_header_timeout)
     ├── PayloadTooLargeError     413  request body over the route's limit
+    ├── HeaderTooLargeError      431  request head over server.max_header_bytes
     ├── BadGatewayError          502  upstream reset, or answered garbage
     │   └── UpstreamConnectError 502  upstream refused the connection (nothing was sent)
     ├── NoHealthyVariantError    503  no variant of the route can take traffic
@@ -84,6 +85,13 @@ class PayloadTooLargeError(GatewayError):
     status = 413
     code = "payload_too_large"
     reason = "payload_too_large"
+
+
+class HeaderTooLargeError(GatewayError):
+    status = 431
+    code = "request_header_too_large"
+    reason = "header_too_large"
+    closes_connection = True
 
 
 class BadGatewayError(GatewayError):

@@ -30,9 +30,9 @@ server, which an ASGI app could learn only from a task of its own per request re
 ``receive``: the connection's loss cancels the task the proxy left in the scope
 (:data:`~model_gateway.proxy.WAITING_TASK`).
 
-And it holds its clients to the gateway's stall limits (``client_timeouts.py``): it shows a
-sweep whether it waits for a request's head, and notes when the transport pauses its writes.
-Nothing of that is done per request.
+And it holds its clients to the gateway's limits (``client_limits.py``): it shows a sweep
+whether it waits for a request's head, notes when the transport pauses its writes, and counts
+the bytes of a head that is still incomplete after a read.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Sized
+from http import HTTPStatus
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .client_timeouts import ClientTimeouts
-from .errors import RequestTimeoutError
+from .client_limits import HEADER_TOO_LARGE, ClientLimits
+from .errors import GatewayError, HeaderTooLargeError, RequestTimeoutError
 from .proxy import BODY_COMPLETE, CLIENT_GONE, SEND_TIMED_OUT, WAITING_TASK
 
 #: how often a :class:`LoadWatch` looks at the process's CPU time
@@ -86,6 +87,9 @@ class LoadWatch:
             self._busy = share > (RELEASE_BELOW if self._busy else HOLD_ABOVE)
         return self._busy
 
+
+#: how long a refused connection is read, and what comes dropped, before it is closed
+LINGER_SECONDS = 5.0
 
 #: the process's CPU time is the process's, whichever server or loop in it asks
 PROCESS_LOAD = LoadWatch()
@@ -168,28 +172,84 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class LingeringClose(asyncio.Protocol):
+    """A refused connection's last seconds, as nginx's lingering close: its answer is written
+    and its side of the connection shut, and what the client still sends is read and dropped
+    until the client closes its side, or for LINGER_SECONDS at most. Closed at once, with
+    the client's request still arriving, the connection would be reset by the kernel, and
+    a reset can destroy the answer before the client reads it."""
+
+    def __init__(self, abort: Callable[[], object], loop: asyncio.AbstractEventLoop) -> None:
+        self._linger = loop.call_later(LINGER_SECONDS, abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: both sides are done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._linger.cancel()
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a `CoalescingTransport`; ``Config(http=...)``.
 
-    With an app that has ``client_timeouts`` (the gateway), its connections are held to them.
+    With an app that has ``client_limits`` (the gateway), its connections are held to them.
     """
 
     transport: CoalescingTransport  # type: ignore[assignment]
-    # what the stall sweep notes (client_timeouts.StallableConnection)
+    # what the stall sweep notes (client_limits.StallableConnection)
     head_seen: object | None = None
     head_seen_at = 0.0
     writes_paused_at = 0.0
-    _timeouts: ClientTimeouts | None = None
+    #: bytes read while the current head was incomplete
+    head_bytes = 0
+    _limits: ClientLimits | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing = CoalescingTransport(transport, self.loop, self.tasks, PROCESS_LOAD)
         super().connection_made(coalescing)  # type: ignore[arg-type]
-        timeouts = getattr(self.app, "client_timeouts", None)
-        if isinstance(timeouts, ClientTimeouts):
-            self._timeouts = timeouts
+        limits = getattr(self.app, "client_limits", None)
+        if isinstance(limits, ClientLimits):
+            self._limits = limits
             # a new connection waits for its first head from now, as nginx's does
             self.head_seen, self.head_seen_at = self, self.loop.time()
-            timeouts.watch(self)
+            limits.watch(self)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        scope = self.scope
+        if scope is not None and "method" not in scope:
+            # this read left a head incomplete: what is buffered for it is bounded (the
+            # parts of the head that came in earlier reads; one read is not cut)
+            self.head_bytes += len(data)
+            limits = self._limits
+            if limits is not None and self.head_bytes > limits.max_header_bytes:
+                self._head_too_large(limits)
+        elif self.head_bytes:
+            self.head_bytes = 0
+
+    def _head_too_large(self, limits: ClientLimits) -> None:
+        if self.transport.is_closing():
+            return
+        limits.closed(HEADER_TOO_LARGE)
+        error = HeaderTooLargeError(f"the request's head is over {limits.max_header_bytes} bytes")
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._refuse(error)
+            return
+        # A head behind a request still in progress (pipelined): nothing more is read, and
+        # the refusal follows that request's answer.
+        self.flow.pause_reading()
+        answered = cycle.on_response
+
+        def refuse_once_answered() -> None:
+            answered()
+            if not self.transport.is_closing():
+                self._refuse(error)
+
+        cycle.on_response = refuse_once_answered
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -228,36 +288,49 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self.scope is None:
             self.transport.close()  # nothing to answer, as nginx does
             return False
-        assert self._timeouts is not None
-        error = RequestTimeoutError(
-            f"the request's head did not arrive in full within {self._timeouts.header:g} s"
+        assert self._limits is not None
+        timeout = self._limits.header_timeout
+        self._refuse(
+            RequestTimeoutError(f"the request's head did not arrive in full within {timeout:g} s")
         )
+        return True
+
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer a request whose head never came whole with ``error``, as uvicorn answers
+        its own 400, and let the connection go (``LingeringClose``)."""
         body = error.body()
-        head = [f"HTTP/1.1 {error.status} Request Timeout".encode()]
+        head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
         head += [name + b": " + value for name, value in self.server_state.default_headers]
         head += [
             b"content-type: application/json",
             b"content-length: " + str(len(body)).encode(),
             b"connection: close",
         ]
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        self.transport.close()
-        return True
+        transport = self.transport
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        transport.flush()  # the answer goes before the end of the connection's writes
+        transport.write_eof()
+        # the connection is no longer this protocol's, nor a connection the server serves
+        self.connections.discard(self)
+        if self._limits is not None:
+            self._limits.forget(self)
+        self._unset_keepalive_if_required()
+        transport.set_protocol(LingeringClose(transport.abort, self.loop))
 
     def send_timed_out(self) -> None:
-        assert self._timeouts is not None
+        assert self._limits is not None
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # the request's task learns why its client is gone (see SEND_TIMED_OUT)
             scope = cast(dict[str, Any], cycle.scope)
             scope[SEND_TIMED_OUT] = (
-                f"send_timeout: the client read nothing for {self._timeouts.send:g} s"
+                f"send_timeout: the client read nothing for {self._limits.send_timeout:g} s"
             )
         self.transport.abort()  # a close would wait for the unread answer to leave
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timeouts is not None:
-            self._timeouts.forget(self)
+        if self._limits is not None:
+            self._limits.forget(self)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             scope = cast(dict[str, Any], cycle.scope)

@@ -119,12 +119,12 @@ class Metrics:
             ["route", "variant", "reason"],
             registry=r,
         )
-        self.connection_timeouts = Counter(
-            f"{PREFIX}_connection_timeouts",
-            "Client connections the gateway closed because the client stalled: its request's"
-            " head did not arrive in time (client_header, answered 408), or it read none of its"
-            " answer for server.send_timeout (send).",
-            ["timeout"],
+        self.client_connections_closed = Counter(
+            f"{PREFIX}_client_connections_closed",
+            "Client connections the gateway closed over a limit of its server section: a"
+            " request head not whole in time (header_timeout, answered 408) or too large"
+            " (header_too_large, 431), or an answer the client did not read (send_timeout).",
+            ["reason"],
             registry=r,
         )
         self.upstream_retries = Counter(
@@ -357,8 +357,8 @@ class Metrics:
     def skip_shadow(self, route: str, variant: str) -> None:
         self._child(self.shadow_skipped, route, variant).inc()  # type: ignore[attr-defined]
 
-    def connection_timeout(self, timeout: str) -> None:
-        self.connection_timeouts.labels(timeout).inc()
+    def client_connection_closed(self, reason: str) -> None:
+        self.client_connections_closed.labels(reason).inc()
 
     def upstream_retry(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_retries, route, variant, reason).inc()  # type: ignore[attr-defined]
