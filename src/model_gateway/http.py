@@ -218,7 +218,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             limits.watch(self)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        HttpToolsProtocol.data_received(self, data)  # not super(): a call Python inlines
         scope = self.scope
         if scope is not None and "method" not in scope:
             # this read left a head incomplete: what is buffered for it is bounded (the
