@@ -64,7 +64,8 @@ class ClientLimits:
     """The limits of one gateway's client connections, and the sweep that applies the time
     limits. The gateway's uvicorn protocol reads ``max_header_bytes`` itself."""
 
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the one to sweep on; by default the one running when a sweep starts."""
         self.header_timeout = server.client_header_timeout
         self.send_timeout = server.send_timeout
         self.max_header_bytes = server.max_header_bytes
@@ -72,6 +73,7 @@ class ClientLimits:
         self.on_close: Callable[[str], object] | None = None
         self._connections: set[StallableConnection] = set()
         self._sweep: asyncio.TimerHandle | None = None
+        self._given_loop = loop
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def configure(self, server: ServerConfig) -> None:
@@ -89,7 +91,7 @@ class ClientLimits:
         """Apply the time limits to a new connection, from now until ``forget``."""
         self._connections.add(connection)
         if self._sweep is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = self._given_loop or asyncio.get_running_loop()
             self._sweep = self._loop.call_later(self.interval, self.sweep)
 
     def forget(self, connection: StallableConnection) -> None:
