@@ -141,3 +141,12 @@ def test_a_scrape_counts_every_request_answered_before_it(
     wait_until(lambda: scrape(gw.url)[in_flight] == 1, "the slow request in flight")
     slow.join()
     assert scrape(gw.url)[in_flight] == 0
+
+
+def test_every_reason_a_client_connection_is_closed_is_exported_from_the_start() -> None:
+    # at 0 before the first: a rate over the series then has a value, and a first close is
+    # seen as a rise rather than as a series appearing
+    exposition = Metrics().exposition().decode()
+    for reason in ("header_timeout", "header_too_large", "send_timeout"):
+        sample = f'model_gateway_client_connections_closed_total{{reason="{reason}"}} 0.0'
+        assert sample in exposition.splitlines()

@@ -35,6 +35,7 @@ SWEEPS_PER_LIMIT = 4
 HEADER_TIMEOUT = "header_timeout"
 HEADER_TOO_LARGE = "header_too_large"
 SEND_TIMEOUT = "send_timeout"
+CLIENT_CLOSE_REASONS = (HEADER_TIMEOUT, HEADER_TOO_LARGE, SEND_TIMEOUT)
 
 
 class StallableConnection(Protocol):

@@ -33,6 +33,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from .background import cancel_and_wait
+from .client_limits import CLIENT_CLOSE_REASONS
 
 PREFIX = "model_gateway"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -127,6 +128,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # every reason exported from the start, at 0: a rate over it then has a value
+        for reason in CLIENT_CLOSE_REASONS:
+            self.client_connections_closed.labels(reason)
         self.upstream_retries = Counter(
             f"{PREFIX}_upstream_retries",
             "Requests sent on to another variant after this one refused the connection or did"
