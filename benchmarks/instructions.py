@@ -100,10 +100,13 @@ def count(
         server.terminate()
         server.wait(timeout=120)
     total = 0
-    for dump in out.parent.glob(out.name + "*"):
+    for dump in sorted(out.parent.glob(out.name + "*")):
         for line in dump.read_text().splitlines():
             if line.startswith("totals:"):
-                total += int(line.split()[1])
+                part = int(line.split()[1])
+                if part:  # a process's share: the server's own, its log process's
+                    print(f"  {name} {dump.name}: {part / requests / 1000:.1f} k", flush=True)
+                total += part
     return total / requests
 
 
@@ -111,6 +114,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--out", default=str(run.HERE / "results" / "instructions.json"))
+    parser.add_argument(
+        "--gateway-only",
+        action="store_true",
+        help="count the gateway alone and print it, writing nothing (to compare two builds)",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="model-gateway-instructions-") as tmp:
@@ -118,11 +126,12 @@ def main() -> int:
         fast, fast2 = run.free_port(), run.free_port()
         upstream = run.fast_upstream(workdir, fast, fast2)
         try:
-            for kind, name in (
+            bare_proxies = (
                 ("lean", "bare-proxy"),
                 ("asgi", "session-proxy"),
                 ("starlette", "starlette-proxy"),
-            ):
+            )
+            for kind, name in () if args.gateway_only else bare_proxies:
                 port = run.free_port()
                 bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
                 results[name] = count(name, bare, port, "/", args.requests, workdir / f"{name}.cg")
@@ -140,6 +149,9 @@ def main() -> int:
                 )
         finally:
             upstream.stop()
+    if args.gateway_only:
+        print(f"gateway-1w {results['gateway-1w'] / 1000:8.1f} k instructions per request")
+        return 0
     summary = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "requests": args.requests,
