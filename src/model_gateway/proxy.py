@@ -445,6 +445,8 @@ class ProxyApp:
             disconnect.cancel()
             if read is not None:
                 read.cancel()  # cancelled while it waited (a no-op once it is done)
+                if read.done() and not read.cancelled():
+                    read.exception()  # a failed read left behind by a client gone is seen
             if route.redactor.keep_bodies:
                 exchange.response_body = bytes(captured)
         await send({"type": "http.response.body", "body": b""})
