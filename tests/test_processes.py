@@ -167,6 +167,33 @@ def test_sigterm_under_load_finishes_requests_and_flushes_every_record(
         assert started_count(gw) == 2
 
 
+def test_every_worker_holds_its_clients_to_the_limits(
+    tmp_path: Path, upstreams: dict[str, Upstream]
+) -> None:
+    """With 2 workers (each builds its app from the file), 8 connections that send half a
+    head, spread over both by the kernel, are each answered 408 once the file's 0.5 s
+    client_header_timeout has passed, and /metrics counts all 8 across the workers."""
+    config, _ = write_config(tmp_path, upstreams)
+    doc = yaml.safe_load(config.read_text())
+    doc["server"] = {"client_header_timeout": 0.5}
+    config.write_text(yaml.safe_dump(doc))
+    gw = GatewayProcess(config, workers=2)
+    try:
+        port = int(gw.url.rsplit(":", 1)[1])
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        for conn in conns:
+            conn.sendall(b"GET /slow HTTP/1.1\r\nHost")
+        for conn in conns:
+            with conn:
+                conn.settimeout(20)  # a guard against a worker that never answers, not a timing
+                assert conn.recv(65536).startswith(b"HTTP/1.1 408 ")
+        closed = 'model_gateway_client_connections_closed_total{reason="header_timeout"} 8.0'
+        assert closed in httpx.get(f"{gw.url}/metrics").text.splitlines()
+        assert started_count(gw) == 2
+    finally:
+        gw.terminate_and_wait()
+
+
 def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("routes: []\n")
