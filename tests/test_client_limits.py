@@ -102,18 +102,18 @@ def test_a_limit_cuts_only_what_outlasts_it_and_soon_after(
     connection = Connection(loop)
     limits.watch(connection)  # type: ignore[arg-type]
     interval = limits.interval
-    for what, seconds in plan:
+    for what, lasted in plan:  # on the simulated clock
         started = loop.now
         if what == "head":
             connection.head = object()  # a new head: its own object, as uvicorn's scope
         elif what == "paused":
             connection.writes_paused_at = started or 1e-9  # 0 means "not paused"
-        loop.run_until(started + seconds)
+        loop.run_until(started + lasted)
         connection.head, connection.writes_paused_at = None, 0.0
         limit = {"head": header_timeout, "paused": send_timeout}.get(what)
         if connection.cut_at is None:
             # not cut: it did not outlast its limit by two sweeps
-            assert limit is None or seconds < limit + 2 * interval + SLACK
+            assert limit is None or lasted < limit + 2 * interval + SLACK
             continue
         # cut: only what it was doing, and only after its limit
         assert limit is not None

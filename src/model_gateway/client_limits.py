@@ -62,14 +62,12 @@ class StallableConnection(Protocol):
 
 
 class ClientLimits:
-    """The limits of one gateway's client connections, and the sweep that applies the time
-    limits. The gateway's uvicorn protocol reads ``max_header_bytes`` itself."""
+    """The limits of one gateway's client connections (its ``server`` section), and the sweep
+    that applies the time limits. The gateway's uvicorn protocol applies the size limit."""
 
     def __init__(self, server: ServerConfig, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """``loop``: the one to sweep on; by default the one running when a sweep starts."""
-        self.header_timeout = server.client_header_timeout
-        self.send_timeout = server.send_timeout
-        self.max_header_bytes = server.max_header_bytes
+        self.server = server
         #: called with the reason (HEADER_TIMEOUT, …) for each connection a limit closed
         self.on_close: Callable[[str], object] | None = None
         self._connections: set[StallableConnection] = set()
@@ -78,14 +76,12 @@ class ClientLimits:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def configure(self, server: ServerConfig) -> None:
-        """New limits (a reload), for every connection from the next sweep on."""
-        self.header_timeout = server.client_header_timeout
-        self.send_timeout = server.send_timeout
-        self.max_header_bytes = server.max_header_bytes
+        """New limits (a reload), for every connection from the next sweep or read on."""
+        self.server = server
 
     @property
     def interval(self) -> float:
-        shortest = min(self.header_timeout, self.send_timeout)
+        shortest = min(self.server.client_header_timeout, self.server.send_timeout)
         return min(LONGEST_SWEEP_INTERVAL, shortest / SWEEPS_PER_LIMIT)
 
     def watch(self, connection: StallableConnection) -> None:
@@ -114,9 +110,10 @@ class ClientLimits:
         self._sweep = None
         assert self._loop is not None
         now = self._loop.time()
+        server = self.server
         for connection in list(self._connections):
             paused_at = connection.writes_paused_at
-            if paused_at and now - paused_at >= self.send_timeout:
+            if paused_at and now - paused_at >= server.send_timeout:
                 self._connections.discard(connection)
                 connection.send_timed_out()
                 self.closed(SEND_TIMEOUT)
@@ -126,7 +123,7 @@ class ClientLimits:
                 connection.head_seen = None
             elif waiting is not connection.head_seen:
                 connection.head_seen, connection.head_seen_at = waiting, now
-            elif now - connection.head_seen_at >= self.header_timeout:
+            elif now - connection.head_seen_at >= server.client_header_timeout:
                 self._connections.discard(connection)
                 if connection.head_timed_out():
                     self.closed(HEADER_TIMEOUT)

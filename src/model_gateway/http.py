@@ -225,7 +225,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # parts of the head that came in earlier reads; one read is not cut)
             self.head_bytes += len(data)
             limits = self._limits
-            if limits is not None and self.head_bytes > limits.max_header_bytes:
+            if limits is not None and self.head_bytes > limits.server.max_header_bytes:
                 self._head_too_large(limits)
         elif self.head_bytes:
             self.head_bytes = 0
@@ -234,7 +234,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         limits.closed(HEADER_TOO_LARGE)
-        error = HeaderTooLargeError(f"the request's head is over {limits.max_header_bytes} bytes")
+        maximum = limits.server.max_header_bytes
+        error = HeaderTooLargeError(f"the request's head is over {maximum} bytes")
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
             self._refuse(error)
@@ -289,7 +290,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # nothing to answer, as nginx does
             return False
         assert self._limits is not None
-        timeout = self._limits.header_timeout
+        timeout = self._limits.server.client_header_timeout
         self._refuse(
             RequestTimeoutError(f"the request's head did not arrive in full within {timeout:g} s")
         )
@@ -324,7 +325,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # the request's task learns why its client is gone (see SEND_TIMED_OUT)
             scope = cast(dict[str, Any], cycle.scope)
             scope[SEND_TIMED_OUT] = (
-                f"send_timeout: the client read nothing for {self._limits.send_timeout:g} s"
+                f"send_timeout: the client read nothing for {self._limits.server.send_timeout:g} s"
             )
         self.transport.abort()  # a close would wait for the unread answer to leave
 
