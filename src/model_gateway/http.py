@@ -40,10 +40,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Sized
-from http import HTTPStatus
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .client_limits import HEADER_TOO_LARGE, ClientLimits
 from .errors import GatewayError, HeaderTooLargeError, RequestTimeoutError
@@ -300,15 +299,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         """Answer a request whose head never came whole with ``error``, as uvicorn answers
         its own 400, and let the connection go (``LingeringClose``)."""
         body = error.body()
-        head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
-        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        # uvicorn's own table of status lines, as its other answers are written
+        head = [name + b": " + value for name, value in self.server_state.default_headers]
         head += [
             b"content-type: application/json",
             b"content-length: " + str(len(body)).encode(),
             b"connection: close",
         ]
         transport = self.transport
-        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        transport.write(STATUS_LINE[error.status] + b"\r\n".join(head) + b"\r\n\r\n" + body)
         transport.flush()  # the answer goes before the end of the connection's writes
         transport.write_eof()
         # the connection is no longer this protocol's, nor a connection the server serves

@@ -362,7 +362,7 @@ class Metrics:
         self._child(self.shadow_skipped, route, variant).inc()  # type: ignore[attr-defined]
 
     def client_connection_closed(self, reason: str) -> None:
-        self.client_connections_closed.labels(reason).inc()
+        self._child(self.client_connections_closed, reason).inc()  # type: ignore[attr-defined]
 
     def upstream_retry(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_retries, route, variant, reason).inc()  # type: ignore[attr-defined]
