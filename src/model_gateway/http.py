@@ -204,6 +204,8 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     writes_paused_at = 0.0
     #: bytes read while the current head was incomplete
     head_bytes = 0
+    #: a head refused behind a request in progress; the refusal follows that request's answer
+    refusal_pending = False
     _limits: ClientLimits | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -217,6 +219,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             limits.watch(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.refusal_pending:
+            # Nothing more of this connection is parsed or kept. The request in progress
+            # resumes reading whenever its task asks for its body or waits for a disconnect,
+            # so reading is paused again here.
+            self.flow.pause_reading()
+            return
         HttpToolsProtocol.data_received(self, data)  # not super(): a call Python inlines
         scope = self.scope
         if scope is not None and "method" not in scope:
@@ -241,6 +249,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return
         # A head behind a request still in progress (pipelined): nothing more is read, and
         # the refusal follows that request's answer.
+        self.refusal_pending = True
         self.flow.pause_reading()
         answered = cycle.on_response
 
