@@ -19,6 +19,7 @@ from setuptools import setup
 # script (run by its path), and the configuration's pydantic models.
 COMPILED = (
     "app",
+    "headers",
     "health",
     "metrics",
     "proxy",

@@ -24,6 +24,13 @@ from .errors import (
     ShuttingDownError,
     UnknownVariantError,
 )
+from .headers import (
+    NOT_RELAYED,
+    ClientHeaders,
+    forward_headers,
+    gateway_headers,
+    upstream_target,
+)
 from .records import PredictionRecord, new_prediction_id
 from .routing import Assignment, Route, Variant, choose_variant, shadows_for
 from .runtime import ActiveConfig, GatewayState
@@ -33,39 +40,9 @@ from .upstream import UpstreamErrors, UpstreamResponse
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
-# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# Rebuilt by the gateway rather than passed through.
-_REQUEST_REBUILT = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-prediction-id",
-    }
-)
-_RESPONSE_REPLACED = frozenset(
-    {b"x-prediction-id", b"x-model-variant", b"x-model-version", b"date", b"server"}
-)
 # Responses up to this size with a Content-Length are read whole, so the served version can
 # be read from the body; anything larger, chunked, or an event stream passes through as it comes.
 BUFFER_LIMIT = 1024 * 1024
-_NOT_FORWARDED = HOP_BY_HOP | _REQUEST_REBUILT
-_NOT_RELAYED = HOP_BY_HOP | _RESPONSE_REPLACED
 _DOT_SEGMENTS = frozenset({".", ".."})
 _JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
 # While a request waits on the model server, its task is in its scope under WAITING_TASK. The
@@ -296,8 +273,8 @@ class ProxyApp:
                 client.content_length,
                 active.client_body_timeout,
             )
-            headers = exchange.forwarded_headers = _forward_headers(scope, client, prediction_id)
-            target = exchange.target = _target(scope)
+            headers = exchange.forwarded_headers = forward_headers(scope, client, prediction_id)
+            target = exchange.target = upstream_target(scope)
             retries_left = route.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
             scope[WAITING_TASK] = asyncio.current_task()
@@ -327,7 +304,7 @@ class ProxyApp:
                     # the failed attempt counts toward the variant's passive ejection
                     self.state.health.record_result(route.name, variant.name, error.status)
                     variant = exchange.variant = following
-            ours = _gateway_headers(prediction_id, variant)
+            ours = gateway_headers(prediction_id, variant)
             complete = False
             try:
                 with upstream_errors:
@@ -353,7 +330,7 @@ class ProxyApp:
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
                 exchange.status = error.status
-                ours = _gateway_headers(prediction_id, variant)
+                ours = gateway_headers(prediction_id, variant)
                 ours.append((b"x-model-version", variant.model_version.encode()))
                 await _send_error(send, error, ours)
             # else the response had begun: the client sees a truncated body, as from nginx
@@ -382,9 +359,7 @@ class ProxyApp:
         exchange: Exchange,
     ) -> None:
         headers = [
-            (name, value)
-            for name, value in upstream.raw_headers
-            if name.lower() not in _NOT_RELAYED
+            (name, value) for name, value in upstream.raw_headers if name.lower() not in NOT_RELAYED
         ]
         exchange.response_headers = headers
         content_type = upstream.headers.get("Content-Type")
@@ -493,109 +468,6 @@ async def _receive_within(receive: Any, seconds: float) -> Message:
         ) from None
 
 
-def _gateway_headers(prediction_id: str, variant: Variant) -> list[tuple[bytes, bytes]]:
-    """The headers the gateway adds to every answer (X-Model-Version once it is known)."""
-    return [
-        (b"x-prediction-id", prediction_id.encode()),
-        (b"x-model-variant", variant.name.encode()),
-    ]
-
-
-def _target(scope: Scope) -> bytes:
-    # The client supplies only path and query, passed on as the client encoded them; the
-    # host always comes from the configuration.
-    target: bytes = scope.get("raw_path") or scope["path"].encode()
-    query: bytes = scope.get("query_string", b"")
-    return target + b"?" + query if query else target
-
-
-# What the one pass over a request's headers does with a name it knows; a name not here is
-# forwarded as it came. Final: compiled, each is a constant rather than a lookup by name.
-_FORWARD_AND_NOTE_REQUEST_ID: Final = 1
-_FORWARD_AND_NOTE_VARIANT: Final = 2
-_NOTE_CONTENT_LENGTH: Final = 3
-_NOTE_FORWARDED_FOR: Final = 4
-_NOTE_HOST: Final = 5
-_NOTE_CONNECTION: Final = 6
-_DROP: Final = 7
-_REQUEST_HEADER_ROLES: Final[dict[bytes, int]] = {name: _DROP for name in _NOT_FORWARDED}
-_REQUEST_HEADER_ROLES.update(
-    {
-        b"x-request-id": _FORWARD_AND_NOTE_REQUEST_ID,
-        b"x-model-variant": _FORWARD_AND_NOTE_VARIANT,
-        b"content-length": _NOTE_CONTENT_LENGTH,
-        b"x-forwarded-for": _NOTE_FORWARDED_FOR,
-        b"host": _NOTE_HOST,
-        b"connection": _NOTE_CONNECTION,
-    }
-)
-
-
-class ClientHeaders:
-    """The client's headers, read in one pass: what the gateway takes from them, and the ones
-    it forwards as they came. The server gives them lower-cased and checked (no line breaks)."""
-
-    def __init__(self, headers: list[tuple[bytes, bytes]], routing_header: bytes | None) -> None:
-        self.request_id: str | None = None
-        #: the variant asked for by X-Model-Variant
-        self.forced: str | None = None
-        #: the routing key, when the route has one and the request carries it
-        self.key: str | None = None
-        self.content_length = -1
-        self.forwarded_for: bytes | None = None
-        self.host: bytes | None = None
-        self.named_by_connection: set[bytes] | None = None
-        #: the headers forwarded as they came; ``_forward_headers`` adds the gateway's own
-        self.forwarded: list[tuple[bytes, bytes]] = []
-        for pair in headers:
-            name, value = pair
-            if routing_header is not None and name == routing_header:
-                self.key = value.decode("latin-1")
-            role = _REQUEST_HEADER_ROLES.get(name)
-            if role is None:
-                self.forwarded.append(pair)
-            elif role == _FORWARD_AND_NOTE_REQUEST_ID:
-                self.request_id = value.decode("latin-1")
-                self.forwarded.append(pair)
-            elif role == _FORWARD_AND_NOTE_VARIANT:
-                self.forced = value.decode("latin-1")
-                self.forwarded.append(pair)
-            elif role == _NOTE_CONTENT_LENGTH:
-                if value.isdigit():
-                    self.content_length = int(value)
-            elif role == _NOTE_FORWARDED_FOR:
-                self.forwarded_for = value
-            elif role == _NOTE_HOST:
-                self.host = value
-            elif role == _NOTE_CONNECTION:
-                # RFC 9110 §7.6.1: headers the client marked connection-specific go too
-                named = {token.strip().lower() for token in value.split(b",")}
-                if self.named_by_connection is None:
-                    self.named_by_connection = named
-                else:
-                    self.named_by_connection |= named
-
-
-def _forward_headers(
-    scope: Scope, client: ClientHeaders, prediction_id: str
-) -> list[tuple[bytes, bytes]]:
-    # X-Prediction-Id comes last: a shadow copy swaps in its own.
-    out = client.forwarded
-    if client.named_by_connection:
-        named = client.named_by_connection
-        out = [(name, value) for name, value in out if name not in named]
-    peer_address = scope.get("client")
-    if peer_address:
-        peer = peer_address[0].encode()
-        forwarded_for = client.forwarded_for
-        out.append((b"X-Forwarded-For", forwarded_for + b", " + peer if forwarded_for else peer))
-    out.append((b"X-Forwarded-Proto", scope.get("scheme", "http").encode()))
-    if client.host:
-        out.append((b"X-Forwarded-Host", client.host))
-    out.append((b"X-Prediction-Id", prediction_id.encode()))
-    return out
-
-
 def _answer_cancel() -> None:
     """The request's task caught a cancel meant for it and answers it itself (the request
     ends, or the cancel becomes its own exception): ``Task.uncancel``, so that the task no
@@ -611,7 +483,7 @@ async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
     exchange.error = f"{error.reason}: {error.message}"
     if exchange.status == 0:
         exchange.status = error.status
-        await _send_error(send, error, _gateway_headers(prediction_id, exchange.variant))
+        await _send_error(send, error, gateway_headers(prediction_id, exchange.variant))
     # else a response had begun: it stays incomplete, and uvicorn closes the connection
 
 
