@@ -1,6 +1,7 @@
-"""The sweep behind the client time limits: a head pending, or writes paused, for less than
-the limit is never cut; one pending longer is cut between the limit and two sweep intervals
-past it (the bound the README gives). On a simulated clock, so that any timing can be tried."""
+"""The sweep behind the client time limits: a head pending, or writes paused with the client
+reading nothing, for less than the limit is never cut; one pending longer is cut between the
+limit and two sweep intervals past it (the bound the README gives); a client that reads,
+however slowly, is never cut. On a simulated clock, so that any timing can be tried."""
 
 from __future__ import annotations
 
@@ -62,9 +63,18 @@ class Connection:
         self.head_seen: object | None = None
         self.head_seen_at = 0.0
         self.writes_paused_at = 0.0
+        self.unsent_seen = 0
+        #: what of the answer waits; while ``reading``, less at each look
+        self.waiting = 0
+        self.reading = False
         self.head: object | None = None
         self.cut_at: float | None = None
         self.cut_for = ""
+
+    def unsent(self) -> int:
+        if self.reading:
+            self.waiting -= 1
+        return self.waiting
 
     def waiting_for_head(self) -> object | None:
         return self.head
@@ -78,8 +88,9 @@ class Connection:
 
 
 # what a connection does, and for how long: a head pending, an idle spell, writes paused
+# with the client reading nothing, or reading slowly (the writes stay paused)
 steps = st.lists(
-    st.tuples(st.sampled_from(["head", "idle", "paused"]), st.floats(0.001, 5.0)),
+    st.tuples(st.sampled_from(["head", "idle", "paused", "reading"]), st.floats(0.001, 5.0)),
     min_size=1,
     max_size=12,
 )
@@ -106,10 +117,13 @@ def test_a_limit_cuts_only_what_outlasts_it_and_soon_after(
         started = loop.now
         if what == "head":
             connection.head = object()  # a new head: its own object, as uvicorn's scope
-        elif what == "paused":
+        elif what in ("paused", "reading"):
             connection.writes_paused_at = started or 1e-9  # 0 means "not paused"
+            connection.waiting = connection.unsent_seen = 1_000_000
+            connection.reading = what == "reading"
         loop.run_until(started + lasted)
         connection.head, connection.writes_paused_at = None, 0.0
+        connection.reading = False
         limit = {"head": header_timeout, "paused": send_timeout}.get(what)
         if connection.cut_at is None:
             # not cut: it did not outlast its limit by two sweeps

@@ -12,9 +12,12 @@ The time limits almost never fire. A loop timer per request would cost every req
 3 µs (see ``wheel.py``), so nothing is done per request: one sweep per gateway, up to once a
 second, looks at each connection. A head still pending at a later sweep is the same head
 (the connection gives the same object for as long as it waits for the same head), so it has
-been pending at least since the sweep that first saw it; a connection's writes note when the
-transport last paused them, which happens only once the client's buffers are full. A time
-limit fires between its value and two sweep intervals past it.
+been pending at least since the sweep that first saw it. A connection's writes note when the
+transport last paused them, which happens only once the client's buffers are full, and a
+sweep that finds less of the answer unsent than the last one saw (in the transport or in
+the kernel's send queue) takes that as the client reading, and starts its time again:
+send_timeout cuts a client that reads nothing, not one that reads slowly. A time limit
+fires between its value and two sweep intervals past the last sign of the client.
 """
 
 from __future__ import annotations
@@ -44,9 +47,15 @@ class StallableConnection(Protocol):
     #: the request head the last sweep saw pending (``waiting_for_head``), and when
     head_seen: object | None
     head_seen_at: float
-    #: when the transport paused the connection's writes (the client's buffer is full); 0:
-    #: they are not paused
+    #: when the transport paused the connection's writes (the client's buffer is full), or
+    #: when a sweep last saw the client read some of what waits; 0: they are not paused
     writes_paused_at: float
+    #: what the transport held unsent when a sweep (or the pause) last looked
+    unsent_seen: int
+
+    def unsent(self) -> int:
+        """The bytes of the answer the client has not yet taken (held by the transport or
+        queued in the kernel): less than before once the client reads."""
 
     def waiting_for_head(self) -> object | None:
         """What the connection waits for, if it waits for a request's head with no request
@@ -113,11 +122,18 @@ class ClientLimits:
         server = self.server
         for connection in list(self._connections):
             paused_at = connection.writes_paused_at
-            if paused_at and now - paused_at >= server.send_timeout:
-                self._connections.discard(connection)
-                connection.send_timed_out()
-                self.closed(SEND_TIMEOUT)
-                continue
+            if paused_at:
+                unsent = connection.unsent()
+                if unsent < connection.unsent_seen:
+                    # the client read some of its answer: a slow reader is not a stalled
+                    # one (nginx's send_timeout too runs between two writes that moved)
+                    connection.writes_paused_at = now
+                elif now - paused_at >= server.send_timeout:
+                    self._connections.discard(connection)
+                    connection.send_timed_out()
+                    self.closed(SEND_TIMEOUT)
+                    continue
+                connection.unsent_seen = unsent
             waiting = connection.waiting_for_head()
             if waiting is None:
                 connection.head_seen = None

@@ -38,6 +38,9 @@ the bytes of a head that is still incomplete after a read.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 import time
 from collections.abc import Callable, Iterable, Sized
 from typing import Any, cast
@@ -89,6 +92,9 @@ class LoadWatch:
 
 #: how long a refused connection is read, and what comes dropped, before it is closed
 LINGER_SECONDS = 5.0
+#: the ioctl that gives what a socket's send queue holds that the peer has not acknowledged
+#: (Linux's SIOCOUTQ); without it a client is seen reading only once the kernel takes more
+KERNEL_SEND_QUEUE: int | None = getattr(termios, "TIOCOUTQ", None)
 
 #: the process's CPU time is the process's, whichever server or loop in it asks
 PROCESS_LOAD = LoadWatch()
@@ -202,6 +208,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     head_seen: object | None = None
     head_seen_at = 0.0
     writes_paused_at = 0.0
+    unsent_seen = 0
     #: bytes read while the current head was incomplete
     head_bytes = 0
     #: a head refused behind a request in progress; the refusal follows that request's answer
@@ -272,13 +279,31 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def pause_writing(self) -> None:
-        # the client's socket buffer is full: from now on the client is not reading
+        # the client's socket buffer is full: from now on the client is not reading, until
+        # a sweep sees less unsent
         self.writes_paused_at = self.loop.time()
+        self.unsent_seen = self.unsent()
         super().pause_writing()
 
     def resume_writing(self) -> None:
         self.writes_paused_at = 0.0
         super().resume_writing()
+
+    def unsent(self) -> int:
+        # The kernel's queue as well as the transport's: the kernel takes more from the
+        # transport only once a large part of its own queue has gone (its send buffer
+        # grows to megabytes), so while a client reads slowly the transport's share can
+        # stay the same for seconds; the kernel's shrinks as the client reads.
+        held: int = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if KERNEL_SEND_QUEUE is None or sock is None:
+            return held
+        try:
+            queue = fcntl.ioctl(sock.fileno(), KERNEL_SEND_QUEUE, b"\0\0\0\0")
+        except OSError:
+            return held
+        kernel: int = struct.unpack("i", queue)[0]
+        return held + kernel
 
     def waiting_for_head(self) -> object | None:
         if self.transport.is_closing():
