@@ -209,7 +209,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     head_seen_at = 0.0
     writes_paused_at = 0.0
     unsent_seen = 0
-    #: bytes read while the current head was incomplete
+    #: bytes read for the current head, still incomplete, after the read it began in
     head_bytes = 0
     #: a head refused behind a request in progress; the refusal follows that request's answer
     refusal_pending = False
@@ -232,15 +232,20 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # so reading is paused again here.
             self.flow.pause_reading()
             return
+        before = self.scope
         HttpToolsProtocol.data_received(self, data)  # not super(): a call Python inlines
         scope = self.scope
         if scope is not None and "method" not in scope:
-            # this read left a head incomplete: what is buffered for it is bounded (the
-            # parts of the head that came in earlier reads; one read is not cut)
-            self.head_bytes += len(data)
-            limits = self._limits
-            if limits is not None and self.head_bytes > limits.server.max_header_bytes:
-                self._head_too_large(limits)
+            # This read left a head incomplete: what is buffered for it is bounded. A read
+            # that a head begins in may hold whole requests before it (pipelined), so it
+            # counts for nothing; each later read went to that head alone, and counts whole.
+            if scope is before:
+                self.head_bytes += len(data)
+                limits = self._limits
+                if limits is not None and self.head_bytes > limits.server.max_header_bytes:
+                    self._head_too_large(limits)
+            else:
+                self.head_bytes = 0
         elif self.head_bytes:
             self.head_bytes = 0
 
