@@ -28,13 +28,19 @@ def conversations(draw: st.DrawFn) -> tuple[list[bytes], list[bytes], bool]:
     requests, expected = [], []
     for i in range(draw(st.integers(0, 4))):
         pad = b"X-Pad: " + b"p" * draw(st.integers(0, 3000)) + b"\r\n"
-        seconds = draw(st.sampled_from([None, "0.02", "0.1"]))
-        if seconds is None:  # the echo says which request it answers
-            target, expected_body = b"/echo/x?i=%d" % i, b'"query":"i=%d"' % i
+        kind = draw(st.sampled_from(["get", "post", "0.02", "0.1"]))
+        if kind == "get":  # the echo says which request it answers
+            head = b"GET /echo/x?i=%d HTTP/1.1\r\n" % i
+            expected.append(b'"query":"i=%d"' % i)
+        elif kind == "post":  # and a body, which may end in the read a next head begins in
+            body = b"%d:" % i + b"b" * draw(st.integers(0, 20_000))
+            head = b"POST /echo/x HTTP/1.1\r\nContent-Length: %d\r\n" % len(body)
+            pad += b"\r\n" + body
+            expected.append(b'"body":"' + body + b'"}')  # whole, and this request's
         else:  # a request still in progress while the next ones arrive
-            target, expected_body = b"/slow?seconds=" + seconds.encode(), b'"upstream":"a"'
-        requests.append(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n")
-        expected.append(expected_body)
+            head = b"GET /slow?seconds=" + kind.encode() + b" HTTP/1.1\r\n"
+            expected.append(b'"upstream":"a"')
+        requests.append(head + b"Host: x\r\n" + pad + (b"" if kind == "post" else b"\r\n"))
     too_large = draw(st.booleans())
     if too_large:
         size = draw(st.integers(HEAD_LIMIT + 1, 6 * HEAD_LIMIT))
@@ -70,9 +76,10 @@ def test_pipelined_requests_are_answered_in_order_and_a_head_too_large_refused_o
     gateway: GatewayFactory, upstreams: dict[str, Upstream], caplog: pytest.LogCaptureFixture
 ) -> None:
     """1. On a gateway whose max_header_bytes is 4 KiB, each example opens a connection and
-       sends up to four complete requests (some wait on the model), then either a request
-       that asks to close the connection or a head that never ends and is over the limit,
-       all of it split at random points, with a pause after each part.
+       sends up to four complete requests (some wait on the model, some carry a body of up
+       to 20 KB), then either a request that asks to close the connection or a head that
+       never ends and is over the limit, all of it split at random points (one of them in
+       the last head), with a pause after each part.
     2. Every complete request is answered 200, in the order sent, whole; then the connection
        ends, after a 431 when the last head was too large, and after nothing else.
     3. The metric counts one close per refused connection; the gateway logs no error.
