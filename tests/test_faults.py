@@ -21,6 +21,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+import uvicorn
 import yaml
 
 from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, wait_until
@@ -342,6 +343,29 @@ def test_a_head_must_arrive_whole_within_the_limit_and_a_silent_connection_is_cl
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert read_answer(silent) == b""
     assert a.control.requests == 0
+    assert connections_closed(gw, "header_timeout") == 1
+
+
+def test_a_half_head_behind_a_request_waits_for_the_header_timeout_not_the_keep_alive(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """1. A client sends a request and, right behind it (pipelined), half of its next head,
+       then nothing, to a gateway whose client_header_timeout (6 s) is longer than the
+       keep-alive timeout uvicorn sets after an answer (5 s).
+    2. The first request is answered; the half head is then held to client_header_timeout,
+       as one begun on an idle connection is: answered 408 once it has passed, not closed
+       without a word when the keep-alive timer would have fired.
+    """
+    keep_alive = uvicorn.Config(app=None).timeout_keep_alive
+    assert keep_alive < 6
+    a = upstreams["a"]
+    gw = gateway([route("e", "/echo", [("a", a.url, 1)])], server={"client_header_timeout": 6})
+    with socket.create_connection(("127.0.0.1", gw.server.port)) as conn:
+        conn.sendall(b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\nGET /echo/y HTTP/1.1\r\nHo")
+        answer = read_answer(conn)
+    first, second = answer.split(b"HTTP/1.1 408 ")
+    assert first.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b'"code":"request_timeout"' in second
     assert connections_closed(gw, "header_timeout") == 1
 
 

@@ -282,6 +282,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # still in ``tasks`` then
         self.transport.response_complete()
         super().on_response_complete()
+        scope = self.scope
+        if scope is not None and "method" not in scope:
+            # A head that came behind this request is still incomplete: it is held to
+            # client_header_timeout, as a head begun on an idle connection is, not to the
+            # keep-alive timer uvicorn has just set (which would close it without a word).
+            self._unset_keepalive_if_required()
 
     def pause_writing(self) -> None:
         # the client's socket buffer is full: from now on the client is not reading, until
