@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
-from .test_faults import connections_closed
+from .test_faults import connections_closed, read_answer
 
 HEAD_LIMIT = 4096
 #: the most uvloop reads from a socket at once
@@ -108,9 +108,7 @@ def test_pipelined_requests_are_answered_in_order_and_a_head_too_large_refused_o
                     conn.sendall(b"e" * 8192)
             except OSError:
                 pass  # a refused connection may be gone before its last part
-            stream = b""
-            while chunk := conn.recv(65536):
-                stream += chunk
+            stream = read_answer(conn)
         answers = answers_in(stream)
         statuses = [status for status, _ in answers]
         assert statuses == [200] * len(expected) + ([431] if too_large else []), statuses

@@ -282,12 +282,16 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         # still in ``tasks`` then
         self.transport.response_complete()
         super().on_response_complete()
+
+    def timeout_keep_alive_handler(self) -> None:
         scope = self.scope
         if scope is not None and "method" not in scope:
-            # A head that came behind this request is still incomplete: it is held to
-            # client_header_timeout, as a head begun on an idle connection is, not to the
-            # keep-alive timer uvicorn has just set (which would close it without a word).
-            self._unset_keepalive_if_required()
+            # A head that came behind the last answer, still incomplete: uvicorn armed this
+            # timer after that answer, and only a read cancels it. The head is held to
+            # client_header_timeout (the sweep), as one begun on an idle connection is, and
+            # not closed without a word.
+            return
+        super().timeout_keep_alive_handler()
 
     def pause_writing(self) -> None:
         # the client's socket buffer is full: from now on the client is not reading, until

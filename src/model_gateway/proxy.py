@@ -27,6 +27,7 @@ from .errors import (
 from .headers import (
     NOT_RELAYED,
     ClientHeaders,
+    Scope,
     forward_headers,
     gateway_headers,
     upstream_target,
@@ -37,7 +38,6 @@ from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
 from .upstream import UpstreamErrors, UpstreamResponse
 
-Scope = dict[str, Any]
 Message = dict[str, Any]
 
 # Responses up to this size with a Content-Length are read whole, so the served version can
