@@ -651,37 +651,88 @@ def test_locked_sqlite_store_delays_records_but_not_requests(
     assert len(gw.records()) == 21
 
 
-def test_records_waiting_for_room_when_the_shutdown_timeout_ends_are_written(
+def test_a_full_log_holds_new_requests_back_and_a_stop_answers_them(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    """1. A gateway whose log queue holds 2 records and blocks when full, and whose graceful
-       stop waits 0.5 s.
-    2. Another process locks the SQLite file: the writer stalls on one record, two fill
-       the queue, and the requests after them are answered, then wait for room.
-    3. The gateway is stopped; the 0.5 s run out while they wait, and the lock goes a
-       moment later.
-    4. Every request is in the log.
+    """1. A gateway whose log holds 2 records and blocks when full, and whose graceful stop
+       waits 0.5 s.
+    2. Another process locks the SQLite file: the writer stalls on one record, one more
+       waits, and the requests after them wait for room before they are forwarded.
+    3. The gateway is stopped; the 0.5 s run out while they wait, and the lock goes later.
+    4. The two admitted requests are answered and logged; the others are answered 503
+       shutting_down, were never forwarded, and nothing in memory outgrew the bound.
     """
     gw = gateway(
-        [route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])],
+        [route("echo", "/echo", [("a", upstreams["a"].url, 1)])],
         storage={"queue_size": 2, "batch_size": 1},
         server={"shutdown_timeout": 0.5, "config_poll_interval": 0},
     )
-    httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)  # the file and tables exist
+    httpx.post(f"{gw.url}/echo/x", json=INFER)  # the file and tables exist
     wait_until(lambda: len(gw.records()) == 1, "the first record")
+    forwarded_before = upstreams["a"].control.requests
+    writer = gw.app.state.writer
+    statuses: list[int] = []
+    codes: list[str] = []
+
+    def call() -> None:
+        answer = httpx.post(f"{gw.url}/echo/x", json=INFER, timeout=30)
+        statuses.append(answer.status_code)
+        if answer.status_code != 200:
+            codes.append(answer.json()["error"]["code"])
+
     locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:
-        for _ in range(6):
-            assert httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER).status_code == 200
+        clients = [threading.Thread(target=call) for _ in range(6)]
+        for client in clients:
+            client.start()
+        wait_until(lambda: len(writer._room) == 4, "four requests waiting for room")
+        wait_until(lambda: statuses == [200, 200], "the two admitted requests answered")
+        assert writer.in_memory == 2
+        assert upstreams["a"].control.requests - forwarded_before == 2
         stopping = threading.Thread(target=gw.stop)
         stopping.start()
-        time.sleep(1.5)  # past the shutdown timeout
+        for client in clients:
+            client.join(timeout=30)
     finally:
         locker.execute("COMMIT")
         locker.close()
     stopping.join(timeout=60)
-    assert len(gw.records()) == 7
+    assert sorted(statuses) == [200, 200, 503, 503, 503, 503]
+    assert codes == ["shutting_down"] * 4
+    assert upstreams["a"].control.requests - forwarded_before == 2
+    assert len(gw.records()) == 3
+
+
+def test_a_request_that_finds_no_room_within_block_timeout_is_answered_503(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """Under ``overflow: block`` a request waits for room at most ``storage.block_timeout``,
+    then is answered 503 log_unavailable without being forwarded; once the store takes
+    records again, requests go through and every answered one is logged."""
+    gw = gateway(
+        [route("echo", "/echo", [("a", upstreams["a"].url, 1)])],
+        storage={"queue_size": 1, "batch_size": 1, "block_timeout": 0.3},
+        server={"config_poll_interval": 0},
+    )
+    httpx.post(f"{gw.url}/echo/x", json=INFER)
+    wait_until(lambda: len(gw.records()) == 1, "the first record")
+    locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        assert httpx.post(f"{gw.url}/echo/x", json=INFER).status_code == 200
+        forwarded = upstreams["a"].control.requests
+        refused = httpx.post(f"{gw.url}/echo/x", json=INFER, timeout=30)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "log_unavailable"
+        assert upstreams["a"].control.requests == forwarded
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    assert httpx.post(f"{gw.url}/echo/x", json=INFER).status_code == 200
+    gw.stop()
+    assert len(gw.records()) == 3
+    assert b"model_gateway_log_unavailable_total 1.0" in gw.app.state.metrics.exposition()
 
 
 def test_locked_postgres_table_delays_records_but_not_requests(

@@ -211,8 +211,19 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         result["since"], result["until"] = format_rfc3339(since), format_rfc3339(until)
         return json_response(result)
 
+    async def dead_letters(request: Request) -> Response:
+        raw = request.query_params.get("limit", "100")
+        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            return error_response(400, "bad_request", "limit: a whole number from 1 to 10000")
+        letters = await gateway.store.list_dead_letters(int(raw))
+        for letter in letters:
+            # the record stays JSON text: it may hold escapes of what JSON cannot carry
+            letter["failed_at"] = format_rfc3339(letter["failed_at"])
+        return json_response({"dead_letters": letters})
+
     return [
         Route("/healthz", healthz),
+        Route("/admin/dead-letters", guarded(dead_letters)),
         Route("/admin/report", guarded(report)),
         Route("/metrics", metrics),
         Route("/admin/predictions/{prediction_id}", guarded(prediction)),

@@ -103,6 +103,7 @@ class GatewayApp:
             overflow=storage.overflow,
             write_retries=storage.write_retries,
             close_timeout=storage.close_timeout,
+            block_timeout=storage.block_timeout,
         )
         writer.start()
         session, upstream = create_clients()

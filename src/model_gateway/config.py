@@ -90,6 +90,9 @@ class StorageConfig(_Strict):
     linger: float = Field(default=DEFAULT_LINGER, ge=0, le=1)
     #: what a request does when the log queue is full: wait for room, or drop and count
     overflow: Literal["block", "drop"] = "block"
+    #: under ``block``, how long a request waits for room before it is answered 503
+    #: ``log_unavailable`` (Kafka's ``max.block.ms``)
+    block_timeout: float = Field(default=60.0, gt=0)
     #: retries of a failing write before its records are counted lost; unset: until the
     #: store is back (records wait in the queue meanwhile)
     write_retries: int | None = Field(default=None, ge=0)

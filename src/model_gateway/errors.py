@@ -14,6 +14,8 @@ Hierarchy::
     │   └── UpstreamConnectError 502  upstream refused the connection (nothing was sent)
     ├── NoHealthyVariantError    503  no variant of the route can take traffic
     ├── ShuttingDownError        503  the gateway's graceful stop ran out of time
+    ├── LogUnavailableError      503  no room in the full prediction log within
+    │                                 storage.block_timeout (overflow: block)
     └── UpstreamTimeoutError     504  upstream did not answer within the route's timeout
         └── UpstreamConnectTimeoutError  504  no connection within the connect timeout
 
@@ -115,6 +117,12 @@ class ShuttingDownError(GatewayError):
     status = 503
     code = "shutting_down"
     reason = "shutdown"
+
+
+class LogUnavailableError(GatewayError):
+    status = 503
+    code = "log_unavailable"
+    reason = "log_unavailable"
 
 
 class UpstreamTimeoutError(GatewayError):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .background import cancel_and_wait
-from .records import canonical_label, new_prediction_id
+from .records import canonical_label, new_prediction_id, unstorable
 
 if TYPE_CHECKING:
     from .app import GatewayApp
@@ -55,6 +55,9 @@ def parse_time(text: str) -> float | None:
 
 
 _FIELDS = frozenset({"prediction_id", "request_id", "label", "timestamp", "source"})
+
+
+_UNSTORABLE = "holds NUL or an unpaired surrogate, which the store cannot keep"
 
 
 class FeedbackBodyError(ValueError):
@@ -137,6 +140,8 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
             continue
         if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
             return f"{name} must be a non-empty string of at most {MAX_KEY_LENGTH} characters"
+        if unstorable(value):
+            return f"{name} {_UNSTORABLE}"
         keys[name] = value
     if not keys:
         return "prediction_id or request_id is required"
@@ -148,6 +153,8 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
     label = canonical_label(raw_label)
     if label is None:
         return "label must be a string, a number or a boolean"
+    if unstorable(label):
+        return f"label {_UNSTORABLE}"
     label_time = now
     if item.get("timestamp") is not None:
         parsed = _timestamp(item["timestamp"])
@@ -157,6 +164,8 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
     source = item.get("source")
     if source is not None and not isinstance(source, str):
         return "source must be a string"
+    if unstorable(source):
+        return f"source {_UNSTORABLE}"
     return FeedbackItem(
         keys.get("prediction_id"), keys.get("request_id"), label, label_time, source
     )

@@ -56,6 +56,17 @@ def gateway_headers(prediction_id: str, variant: Variant) -> list[tuple[bytes, b
     ]
 
 
+def header_value(text: str) -> bytes:
+    """``text`` as a header value: control characters, which no header may hold (uvicorn
+    refuses to send them), written ``\\xNN``. A model version comes from the model server's
+    answer and may hold anything."""
+    if text.isascii() and text.isprintable():
+        return text.encode()
+    return "".join(
+        f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text
+    ).encode("utf-8", "backslashreplace")
+
+
 def upstream_target(scope: Scope) -> bytes:
     """The path and query sent upstream, as the client encoded them. The client supplies no
     more than these: the host always comes from the configuration."""

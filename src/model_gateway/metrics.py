@@ -185,7 +185,8 @@ class Metrics:
         )
         self.shadow_skipped = Counter(
             f"{PREFIX}_shadow_skipped",
-            "Copies not sent because the shadow already had max_in_flight copies outstanding.",
+            "Copies not sent because the shadow already had max_in_flight copies outstanding, "
+            "or the log queue was full (overflow: block).",
             ["route", "variant"],
             registry=r,
         )
@@ -239,9 +240,32 @@ class Metrics:
             "Failed attempts to write a batch of records (each is retried).",
             registry=r,
         )
+        self.log_dead_lettered = Counter(
+            f"{PREFIX}_log_records_dead_lettered",
+            "Prediction records the store refused for what they hold, kept in dead_letters.",
+            registry=r,
+        )
+        self.log_escaped = Counter(
+            f"{PREFIX}_log_records_escaped",
+            "Prediction records written with text escaped (NUL, unpaired surrogates).",
+            registry=r,
+        )
+        self.log_unavailable = Counter(
+            f"{PREFIX}_log_unavailable",
+            "Requests answered 503 log_unavailable: no room in the log queue within "
+            "storage.block_timeout (overflow: block).",
+            registry=r,
+        )
+        self.log_requests_waiting = Gauge(
+            f"{PREFIX}_log_requests_waiting",
+            "Requests waiting for room in the full log queue before they are forwarded.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.log_queue_depth = Gauge(
             f"{PREFIX}_log_queue_depth",
-            "Prediction records waiting to be written.",
+            "Prediction records in memory: queued, being written, or reserved by requests "
+            "in flight.",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -250,6 +274,13 @@ class Metrics:
             "Prediction records the log queue holds before the overflow policy applies.",
             registry=r,
             multiprocess_mode="livesum",
+        )
+        self.background_errors = Counter(
+            f"{PREFIX}_background_errors",
+            "Failures caught in a background loop (config-file watch, feedback join, health "
+            "checks, shutdown steps); the loop logged it and went on.",
+            ["task"],
+            registry=r,
         )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r

@@ -8,7 +8,9 @@ no disk, no database, no validation library.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import random
 import time
 from typing import Any, Final
@@ -17,6 +19,7 @@ from .errors import (
     CLIENT_CLOSED_REQUEST,
     BadRequestError,
     GatewayError,
+    LogUnavailableError,
     NoHealthyVariantError,
     NoRouteError,
     PayloadTooLargeError,
@@ -30,6 +33,7 @@ from .headers import (
     Scope,
     forward_headers,
     gateway_headers,
+    header_value,
     upstream_target,
 )
 from .records import PredictionRecord, new_prediction_id
@@ -39,6 +43,7 @@ from .shadow import LiveRequest
 from .upstream import UpstreamErrors, UpstreamResponse
 
 Message = dict[str, Any]
+log = logging.getLogger("model_gateway.proxy")
 
 # Responses up to this size with a Content-Length are read whole, so the served version can
 # be read from the body; anything larger, chunked, or an event stream passes through as it comes.
@@ -146,6 +151,24 @@ class ProxyApp:
             self.state.metrics.observe_request(route.name, "", "", error.status, 0.0)
             return
 
+        # Under overflow: block the record's place in the log is taken now, before anything
+        # is forwarded: a store that cannot keep up slows new requests, never fills memory.
+        writer = self.state.writer
+        if not writer.admit():
+            refused: GatewayError | None = None
+            try:
+                await writer.wait_for_room()
+            except LogUnavailableError as full:
+                self.state.metrics.log_unavailable.inc()
+                refused = full
+            except asyncio.CancelledError:
+                _answer_cancel()  # the stop ran out of time: the request ends here
+                refused = ShuttingDownError("the gateway stopped before the request began")
+            if refused is not None:
+                await _send_error(send, refused, [(b"x-prediction-id", prediction_id.encode())])
+                self.state.metrics.observe_request(route.name, "", "", refused.status, 0.0)
+                return
+
         exchange = Exchange(variant, key, rand)
         metrics = self.state.metrics
         metrics.requests_in_flight += 1
@@ -174,6 +197,16 @@ class ProxyApp:
             # then closes the log: the request is answered and logged here, before that
             cut_off = True
             await _cut_off(send, prediction_id, exchange)
+        except Exception as fault:
+            # a fault of the gateway's own: the client still gets an answer, and the log a record
+            log.exception("request %s failed inside the gateway", prediction_id)
+            exchange.error = f"internal: {type(fault).__name__}: {fault}"
+            if exchange.status == 0:
+                exchange.status = 500
+                internal = GatewayError("the gateway failed to handle the request")
+                ids = [(b"x-prediction-id", prediction_id.encode())]
+                with contextlib.suppress(Exception):
+                    await _send_error(send, internal, ids)
         finally:
             metrics.requests_in_flight -= 1
         variant = exchange.variant
@@ -225,14 +258,7 @@ class ProxyApp:
             predicted=exchange.predicted,
             score=exchange.score,
         )
-        if not self.state.writer.offer(record):
-            try:
-                await self.state.writer.submit(record)  # block: wait for room
-            except asyncio.CancelledError:
-                # the stop ran out of time while this waited: past the bound, not lost
-                cut_off = True
-                _answer_cancel()
-                self.state.writer.force(record)
+        writer.offer(record, reserved=True)  # never waits: its place was taken on the way in
         # no copies are made during a shutdown's last moments: it would wait for them
         if route.shadows and exchange.forwarded_headers is not None and not cut_off:
             shadows = shadows_for(route, self._draw())  # a draw of its own, not the variant's
@@ -331,7 +357,7 @@ class ProxyApp:
             if exchange.status == 0:
                 exchange.status = error.status
                 ours = gateway_headers(prediction_id, variant)
-                ours.append((b"x-model-version", variant.model_version.encode()))
+                ours.append((b"x-model-version", header_value(variant.model_version)))
                 await _send_error(send, error, ours)
             # else the response had begun: the client sees a truncated body, as from nginx
 
@@ -376,15 +402,15 @@ class ProxyApp:
             scope[WAITING_TASK] = None
             doc = answers.document(body, content_type, plain=not encoded)
             exchange.reported_version = answers.version(upstream.headers, doc)
-            exchange.status = upstream.status
             if route.redactor.keep_bodies:
                 exchange.response_body = body
             version = exchange.reported_version or variant.model_version
             headers.extend(ours)
-            headers.append((b"x-model-version", version.encode()))
+            headers.append((b"x-model-version", header_value(version)))
             await send(
                 {"type": "http.response.start", "status": upstream.status, "headers": headers}
             )
+            exchange.status = upstream.status  # once sent: until then, another answer may be
             await send({"type": "http.response.body", "body": body})
             if answers.evaluates and 200 <= upstream.status < 300:
                 exchange.predicted, exchange.score = answers.prediction(doc)
@@ -394,9 +420,9 @@ class ProxyApp:
         exchange.reported_version = answers.version(upstream.headers, None)
         version = exchange.reported_version or variant.model_version
         headers.extend(ours)
-        headers.append((b"x-model-version", version.encode()))
-        exchange.status = upstream.status
+        headers.append((b"x-model-version", header_value(version)))
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        exchange.status = upstream.status
         captured = bytearray()
         keep = route.redactor.max_bytes if route.redactor.keep_bodies else 0
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))

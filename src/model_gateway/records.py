@@ -58,6 +58,9 @@ class PredictionRecord:
     score: float | None = None
     #: a shadow's record: the prediction id of the live answer to the same request
     shadow_of: str | None = None
+    #: some text of this record held what no store can keep (NUL, an unpaired surrogate),
+    #: written escaped instead (see :func:`storable_text`)
+    escaped: bool = False
 
     # Written out, not generated: the generated __init__ of a dataclass runs as plain Python
     # even in a compiled module, and a record is built for every request.
@@ -91,6 +94,7 @@ class PredictionRecord:
         predicted: str | None = None,
         score: float | None = None,
         shadow_of: str | None = None,
+        escaped: bool = False,
     ) -> None:
         self.prediction_id = prediction_id
         self.request_id = request_id
@@ -119,6 +123,7 @@ class PredictionRecord:
         self.predicted = predicted
         self.score = score
         self.shadow_of = shadow_of
+        self.escaped = escaped
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -149,10 +154,66 @@ class PredictionRecord:
             self.predicted,
             self.score,
             self.shadow_of,
+            int(self.escaped),
         )
+
+    def make_storable(self) -> bool:
+        """Escape, in place, the text from outside (the client's request, the model server's
+        answer) that a store cannot hold, and mark the record; ``True`` if anything was.
+
+        PostgreSQL's TEXT refuses NUL, and no UTF-8 column takes an unpaired surrogate: one
+        such value would fail its whole batch on every retry."""
+        if not (
+            unstorable(self.path)
+            or unstorable(self.request_id)
+            or unstorable(self.model_name)
+            or unstorable(self.routing_key)
+            or unstorable(self.error)
+            or unstorable(self.reported_version)
+            or unstorable(self.predicted)
+            or unstorable(self.request_headers)
+            or unstorable(self.response_headers)
+        ):
+            return False
+        self.path = storable_text(self.path)
+        self.request_id = _storable_or_none(self.request_id)
+        self.model_name = _storable_or_none(self.model_name)
+        self.routing_key = _storable_or_none(self.routing_key)
+        self.error = _storable_or_none(self.error)
+        self.reported_version = _storable_or_none(self.reported_version)
+        self.predicted = _storable_or_none(self.predicted)
+        self.request_headers = _storable_or_none(self.request_headers)
+        self.response_headers = _storable_or_none(self.response_headers)
+        self.escaped = True
+        return True
 
 
 COLUMNS = tuple(PredictionRecord.__dataclass_fields__)
+
+
+def unstorable(text: str | None) -> bool:
+    """Whether ``text`` holds what some store cannot keep: NUL, or an unpaired surrogate."""
+    if text is None:
+        return False
+    if "\x00" in text:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def storable_text(text: str) -> str:
+    """``text`` with NUL written ``\\x00`` and each unpaired surrogate ``\\udXXX``, the
+    escapes Python itself prints: text every store keeps as it is given."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable_or_none(text: str | None) -> str | None:
+    return text if text is None or not unstorable(text) else storable_text(text)
 
 
 def model_name_from_path(path: str) -> str | None:

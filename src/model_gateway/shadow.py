@@ -67,7 +67,8 @@ class ShadowMirror:
         for shadow in shadows:
             key = (route.name, shadow.name)
             waiting = self._in_flight.get(key, 0)
-            if waiting >= shadow.max_in_flight:
+            # a copy is skipped rather than waited for when the log is full (overflow: block)
+            if waiting >= shadow.max_in_flight or not self._writer.admit():
                 self._metrics.skip_shadow(route.name, shadow.name)
                 continue
             self._in_flight[key] = waiting + 1
@@ -85,7 +86,10 @@ class ShadowMirror:
     ) -> None:
         try:
             record = await self._exchange(active, route, shadow, live)
-        except Exception:
+        except BaseException as fault:
+            self._writer.release()  # no record: its place goes back
+            if not isinstance(fault, Exception):
+                raise
             # a fault in the gateway itself (upstream faults become records): said, not hidden
             log.exception(
                 "shadow copy of %s to %s/%s failed", live.prediction_id, route.name, shadow.name
@@ -93,8 +97,7 @@ class ShadowMirror:
             return
         finally:
             self._in_flight[(route.name, shadow.name)] -= 1
-        if not self._writer.offer(record):
-            await self._writer.submit(record)
+        self._writer.offer(record, reserved=True)
 
     async def _exchange(
         self, active: ActiveConfig, route: Route, shadow: Shadow, live: LiveRequest

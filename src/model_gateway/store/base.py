@@ -18,6 +18,30 @@ STORE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class StoreDataError(Exception):
+    """A write refused for what its rows hold, not for the store's state: retrying the same
+    rows can only fail again."""
+
+
+#: SQLSTATE classes of PostgreSQL errors caused by the values written: 22 data exception
+#: (NUL in TEXT, a number out of range), 23 integrity constraint violation
+_DATA_SQLSTATE_CLASSES = ("22", "23")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether a failed write failed for its rows' values (split it, keep the bad row aside)
+    rather than for the store being unavailable (retry it whole)."""
+    if isinstance(exc, StoreDataError | sqlite3.DataError | sqlite3.IntegrityError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in _DATA_SQLSTATE_CLASSES
+    # asyncpg's own refusal to encode an argument (an unpaired surrogate, a wrong type) is an
+    # InterfaceError and a ValueError; a lost connection is an InterfaceError only
+    if isinstance(exc, asyncpg.InterfaceError):
+        return isinstance(exc, ValueError)
+    return isinstance(exc, ValueError | TypeError | OverflowError)
+
+
 class StoreOpenError(Exception):
     """The store could not be opened (unreachable, unreadable, not a database). The message
     names the store, never its credentials; the cause is chained."""
@@ -29,8 +53,19 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert rows in :data:`model_gateway.records.COLUMNS` order, in one transaction."""
+    async def write_predictions(
+        self, rows: Sequence[tuple[Any, ...]], *, replay: bool = False
+    ) -> None:
+        """Insert rows in :data:`model_gateway.records.COLUMNS` order, in one transaction;
+        with ``replay``, rows whose prediction id is already stored are skipped. Raises an
+        error :func:`is_data_error` accepts when a row's values are refused."""
+
+    async def write_dead_letters(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert dead letters (id, kind, prediction id, failed at, error, record as JSON
+        text) in one transaction."""
+
+    async def list_dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        """The latest dead letters first, at most ``limit``."""
 
     async def record_config(
         self, version: str, activated_at: float, source: str, text: str

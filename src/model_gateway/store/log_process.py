@@ -25,8 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from . import log_child
+from .base import StoreDataError
 
 CHILD_SCRIPT = str(Path(log_child.__file__).resolve())
+#: the exceptions the process sends back that a row's values caused: binding a value sqlite3
+#: cannot take (an unpaired surrogate: UnicodeEncodeError; an integer past 64 bits:
+#: OverflowError), or a constraint
+_DATA_ERRORS = frozenset(
+    {
+        "DataError",
+        "IntegrityError",
+        "UnicodeEncodeError",
+        "OverflowError",
+        "ValueError",
+        "TypeError",
+    }
+)
 CLOSE_SECONDS = 10.0
 
 
@@ -75,15 +89,15 @@ class LogProcess:
         self._process = process
         return process
 
-    async def write(self, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def write(self, rows: Sequence[tuple[Any, ...]], *, replay: bool = False) -> None:
         """Every row committed when this returns; none of them when it raises a sqlite3
-        error the process sent back; unknown when the process died (the next write then
-        skips the rows already stored)."""
+        error (or :class:`StoreDataError`) the process sent back; unknown when the process
+        died (the next write then skips the rows already stored, as ``replay`` asks)."""
         async with self._lock:
             process = self._process or await self._start()
             assert process.stdin is not None and process.stdout is not None
             payload = marshal.dumps(rows if isinstance(rows, list) else list(rows))
-            flag = log_child.REPLAY if self._unsure else log_child.PLAIN
+            flag = log_child.REPLAY if self._unsure or replay else log_child.PLAIN
             self._unsure = True
             try:
                 process.stdin.write(log_child.HEADER.pack(flag, len(payload)))
@@ -105,6 +119,10 @@ class LogProcess:
             self._unsure = False
             if answer != log_child.OK:
                 name, _, text = message.partition(":")
+                if name in _DATA_ERRORS or (
+                    name in ("ProgrammingError", "InterfaceError") and "binding" in text
+                ):
+                    raise StoreDataError(f"{name}: {text}")
                 error_type = getattr(sqlite3, name, sqlite3.Error)
                 if not (isinstance(error_type, type) and issubclass(error_type, sqlite3.Error)):
                     error_type = sqlite3.Error

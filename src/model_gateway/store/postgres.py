@@ -42,6 +42,12 @@ _COLUMN_LIST = ", ".join(COLUMNS)
 _INSERT = _numbered(
     f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"  # noqa: S608
 )
+# a batch retried after a lost connection may have been committed already
+_INSERT_REPLAY = _INSERT + " ON CONFLICT (prediction_id) DO NOTHING"
+_INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (dead_letter_id, kind, prediction_id, failed_at, error, record) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
 _INSERT_FEEDBACK = _numbered(
     "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
     "received_at, source) VALUES (%s, %s, %s, %s, %s, %s, %s)"
@@ -122,9 +128,22 @@ class PostgresStore:
                     await conn.execute(statement.format(blob="BYTEA"))
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
 
-    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def write_predictions(
+        self, rows: Sequence[tuple[Any, ...]], *, replay: bool = False
+    ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_INSERT, rows)
+            await conn.executemany(_INSERT_REPLAY if replay else _INSERT, rows)
+
+    async def write_dead_letters(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_INSERT_DEAD_LETTER, rows)
+
+    async def list_dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM dead_letters ORDER BY failed_at DESC LIMIT $1", limit
+            )
+        return [dict(r) for r in rows]
 
     async def record_config(
         self, version: str, activated_at: float, source: str, text: str

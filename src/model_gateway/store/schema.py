@@ -73,6 +73,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE predictions ADD COLUMN shadow_of TEXT",
         "CREATE INDEX predictions_shadow_of ON predictions (shadow_of)",
     ),
+    (
+        # 1 when some text of the record held NUL or an unpaired surrogate, kept escaped
+        "ALTER TABLE predictions ADD COLUMN escaped INTEGER NOT NULL DEFAULT 0",
+        # records the store refused for what they hold, each alone, with the store's reason:
+        # kept aside rather than retried, so that one bad value cannot hold back the log
+        """CREATE TABLE dead_letters (
+            dead_letter_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            prediction_id TEXT,
+            failed_at DOUBLE PRECISION NOT NULL,
+            error TEXT NOT NULL,
+            record TEXT NOT NULL
+        )""",
+        "CREATE INDEX dead_letters_failed_at ON dead_letters (failed_at)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

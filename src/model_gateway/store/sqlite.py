@@ -36,6 +36,12 @@ _INSERT_FEEDBACK = (
 )
 
 
+_INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (dead_letter_id, kind, prediction_id, failed_at, error, record) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 class SQLiteStore:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -104,8 +110,24 @@ class SQLiteStore:
             await self.db.rollback()
             raise
 
-    async def write_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        await self._log.write(rows)
+    async def write_predictions(
+        self, rows: Sequence[tuple[Any, ...]], *, replay: bool = False
+    ) -> None:
+        await self._log.write(rows, replay=replay)
+
+    async def write_dead_letters(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        try:
+            await self.db.executemany(_INSERT_DEAD_LETTER, rows)
+            await self.db.commit()
+        except BaseException:
+            await self.db.rollback()
+            raise
+
+    async def list_dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        async with self.db.execute(
+            "SELECT * FROM dead_letters ORDER BY failed_at DESC LIMIT ?", (limit,)
+        ) as cur:
+            return [dict(row) for row in await cur.fetchall()]
 
     async def record_config(
         self, version: str, activated_at: float, source: str, text: str

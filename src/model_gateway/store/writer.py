@@ -5,23 +5,37 @@ record waiting, writes them in one transaction, and repeats: batches grow by the
 the store is slower than the traffic (group commit). Before each write the writer lingers
 (tens of milliseconds) for more records to join, unless a full batch already waits: light
 traffic does not cost one transaction per request, and heavy traffic is written in full
-batches, since each write costs the event loop a fixed price whatever its size. When the
-queue is full the overflow policy applies: ``block`` makes the request wait for room (nothing
-lost, back-pressure), ``drop`` drops and counts the record.
+batches, since each write costs the event loop a fixed price whatever its size.
+
+The bound is on every record in memory: queued, being written (until the store took it), and
+reserved. Under ``overflow: block`` a request reserves its record's place before it is
+forwarded (:meth:`RecordWriter.admit`), and waits there while the queue is full, so a store
+outage slows new requests rather than growing the process; past ``storage.block_timeout`` it
+is answered 503 ``log_unavailable``. Under ``drop`` nothing waits: a record with no room is
+dropped and counted.
+
+A failed write is retried whole when the store was unavailable (a lost connection, a locked
+file). One the store refused for what a row holds (:func:`~.base.is_data_error`) is split in
+halves until the rows it refuses are alone; those go to the ``dead_letters`` table with the
+store's reason, and the rest are written: one bad value cannot hold back the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import time
 from collections import deque
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from ..background import cancel_and_wait
+from ..errors import LogUnavailableError
 from ..metrics import Metrics
-from ..records import PredictionRecord
-from .base import Store
+from ..records import COLUMNS, PredictionRecord, new_prediction_id, storable_text
+from .base import Store, is_data_error
 
 log = logging.getLogger("model_gateway.writer")
 
@@ -30,6 +44,9 @@ RETRY_MAX_DELAY = 2.0
 #: how long shutdown keeps retrying a failing store before counting the rest as lost
 DEFAULT_CLOSE_TIMEOUT = 10.0
 QUEUE_DEPTH_SAMPLE_SECONDS = 0.5
+#: how long a request waits for room in a full queue under ``block`` by default (Kafka's
+#: producer waits ``max.block.ms``, 60 s, before it fails a send)
+DEFAULT_BLOCK_TIMEOUT = 60.0
 
 
 class RecordWriter:
@@ -44,14 +61,19 @@ class RecordWriter:
         linger: float = 0.0,
         write_retries: int | None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        block_timeout: float = DEFAULT_BLOCK_TIMEOUT,
     ) -> None:
         self._store = store
         self._metrics = metrics
-        # The queue: records waiting for the writer, oldest first, at most ``queue_size``. A list
-        # and futures rather than an asyncio.Queue, whose put_nowait and get_nowait run about
-        # forty lines of Python per record; here queueing is an append.
+        # The queue: records waiting for the writer, oldest first. A list and futures rather
+        # than an asyncio.Queue, whose put_nowait and get_nowait run about forty lines of
+        # Python per record; here queueing is an append.
         self._waiting: list[PredictionRecord] = []
         self._capacity = queue_size
+        #: places promised to requests in flight (block), whose records are not queued yet
+        self._reserved = 0
+        #: records taken for the write in progress, in memory until the store has them
+        self._writing = 0
         #: set when the writer waits for a record
         self._wakeup: asyncio.Future[None] | None = None
         #: requests waiting for room under ``block``, first come first served
@@ -60,6 +82,7 @@ class RecordWriter:
         self._batch_size = batch_size
         self._linger = linger
         self._block = overflow == "block"
+        self._block_timeout = block_timeout
         self._retries = write_retries
         self._close_timeout = close_timeout
         self._close_deadline: float | None = None
@@ -71,18 +94,66 @@ class RecordWriter:
         self._task = asyncio.create_task(self._run(), name="model-gateway-record-writer")
         self._sampler = asyncio.create_task(self._sample_depth(), name="log-queue-depth")
 
+    @property
+    def in_memory(self) -> int:
+        """Records queued, being written, or reserved: what the bound ``queue_size`` holds."""
+        return len(self._waiting) + self._writing + self._reserved
+
     async def _sample_depth(self) -> None:
         # A gauge set by a timer rather than a callback, which multiprocess mode cannot read.
         while True:
-            self._metrics.log_queue_depth.set(len(self._waiting))
+            self._metrics.log_queue_depth.set(self.in_memory)
+            self._metrics.log_requests_waiting.set(len(self._room))
             await asyncio.sleep(QUEUE_DEPTH_SAMPLE_SECONDS)
 
-    def offer(self, record: PredictionRecord) -> bool:
-        """Queue a record if there is room; else ``False`` under ``block`` (then `submit` it),
+    def admit(self) -> bool:
+        """Reserve a place for the record of a request about to be forwarded; ``False`` under
+        ``block`` when the queue is full (then await :meth:`wait_for_room`). Under ``drop``
+        always ``True``, reserving nothing: a record with no room is dropped when offered.
+
+        Not a coroutine: the hot path reserves once per request without one."""
+        if not self._block:
+            return True
+        if self.in_memory >= self._capacity or self._room:
+            return False  # full, or others came first
+        self._reserved += 1
+        return True
+
+    async def wait_for_room(self) -> None:
+        """Wait, first come first served, until a place is reserved for this request; raise
+        :class:`LogUnavailableError` after the block timeout."""
+        loop = asyncio.get_running_loop()
+        room = loop.create_future()
+        self._room.append(room)
+        try:
+            async with asyncio.timeout(self._block_timeout):
+                await room
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if room.done() and not room.cancelled():
+                self.release()  # the place reserved for it as it gave up goes to the next
+            else:
+                room.cancel()
+            if isinstance(exc, TimeoutError):
+                raise LogUnavailableError(
+                    f"no room in the prediction log within {self._block_timeout:g} s"
+                ) from None
+            raise
+
+    def release(self) -> None:
+        """Give back a place :meth:`admit` reserved, for a request that makes no record."""
+        if self._block:
+            self._reserved -= 1
+            self._give_room()
+
+    def offer(self, record: PredictionRecord, *, reserved: bool = False) -> bool:
+        """Queue a record; ``reserved``: its place was reserved by :meth:`admit`. Without a
+        reservation, ``False`` under ``block`` when there is no room (then `submit` it), and
         ``True`` under ``drop`` (the record is counted as dropped).
 
         Not a coroutine: the hot path queues one record per request without one."""
-        if len(self._waiting) >= self._capacity:
+        if reserved and self._block:
+            self._reserved -= 1
+        elif self.in_memory >= self._capacity:
             if self._block:
                 return False
             self._metrics.log_dropped.inc()
@@ -98,16 +169,11 @@ class RecordWriter:
         self._wake_writer()
 
     async def submit(self, record: PredictionRecord) -> None:
-        """Queue a record; under ``block`` wait for room, under ``drop`` count it and go on."""
-        while not self.offer(record):
-            room = asyncio.get_running_loop().create_future()
-            self._room.append(room)
-            try:
-                await room
-            except asyncio.CancelledError:
-                if room.done() and not room.cancelled():
-                    self._give_room(1)  # the room this request was given goes to the next
-                raise
+        """Queue a record that has no reserved place; under ``block`` wait for room, under
+        ``drop`` count it and go on."""
+        if not self.offer(record):
+            await self.wait_for_room()
+            self.offer(record, reserved=True)
 
     def _wake_writer(self) -> None:
         wakeup = self._wakeup
@@ -116,13 +182,14 @@ class RecordWriter:
             if not wakeup.done():
                 wakeup.set_result(None)
 
-    def _give_room(self, places: int) -> None:
-        """Wake up to ``places`` requests waiting for room, oldest first."""
-        while places and self._room:
+    def _give_room(self) -> None:
+        """Reserve the places free for the requests waiting for room, oldest first, and wake
+        them."""
+        while self._room and self.in_memory < self._capacity:
             room = self._room.popleft()
-            if not room.done():  # else cancelled while waiting
+            if not room.done():  # else it gave up while waiting
+                self._reserved += 1
                 room.set_result(None)
-                places -= 1
 
     def _take(self) -> list[PredictionRecord]:
         """The oldest records, up to a batch, out of the queue."""
@@ -132,7 +199,7 @@ class RecordWriter:
         else:
             batch = waiting[: self._batch_size]
             del waiting[: self._batch_size]
-        self._give_room(len(batch))
+        self._writing = len(batch)
         return batch
 
     async def close(self) -> None:
@@ -146,6 +213,7 @@ class RecordWriter:
         self._task = None
         await cancel_and_wait(self._sampler)
         self._metrics.log_queue_depth.set(0)
+        self._metrics.log_requests_waiting.set(0)
 
     async def _run(self) -> None:
         while True:
@@ -158,15 +226,54 @@ class RecordWriter:
                 continue
             if self._linger and len(self._waiting) < self._batch_size and not self._closing:
                 await asyncio.sleep(self._linger)
-            await self._write(self._take())
+            batch = self._take()
+            try:
+                await self._write(batch)
+            except Exception:
+                # a fault of the writer's own (never the store's, which _write handles): the
+                # batch is counted lost, and the log goes on with the next
+                log.exception("writing %d prediction records failed", len(batch))
+                self._metrics.log_write_errors.inc(len(batch))
+                self._metrics.background_errors.labels("record-writer").inc()
+            finally:
+                # their places are free only once the store has them
+                self._writing = 0
+                self._give_room()
 
     async def _write(self, batch: list[PredictionRecord]) -> None:
-        rows = [record.as_row() for record in batch]
+        escaped = 0
+        for record in batch:
+            escaped += record.make_storable()
+        if escaped:
+            self._metrics.log_escaped.inc(escaped)
+        await self._write_rows([record.as_row() for record in batch], replay=False)
+
+    async def _write_rows(self, rows: Sequence[tuple[Any, ...]], *, replay: bool) -> None:
+        """Write ``rows``; those the store refuses for their values end in ``dead_letters``."""
+        error = await self._write_retrying(rows, replay=replay)
+        if error is None:
+            return
+        if len(rows) == 1:
+            await self._dead_letter(rows[0], error)
+            return
+        middle = len(rows) // 2
+        # a half may have been committed by an attempt whose answer was lost: replay
+        await self._write_rows(rows[:middle], replay=True)
+        await self._write_rows(rows[middle:], replay=True)
+
+    async def _write_retrying(
+        self, rows: Sequence[tuple[Any, ...]], *, replay: bool
+    ) -> Exception | None:
+        """Write ``rows``, retrying while the store is unavailable; the error when the store
+        refused them for their values (nothing of them written), else ``None`` (written, or
+        given up on and counted lost)."""
         attempt = 0
         while True:
             try:
-                await self._store.write_predictions(rows)
+                await self._store.write_predictions(rows, replay=replay or attempt > 0)
             except Exception as exc:
+                if is_data_error(exc):
+                    return exc
                 attempt += 1
                 self._metrics.log_write_failures.inc()
                 if self._gives_up(attempt):
@@ -177,12 +284,45 @@ class RecordWriter:
                         exc,
                     )
                     self._metrics.log_write_errors.inc(len(rows))
-                    return
+                    return None
                 # one line per failure, not a traceback per retry while a store is down
                 log.warning("writing %d records failed (attempt %d): %s", len(rows), attempt, exc)
                 await asyncio.sleep(min(_RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
             else:
                 self._metrics.log_written.inc(len(rows))
+                return None
+
+    async def _dead_letter(self, row: tuple[Any, ...], error: Exception) -> None:
+        """Keep a row the store refused in ``dead_letters``, with the store's reason."""
+        reason = storable_text(f"{type(error).__name__}: {error}")
+        letter = (
+            new_prediction_id(),
+            "prediction",
+            storable_text(str(row[0])),
+            time.time(),
+            reason,
+            dead_letter_text(row),
+        )
+        attempt = 0
+        while True:
+            try:
+                await self._store.write_dead_letters([letter])
+            except Exception as exc:
+                attempt += 1
+                self._metrics.log_write_failures.inc()
+                if is_data_error(exc) or self._gives_up(attempt):
+                    log.error("prediction record %s lost: %s; then %s", letter[2], reason, exc)
+                    self._metrics.log_write_errors.inc()
+                    return
+                log.warning("keeping a dead letter failed (attempt %d): %s", attempt, exc)
+                await asyncio.sleep(min(_RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
+            else:
+                log.error(
+                    "prediction record %s refused by the store, kept in dead_letters: %s",
+                    letter[2],
+                    reason,
+                )
+                self._metrics.log_dead_lettered.inc()
                 return
 
     def _gives_up(self, attempt: int) -> bool:
@@ -190,3 +330,15 @@ class RecordWriter:
             return True
         # shutting down with the store still failing: keep trying only so long
         return self._close_deadline is not None and time.monotonic() > self._close_deadline
+
+
+def dead_letter_text(row: Sequence[Any]) -> str:
+    """A refused record as JSON text of ASCII only (every store keeps it): its columns by
+    name, bytes as ``{"base64": ...}``, NUL and unpaired surrogates as ``\\u`` escapes."""
+
+    def bytes_as_base64(value: object) -> object:
+        if isinstance(value, bytes | bytearray):
+            return {"base64": base64.b64encode(value).decode()}
+        return repr(value)
+
+    return json.dumps(dict(zip(COLUMNS, row, strict=False)), default=bytes_as_base64)
