@@ -106,10 +106,14 @@ def test_broken_upstreams_get_502_and_are_logged(gateway: GatewayFactory) -> Non
                 r = httpx.get(f"{gw.url}{path}")
                 assert r.status_code == 502, (path, r.text)
                 assert r.json()["error"]["code"] == "bad_gateway"
+                # the client is told which variant failed, not what it sent nor the
+                # gateway's exception classes; the log keeps that
+                assert r.json()["error"]["message"] == f"variant {path[1]!r} answered badly"
         gw.stop()
     records = gw.records()
     assert len(records) == 6
     assert all(rec["status"] == 502 and rec["error"].startswith("bad_gateway") for rec in records)
+    assert any("this is not HTTP" in rec["error"] or "Error" in rec["error"] for rec in records)
 
 
 def test_reset_mid_stream_truncates_the_stream_and_is_logged(gateway: GatewayFactory) -> None:

@@ -212,17 +212,19 @@ def test_outcome_counters_match_the_labels(
     assert "model_gateway_prediction_score_bucket" in text
 
 
+# Text a store keeps: no NUL (st.text draws no unpaired surrogates); items with NUL are in
+# invalid_item below.
 valid_item = st.fixed_dictionaries(
-    {"prediction_id": st.text(min_size=1, max_size=40)},
+    {"prediction_id": st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=40)},
     optional={
         "label": st.one_of(
             st.integers(-5, 5),
             st.booleans(),
-            st.text(max_size=10),
+            st.text(st.characters(blacklist_characters="\x00"), max_size=10),
             st.floats(allow_nan=False, allow_infinity=False),
         ),
         "timestamp": st.one_of(st.integers(0, 2**31), st.just("2026-01-01T00:00:00+02:00")),
-        "source": st.text(max_size=10),
+        "source": st.text(st.characters(blacklist_characters="\x00"), max_size=10),
     },
 ).filter(lambda d: "label" in d)
 json_value = st.recursive(
@@ -251,6 +253,19 @@ invalid_item = st.one_of(
         }
     ),
     st.fixed_dictionaries({"prediction_id": st.just(""), "label": st.integers()}),
+    # NUL, which no store keeps, in any text of an item
+    st.fixed_dictionaries(
+        {
+            "prediction_id": st.text(max_size=5).map(lambda t: f"{t}\x00"),
+            "label": st.integers(),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "prediction_id": st.text(min_size=1, max_size=5).filter(lambda t: "\x00" not in t),
+            "label": st.text(max_size=5).map(lambda t: f"\x00{t}"),
+        }
+    ),
     st.fixed_dictionaries(
         {
             "prediction_id": st.text(min_size=1, max_size=10),

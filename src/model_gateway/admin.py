@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .config import RouteConfig
+from .config import RouteConfig, ShadowConfig, VariantConfig
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
 from .feedback import MAX_ITEMS, FeedbackBodyError, parse_body, parse_time, validate_item
 from .metrics import CONTENT_TYPE
 from .quality import build_report
+from .redaction import redact_url
 
 if TYPE_CHECKING:
     from .app import GatewayApp
@@ -91,6 +92,10 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             body = await _read_capped(request, MAX_FEEDBACK_BYTES)
         except _TooLarge:
             return error_response(413, "payload_too_large", f"over {MAX_FEEDBACK_BYTES} bytes")
+        except ClientDisconnect:
+            # nobody is there to read an answer, and nothing of the body was kept
+            log.info("a /feedback client left before its body was whole; nothing stored")
+            return error_response(400, "bad_request", "the client left mid-body")
         try:
             items = parse_body(body, request.headers.get("content-type"))
         except FeedbackBodyError as exc:
@@ -275,44 +280,57 @@ def format_rfc3339(seconds: float) -> str:
 
 def routing_snapshot(text: str) -> list[dict[str, Any]]:
     """Routes, variants, versions, weights and shares (and shadows) of a stored configuration
-    text.
+    text, with any password a URL holds replaced.
 
-    The text was valid when it was activated; it is read again without expanding ``${VAR}``
-    references, which need not be set in this process.
+    The text was valid, its ``${VAR}`` references expanded, when it was activated; it is read
+    here as written, as data, without validating it again: a reference need not be set in
+    this process, and ``${VAR}`` (shown as is) is how a URL keeps its credentials out of the
+    file. A share is given when every weight of the route is written as a number.
     """
     routes = []
     for raw in yaml.safe_load(text)["routes"]:
-        rc = RouteConfig.model_validate(raw)
-        total = sum(v.weight for v in rc.variants)
+        variants = raw.get("variants") or []
+        weights = [v.get("weight", _DEFAULT_WEIGHT) for v in variants]
+        numeric = all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
+        total = sum(weights) if numeric else 0
         routes.append(
             {
-                "name": rc.name,
-                "path": rc.path,
-                "match": rc.match,
-                "routing_key": rc.routing_key,
+                "name": raw.get("name"),
+                "path": raw.get("path"),
+                "match": raw.get("match", _DEFAULT_MATCH),
+                "routing_key": raw.get("routing_key"),
                 "variants": [
                     {
-                        "name": v.name,
-                        "model_version": v.model_version,
-                        "url": v.url,
-                        "weight": v.weight,
-                        "share": v.weight / total,
+                        "name": v.get("name"),
+                        "model_version": _text(v.get("model_version")),
+                        "url": redact_url(str(v.get("url"))),
+                        "weight": weight,
+                        "share": weight / total if total else None,
                     }
-                    for v in rc.variants
+                    for v, weight in zip(variants, weights, strict=True)
                 ],
                 # copied traffic: deployed, logged, never answering clients
                 "shadows": [
                     {
-                        "name": sh.name,
-                        "model_version": sh.model_version,
-                        "url": sh.url,
-                        "percent": sh.percent,
+                        "name": sh.get("name"),
+                        "model_version": _text(sh.get("model_version")),
+                        "url": redact_url(str(sh.get("url"))),
+                        "percent": sh.get("percent", _DEFAULT_PERCENT),
                     }
-                    for sh in rc.shadows
+                    for sh in raw.get("shadows") or []
                 ],
             }
         )
     return routes
+
+
+_DEFAULT_WEIGHT = VariantConfig.model_fields["weight"].default
+_DEFAULT_MATCH = RouteConfig.model_fields["match"].default
+_DEFAULT_PERCENT = ShadowConfig.model_fields["percent"].default
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import importlib.metadata
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -21,6 +22,7 @@ from .health import HealthMonitor
 from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
+from .redaction import REDACTED, url_secrets
 from .reload import ConfigReloader
 from .runtime import ActiveConfig, GatewayState
 from .shadow import ShadowMirror
@@ -48,6 +50,9 @@ class GatewayApp:
         handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
         handlers.update(dict.fromkeys(ROUTER_CODES, router_error))  # by status code
         self._control = Starlette(routes=control_routes(self), exception_handlers=handlers)
+        # no redirect of /admin/x/ to /admin/x: Starlette builds it from the client's Host
+        # header, an open redirect; such a path is answered 404 like any other unknown one
+        self._control.router.redirect_slashes = False
         #: read by the gateway's uvicorn protocol (http.py) for each new connection
         self.client_limits = ClientLimits(loaded.config.server)
         self.reloader = ConfigReloader(self)
@@ -142,19 +147,39 @@ class GatewayApp:
     async def shutdown(self) -> None:
         # The server has stopped taking requests and finished those in flight, so every
         # record is already queued: write them all, then close what they needed.
+        # Each step runs whatever the ones before it did: a failure is logged and counted,
+        # and never keeps the log from being flushed or the store from being closed.
         state = self.state
-        await state.mirror.close()  # shadow copies still in flight end, and are queued too
-        await state.metrics.close()  # every request is answered: fold the last of them
-        self.client_limits.close()
-        await self.reloader.stop()
-        await self.joiner.stop()
-        await state.health.close()
-        await state.writer.close()
-        state.upstream.close()  # its idle connections, before the connector closes
-        await state.session.close()
-        await self._store.close()
-        state.metrics.process_exited()
-        log.info("model-gateway stopped; prediction log flushed")
+        steps: list[tuple[str, Callable[[], Awaitable[None] | None]]] = [
+            # shadow copies still in flight end, and are queued too
+            ("shadow copies", state.mirror.close),
+            # every request is answered: fold the last of them
+            ("metrics", state.metrics.close),
+            ("client limits", self.client_limits.close),
+            ("config watch", self.reloader.stop),
+            ("feedback joiner", self.joiner.stop),
+            ("health checks", state.health.close),
+            ("prediction log", state.writer.close),
+            # its idle connections, before the connector closes
+            ("upstream connections", state.upstream.close),
+            ("upstream session", state.session.close),
+            ("store", self._store.close),
+            ("metrics files", state.metrics.process_exited),
+        ]
+        failed = []
+        for name, step in steps:
+            try:
+                pending = step()
+                if pending is not None:
+                    await pending
+            except Exception:
+                failed.append(name)
+                log.exception("shutdown: closing the %s failed; going on", name)
+                state.metrics.background_errors.labels("shutdown").inc()
+        if failed:
+            log.error("model-gateway stopped; these failed to close: %s", ", ".join(failed))
+        else:
+            log.info("model-gateway stopped; prediction log flushed")
 
 
 def _package_version() -> str:
@@ -165,9 +190,21 @@ def _package_version() -> str:
 
 
 def _history_text(loaded: LoadedConfig) -> str:
-    # A token written into the file literally is a secret; the history keeps it out.
-    token = loaded.config.admin.token
-    return loaded.text.replace(token, "[REDACTED]") if token else loaded.text
+    """The file's text as the history keeps it: every secret written into it literally (the
+    tokens, a URL's password or credentials in its query) replaced."""
+    config = loaded.config
+    secrets = [config.admin.token, config.admin.feedback_token]
+    for url in (
+        config.storage.url,
+        *(v.url for r in config.routes for v in r.variants),
+        *(sh.url for r in config.routes for sh in r.shadows),
+    ):
+        secrets += url_secrets(url)
+    text = loaded.text
+    # the longest first, so that a secret holding a shorter one is replaced whole
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def _is_control_path(path: str) -> bool:

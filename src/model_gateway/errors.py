@@ -50,9 +50,17 @@ class GatewayError(Exception):
     #: the answer closes the connection: what is left of the request may still arrive on it
     closes_connection: ClassVar[bool] = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
+        #: what the client is told
         self.message = message
+        #: what only the log is told: what the model server sent, an exception's class
+        self.detail = detail
+
+    def log_text(self) -> str:
+        """The error as the prediction log records it."""
+        text = f"{self.reason}: {self.message}"
+        return text if self.detail is None else f"{text}: {self.detail}"
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"code": self.code, "message": self.message}})

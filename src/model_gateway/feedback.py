@@ -24,6 +24,7 @@ import orjson
 
 from .background import cancel_and_wait
 from .records import canonical_label, new_prediction_id, unstorable
+from .store.base import STORE_ERRORS
 
 if TYPE_CHECKING:
     from .app import GatewayApp
@@ -207,8 +208,13 @@ class FeedbackJoiner:
             await asyncio.sleep(JOIN_INTERVAL_SECONDS)
             try:
                 await self.join_pending()
-            except Exception:
-                log.exception("joining feedback failed; retrying")
+            except Exception as exc:
+                self._gateway.state.metrics.background_errors.labels("feedback-join").inc()
+                if isinstance(exc, STORE_ERRORS):
+                    # one line per failure, not a traceback a second while a store is down
+                    log.warning("joining feedback failed, retrying: %s", exc)
+                else:
+                    log.exception("joining feedback failed; retrying")
 
     async def join_pending(self) -> int:
         async with self._lock:

@@ -23,6 +23,7 @@ import aiohttp
 from .config import HealthConfig
 from .errors import CLIENT_CLOSED_REQUEST
 from .metrics import Metrics
+from .redaction import redact_url
 from .routing import Route
 
 log = logging.getLogger("model_gateway.health")
@@ -116,20 +117,28 @@ class HealthMonitor:
         url = state.url + state.config.path
         timeout = aiohttp.ClientTimeout(total=state.config.timeout)
         while True:
-            ok = await self._probe(url, timeout)
-            self._metrics.health_checks.labels(
-                state.route, state.variant, "pass" if ok else "fail"
-            ).inc()
-            if ok:
-                state.passes, state.fails = state.passes + 1, 0
-                if not state.up and state.passes >= state.config.healthy_threshold:
-                    state.request_failures = 0
-                    self._set(state, up=True, why=f"{state.passes} passing checks")
-            else:
-                state.passes, state.fails = 0, state.fails + 1
-                if state.up and state.fails >= state.config.unhealthy_threshold:
-                    self._set(state, up=False, why=f"{state.fails} failing checks of {url}")
+            try:
+                self._check_once(state, url, await self._probe(url, timeout))
+            except Exception:
+                # a fault of the checker's own: said and counted; the checks go on
+                log.exception("health check of %s failed", redact_url(url))
+                self._metrics.background_errors.labels("health-check").inc()
             await asyncio.sleep(state.config.interval)
+
+    def _check_once(self, state: VariantHealth, url: str, ok: bool) -> None:
+        self._metrics.health_checks.labels(
+            state.route, state.variant, "pass" if ok else "fail"
+        ).inc()
+        if ok:
+            state.passes, state.fails = state.passes + 1, 0
+            if not state.up and state.passes >= state.config.healthy_threshold:
+                state.request_failures = 0
+                self._set(state, up=True, why=f"{state.passes} passing checks")
+        else:
+            state.passes, state.fails = 0, state.fails + 1
+            if state.up and state.fails >= state.config.unhealthy_threshold:
+                why = f"{state.fails} failing checks of {redact_url(url)}"
+                self._set(state, up=False, why=why)
 
     async def _probe(self, url: str, limit: aiohttp.ClientTimeout) -> bool:
         try:

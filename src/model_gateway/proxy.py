@@ -352,7 +352,7 @@ class ProxyApp:
             raise ClientDisconnected("before the answer") from None
         except GatewayError as error:
             scope[WAITING_TASK] = None
-            exchange.error = f"{error.reason}: {error.message}"
+            exchange.error = error.log_text()
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
                 exchange.status = error.status
@@ -506,7 +506,7 @@ def _answer_cancel() -> None:
 async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
     _answer_cancel()  # the request ends here, as the cancel asked
     error = ShuttingDownError("the gateway stopped before the request was complete")
-    exchange.error = f"{error.reason}: {error.message}"
+    exchange.error = error.log_text()
     if exchange.status == 0:
         exchange.status = error.status
         await _send_error(send, error, gateway_headers(prediction_id, exchange.variant))

@@ -7,12 +7,51 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
 from .config import ALWAYS_REDACTED_HEADERS, CaptureConfig
 
 REDACTED = "[REDACTED]"
+#: query parameters of a URL whose values are credentials
+_SECRET_PARAMETERS = frozenset({"password", "passwd", "token", "secret", "api_key", "apikey"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to log or show: a password in its user part, and credentials in its
+    query (``?password=``), replaced by ``[REDACTED]``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL after all (an unexpanded ${VAR} in a port, say)
+        return url
+    netloc = parts.netloc
+    # a reference to the environment (as a stored configuration text holds it) is no secret
+    if password is not None and not (password.startswith("${") and password.endswith("}")):
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:{REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMETERS for k, _ in pairs):
+            query = urlencode(
+                [(k, REDACTED if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs]
+            )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials written in ``url``: its password and secret query values."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+    except ValueError:
+        return []
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_PARAMETERS and v]
+    return found
 
 
 class Redactor:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from .background import cancel_and_wait
 from .config import LoadedConfig, load_config
 from .errors import ConfigError
+from .store.base import STORE_ERRORS
 
 if TYPE_CHECKING:
     from .app import GatewayApp
@@ -52,7 +53,7 @@ class ConfigReloader:
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._signal_installed = False
-        self._pending: set[asyncio.Future[ReloadResult]] = set()
+        self._pending: set[asyncio.Future[bool]] = set()
         self._file_state = _file_state(gateway.loaded.source)
 
     def start(self) -> None:
@@ -75,9 +76,25 @@ class ConfigReloader:
             await task
 
     def _on_sighup(self) -> None:
-        task = asyncio.ensure_future(self.reload("SIGHUP"))
+        task = asyncio.ensure_future(self._reload_in_background("SIGHUP"))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def _reload_in_background(self, trigger: str) -> bool:
+        """A reload nobody waits for: a failure of the store under it is logged and counted,
+        never raised (it would end the loop, or fail the shutdown that awaits it). ``True``
+        when it ran to a result, valid or not."""
+        try:
+            await self.reload(trigger)
+        except Exception as exc:
+            self._gateway.state.metrics.background_errors.labels("config-reload").inc()
+            self._gateway.state.metrics.config_reload_failures.inc()
+            if isinstance(exc, STORE_ERRORS):
+                log.error("config reload on %s failed, to be tried again: %s", trigger, exc)
+            else:
+                log.exception("config reload on %s failed, to be tried again", trigger)
+            return False
+        return True
 
     async def _poll(self, interval: float) -> None:
         # Polling stat() rather than inotify: it also sees the symlink swap that Kubernetes
@@ -85,9 +102,9 @@ class ConfigReloader:
         while True:
             await asyncio.sleep(interval)
             state = _file_state(self._gateway.loaded.source)
-            if state != self._file_state:
+            if state != self._file_state and await self._reload_in_background("file change"):
+                # only a change that was read is done with: a failed one is tried next time
                 self._file_state = state
-                await self.reload("file change")
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:

@@ -137,7 +137,7 @@ class ShadowMirror:
                 predicted, score = route.answers.prediction(doc)
         except GatewayError as failure:
             status = status or failure.status
-            error = f"{failure.reason}: {failure.message}"
+            error = failure.log_text()
         elapsed = time.perf_counter() - started
         served = version or shadow.model_version
         self._metrics.observe_shadow(route.name, shadow.name, served, status, elapsed)

@@ -441,6 +441,7 @@ class UpstreamErrors:
             exc,
             aiohttp.ClientError | HttpProcessingError | asyncio.IncompleteReadError | OSError,
         ):
+            # the client is not shown what the model server sent, nor the gateway's insides
             raise BadGatewayError(
-                f"variant {variant!r} answered badly: {type(exc).__name__}: {exc}"
+                f"variant {variant!r} answered badly", f"{type(exc).__name__}: {exc}"
             ) from exc
