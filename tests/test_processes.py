@@ -25,7 +25,7 @@ INFER = {
 
 
 class GatewayProcess:
-    def __init__(self, config: Path, workers: int = 1) -> None:
+    def __init__(self, config: Path, workers: int = 1, *, wait: bool = True) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -54,7 +54,8 @@ class GatewayProcess:
         assert self.url, "".join(self.lines)
         self.drain = threading.Thread(target=self._drain, daemon=True)
         self.drain.start()
-        wait_until(self.healthy, "the workers to start")  # after the socket is bound
+        if wait:
+            wait_until(self.healthy, "the workers to start")  # after the socket is bound
 
     def healthy(self) -> bool:
         try:
@@ -165,6 +166,27 @@ def test_sigterm_under_load_finishes_requests_and_flushes_every_record(
         assert records[r.headers["x-prediction-id"]] == (r.headers["x-model-variant"], 200)
     if workers == 2:
         assert started_count(gw) == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_port_takes_connections_as_soon_as_listening_is_logged(
+    tmp_path: Path, upstreams: dict[str, Upstream], workers: int
+) -> None:
+    """The moment `listening on` is printed, connections are taken: 16 of them, opened at
+    once, each get an answer, however long the workers take to start (before, the port
+    refused connections until each worker had started its server)."""
+    config, _ = write_config(tmp_path, upstreams)
+    gw = GatewayProcess(config, workers, wait=False)
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        sockets = [socket.create_connection((host, int(port)), timeout=60) for _ in range(16)]
+        for sock in sockets:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for sock in sockets:
+            assert sock.recv(12) == b"HTTP/1.1 200"
+            sock.close()
+    finally:
+        gw.terminate_and_wait()
 
 
 def test_every_worker_holds_its_clients_to_the_limits(

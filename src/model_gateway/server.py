@@ -155,6 +155,9 @@ class Supervisor(Multiprocess):
 def _bind(config: uvicorn.Config) -> tuple[socket.socket, str]:
     """Bind before serving, so that ``--port 0`` can be reported as the port really taken."""
     sock = config.bind_socket()
+    # listening before the app has started: connections made once the address is logged
+    # wait in the kernel's queue, never refused
+    sock.listen(config.backlog)
     bound_host, bound_port = sock.getsockname()[:2]
     return sock, f"http://{bound_host}:{bound_port}"
 
@@ -182,6 +185,9 @@ def bind_one_per_worker(config: uvicorn.Config, workers: int) -> tuple[list[sock
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((config.host, port))
+            # listening from now on: connections that come before the workers are up wait
+            # in the kernel's queue rather than being refused
+            sock.listen(config.backlog)
             port = sock.getsockname()[1]
             sock.set_inheritable(True)
     except OSError as exc:
