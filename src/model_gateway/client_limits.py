@@ -83,6 +83,8 @@ class ClientLimits:
         self._sweep: asyncio.TimerHandle | None = None
         self._given_loop = loop
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: a graceful stop is draining: every answer closes its connection
+        self.draining = False
 
     def configure(self, server: ServerConfig) -> None:
         """New limits (a reload), for every connection from the next sweep or read on."""

@@ -25,6 +25,7 @@ DEFAULT_TOTAL_TIMEOUT = 30.0
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_DRAIN_TIME = 1.0
 # A power of two: the SQLite log process writes a batch in power-of-two statements, so a
 # full batch (the usual one under load) is a single statement. 500 (256 + 128 + 64 + 32 +
 # 16 + 4) served 3-8 % fewer requests at 32 connections when the statements ran on a thread
@@ -66,6 +67,10 @@ class ServerConfig(_Strict):
     #: seconds a graceful stop lets requests in flight finish; those still running then are
     #: cut off, answered 503 if nothing was sent yet, and logged
     shutdown_timeout: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT, gt=0)
+    #: seconds a graceful stop first keeps serving, every answer with ``Connection: close``,
+    #: before it closes the listeners (Envoy's drain time): a keep-alive client's next
+    #: request is answered, not reset; 0 closes the listeners at once
+    drain_time: float = Field(default=DEFAULT_DRAIN_TIME, ge=0)
     #: seconds a request's body may go without a byte arriving (between two reads, as
     #: nginx's client_body_timeout); past it the request is answered 408 and not forwarded
     client_body_timeout: float = Field(default=DEFAULT_CLIENT_BODY_TIMEOUT, gt=0)

@@ -98,6 +98,8 @@ KERNEL_SEND_QUEUE: int | None = getattr(termios, "TIOCOUTQ", None)
 
 #: the process's CPU time is the process's, whichever server or loop in it asks
 PROCESS_LOAD = LoadWatch()
+#: during a drain, how long a connection with no request yet is left open for its first
+FIRST_REQUEST_GRACE = 1.0
 
 
 class CoalescingTransport:
@@ -276,6 +278,26 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         # the request's last byte is in: reading its body cannot wait (see BODY_COMPLETE)
         self.scope[BODY_COMPLETE] = True  # type: ignore[typeddict-unknown-key]
+        limits = self._limits
+        if limits is not None and limits.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def shutdown(self) -> None:
+        limits = self._limits
+        if limits is not None and limits.draining and self.cycle is None:
+            # A connection the drain took whose first request has not arrived: the client
+            # made it to send one. It is answered (and closed), or closed once it has
+            # had a moment to come, not reset with a request on its way.
+            self.loop.call_later(FIRST_REQUEST_GRACE, self._close_if_idle)
+            return
+        super().shutdown()
+
+    def _close_if_idle(self) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self.transport.close()
+        else:
+            cycle.keep_alive = False
 
     def on_response_complete(self) -> None:
         # uvicorn calls this right after a response's last write; the request's task is

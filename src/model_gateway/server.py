@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import os
 import signal
 import socket
+import struct
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -17,6 +22,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from .app import CONFIG_ENV, GatewayApp
+from .client_limits import ClientLimits
 from .config import LoadedConfig, ShadowConfig, VariantConfig
 from .demo import create_model_server
 from .http import CoalescingHttpToolsProtocol
@@ -83,7 +89,97 @@ def serve(loaded: LoadedConfig, host: str, port: int, workers: int) -> None:
             # the status one worker's server exits with, so that a service manager sees it
             raise SystemExit(STARTUP_FAILURE)
     else:
-        uvicorn.Server(config).run(sockets=sockets)
+        GatewayServer(config).run(sockets=sockets)
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, with a drain before its graceful stop, as Envoy's: for
+    ``server.drain_time`` after SIGTERM the listeners stay open and every answer carries
+    ``Connection: close``, so a keep-alive client's next request is answered rather than
+    reset by a connection closed under it; then uvicorn's own stop (listeners closed,
+    requests in flight finished within ``shutdown_timeout``). A second Ctrl+C ends it."""
+
+    async def main_loop(self) -> None:
+        await super().main_loop()
+        limits = getattr(self.config.loaded_app, "client_limits", None)
+        if not isinstance(limits, ClientLimits) or self.force_exit:
+            return
+        seconds = limits.server.drain_time
+        if seconds <= 0:
+            return
+        limits.draining = True
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+        log.info("draining for %g s: answering with Connection: close", seconds)
+        deadline = time.monotonic() + seconds
+        # force_exit is a flag uvicorn's signal handler sets, not an event to wait on
+        while time.monotonic() < deadline and not self.force_exit:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        # Closing a listener resets the connections the kernel completed but nobody has
+        # accepted yet, each with a request on its way. New ones are refused first, and
+        # those queued are taken and answered; then uvicorn closes the listeners.
+        listeners = [sock for server in self.servers for sock in server.sockets]
+        if all(refuse_new_connections(sock) for sock in listeners):
+            give_up = time.monotonic() + ACCEPT_QUEUE_SECONDS
+            # the kernel's queue, which nothing signals: looked at until it is empty
+            while any(accept_queue(s) for s in listeners) and time.monotonic() < give_up:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+
+#: at the drain's end, the longest wait for the connections queued to be accepted
+ACCEPT_QUEUE_SECONDS = 1.0
+_SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+# A classic BPF program for a listening socket that drops each SYN without ACK (a new
+# connection: its client retries, and is refused once the listener closes) and keeps every
+# other packet, so that a handshake already under way completes and is queued. The filter
+# sees a TCP packet from its header on: its flags are byte 13.
+_DROP_NEW_CONNECTIONS = b"".join(
+    struct.pack("HBBI", code, jump_true, jump_false, k)
+    for code, jump_true, jump_false, k in (
+        (0x30, 0, 0, 13),  # ldb [13]: the flags
+        (0x54, 0, 0, 0x12),  # and #(SYN | ACK)
+        (0x15, 0, 1, 0x02),  # jeq #SYN: drop, else keep
+        (0x06, 0, 0, 0),  # ret #0: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: keep the whole packet
+    )
+)
+
+
+def refuse_new_connections(sock: Any) -> bool:
+    """Stop the kernel completing new connections on a listening socket; False where it
+    cannot (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    program = ctypes.create_string_buffer(_DROP_NEW_CONNECTIONS, len(_DROP_NEW_CONNECTIONS))
+    fprog = struct.pack("HL", len(_DROP_NEW_CONNECTIONS) // 8, ctypes.addressof(program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
+
+
+def accept_queue(sock: Any) -> int:
+    """Connections completed on a listening socket and not yet accepted (``tcpi_unacked``
+    of its TCP_INFO, which a listener uses for its accept queue)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return 0
+    unacked: int = struct.unpack_from("I", info, 24)[0]
+    return unacked
+
+
+class WorkerProcess(Process):
+    """uvicorn's worker process, running a :class:`GatewayServer`."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = GatewayServer(config=self.config)
+        return self._server
 
 
 def prepare_metrics_dir(path: str | None) -> str:
@@ -135,7 +231,7 @@ class Supervisor(Multiprocess):
             self.processes[idx] = self._start([self.sockets[idx]])
 
     def _start(self, sockets: list[socket.socket]) -> Process:
-        process = Process(self.config, sockets)
+        process = WorkerProcess(self.config, sockets)
         process.start()
         return process
 
