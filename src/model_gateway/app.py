@@ -28,6 +28,7 @@ from .runtime import ActiveConfig, GatewayState
 from .shadow import ShadowMirror
 from .store import Store, open_store
 from .store.base import STORE_ERRORS
+from .store.spool import Spool
 from .store.writer import RecordWriter
 from .upstream import create_clients
 
@@ -99,6 +100,7 @@ class GatewayApp:
         metrics = Metrics(build_version=_package_version())
         metrics.start()
         await self._store.open()
+        spool = Spool(storage.spool_path) if storage.durability == "answered" else None
         writer = RecordWriter(
             self._store,
             metrics,
@@ -109,7 +111,17 @@ class GatewayApp:
             write_retries=storage.write_retries,
             close_timeout=storage.close_timeout,
             block_timeout=storage.block_timeout,
+            spool=spool,
         )
+        if spool is not None:
+            # what a process killed outright left in the spool is written before serving
+            recovered = spool.recover()
+            if recovered:
+                log.warning("writing %d records left in the spool", len(recovered))
+                await writer.replay(recovered)
+                metrics.log_spool_replayed.inc(len(recovered))
+            spool.forget_recovered()
+            spool.start()
         writer.start()
         session, upstream = create_clients()
         self._state = GatewayState(
@@ -120,6 +132,7 @@ class GatewayApp:
             metrics=metrics,
             health=HealthMonitor(metrics, session),
             mirror=ShadowMirror(upstream, writer, metrics),
+            spool=spool,
         )
         self.client_limits.on_close = metrics.client_connection_closed
         await self.activate(self.loaded, time.time(), self._state.active)
@@ -160,6 +173,7 @@ class GatewayApp:
             ("feedback joiner", self.joiner.stop),
             ("health checks", state.health.close),
             ("prediction log", state.writer.close),
+            ("spool", state.spool.close if state.spool is not None else _nothing),
             # its idle connections, before the connector closes
             ("upstream connections", state.upstream.close),
             ("upstream session", state.session.close),
@@ -180,6 +194,10 @@ class GatewayApp:
             log.error("model-gateway stopped; these failed to close: %s", ", ".join(failed))
         else:
             log.info("model-gateway stopped; prediction log flushed")
+
+
+def _nothing() -> None:
+    return None
 
 
 def _package_version() -> str:

@@ -103,6 +103,13 @@ class StorageConfig(_Strict):
     write_retries: int | None = Field(default=None, ge=0)
     #: seconds shutdown keeps retrying a failing store before counting the rest lost
     close_timeout: float = Field(default=10.0, ge=0)
+    #: ``buffered``: a record reaches the store within a linger of its answer (a process
+    #: killed outright loses the records not yet written); ``answered``: every record is on
+    #: local disk (the spool) before its answer leaves, and a start writes what a killed
+    #: process left there
+    durability: Literal["buffered", "answered"] = "buffered"
+    #: the spool's directory (durability answered); one per host, shared by its workers
+    spool_path: str = "model-gateway-spool"
 
     @field_validator("url")
     @classmethod

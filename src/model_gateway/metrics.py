@@ -250,6 +250,11 @@ class Metrics:
             "Prediction records written with text escaped (NUL, unpaired surrogates).",
             registry=r,
         )
+        self.log_spool_replayed = Counter(
+            f"{PREFIX}_log_spool_replayed",
+            "Records found in the spool at start (left by a process that died) and written.",
+            registry=r,
+        )
         self.log_unavailable = Counter(
             f"{PREFIX}_log_unavailable",
             "Requests answered 503 log_unavailable: no room in the log queue within "

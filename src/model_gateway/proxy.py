@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from .errors import (
@@ -74,6 +75,7 @@ class Exchange:
     """What one request learned on its way through; becomes the log record."""
 
     __slots__ = (
+        "durable",
         "error",
         "forwarded_headers",
         "key",
@@ -85,6 +87,7 @@ class Exchange:
         "response_headers",
         "response_truncated",
         "score",
+        "spool_segment",
         "status",
         "target",
         "upstream_seconds",
@@ -111,6 +114,11 @@ class Exchange:
         self.predicted: str | None = None
         self.score: float | None = None
         self.upstream_seconds: float | None = None
+        #: durability answered: makes the record durable, before the answer with this status
+        #: leaves; None in buffered mode
+        self.durable: Callable[[int], Awaitable[None]] | None = None
+        #: the spool segment that holds the record until the store has it
+        self.spool_segment = 0
 
 
 class ProxyApp:
@@ -170,6 +178,29 @@ class ProxyApp:
                 return
 
         exchange = Exchange(variant, key, rand)
+        spool = self.state.spool
+        if spool is not None:
+
+            async def durable(status: int) -> None:
+                elapsed = time.perf_counter() - started
+                record = self._record(
+                    scope,
+                    active,
+                    route,
+                    prediction_id,
+                    client,
+                    assignment,
+                    exchange,
+                    request_time,
+                    elapsed,
+                )
+                record.status = status
+                try:
+                    exchange.spool_segment = await spool.append(record.as_row())
+                except OSError as failed:
+                    raise LogUnavailableError(f"the spool could not be written: {failed}") from None
+
+            exchange.durable = durable
         metrics = self.state.metrics
         metrics.requests_in_flight += 1
         cut_off = False
@@ -226,38 +257,10 @@ class ProxyApp:
             exchange.upstream_seconds,
             exchange.score,
         )
-        redactor = route.redactor
-        request_body, request_cut = redactor.body(exchange.request_body)
-        response_body, response_cut = redactor.body(exchange.response_body)
-        if key is not None and route.hash_routing_key:
-            key = hashlib.sha256(key.encode()).hexdigest()[:32]
-        record = PredictionRecord(
-            prediction_id=prediction_id,
-            request_id=request_id,
-            route=route.name,
-            variant=variant.name,
-            model_name=route.model_name_for(path),
-            configured_version=variant.model_version,
-            reported_version=exchange.reported_version,
-            assignment=assignment,
-            routing_key=key if assignment == "sticky" else None,
-            config_version=active.version,
-            method=method,
-            path=path,
-            request_time=request_time,
-            response_time=request_time + elapsed,
-            latency_ms=elapsed * 1000.0,
-            status=exchange.status,
-            error=exchange.error,
-            request_body=request_body,
-            response_body=response_body,
-            request_truncated=request_cut,
-            response_truncated=response_cut or exchange.response_truncated,
-            request_headers=redactor.headers(scope["headers"]),
-            response_headers=redactor.headers(exchange.response_headers),
-            predicted=exchange.predicted,
-            score=exchange.score,
+        record = self._record(
+            scope, active, route, prediction_id, client, assignment, exchange, request_time, elapsed
         )
+        record.spool_segment = exchange.spool_segment
         writer.offer(record, reserved=True)  # never waits: its place was taken on the way in
         # no copies are made during a shutdown's last moments: it would wait for them
         if route.shadows and exchange.forwarded_headers is not None and not cut_off:
@@ -273,6 +276,55 @@ class ProxyApp:
                     body=exchange.request_body,
                 )
                 self.state.mirror.send(active, route, shadows, live)
+
+    def _record(
+        self,
+        scope: Scope,
+        active: ActiveConfig,
+        route: Route,
+        prediction_id: str,
+        client: ClientHeaders,
+        assignment: Assignment,
+        exchange: Exchange,
+        request_time: float,
+        elapsed: float,
+    ) -> PredictionRecord:
+        """The log record of what ``exchange`` learned, ``elapsed`` seconds in."""
+        variant = exchange.variant
+        redactor = route.redactor
+        request_body, request_cut = redactor.body(exchange.request_body)
+        response_body, response_cut = redactor.body(exchange.response_body)
+        key = client.key
+        if key is not None and route.hash_routing_key:
+            key = hashlib.sha256(key.encode()).hexdigest()[:32]
+        path: str = scope["path"]
+        return PredictionRecord(
+            prediction_id=prediction_id,
+            request_id=client.request_id,
+            route=route.name,
+            variant=variant.name,
+            model_name=route.model_name_for(path),
+            configured_version=variant.model_version,
+            reported_version=exchange.reported_version,
+            assignment=assignment,
+            routing_key=key if assignment == "sticky" else None,
+            config_version=active.version,
+            method=scope["method"],
+            path=path,
+            request_time=request_time,
+            response_time=request_time + elapsed,
+            latency_ms=elapsed * 1000.0,
+            status=exchange.status,
+            error=exchange.error,
+            request_body=request_body,
+            response_body=response_body,
+            request_truncated=request_cut,
+            response_truncated=response_cut or exchange.response_truncated,
+            request_headers=redactor.headers(scope["headers"]),
+            response_headers=redactor.headers(exchange.response_headers),
+            predicted=exchange.predicted,
+            score=exchange.score,
+        )
 
     async def _exchange(
         self,
@@ -356,6 +408,10 @@ class ProxyApp:
             self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
                 exchange.status = error.status
+                if exchange.durable is not None:
+                    # a spool that cannot be written does not keep the error from the client
+                    with contextlib.suppress(LogUnavailableError):
+                        await exchange.durable(error.status)
                 ours = gateway_headers(prediction_id, variant)
                 ours.append((b"x-model-version", header_value(variant.model_version)))
                 await _send_error(send, error, ours)
@@ -407,12 +463,18 @@ class ProxyApp:
             version = exchange.reported_version or variant.model_version
             headers.extend(ours)
             headers.append((b"x-model-version", header_value(version)))
+            evaluates = answers.evaluates and 200 <= upstream.status < 300
+            if exchange.durable is not None:
+                if evaluates:
+                    exchange.predicted, exchange.score = answers.prediction(doc)
+                    evaluates = False
+                await exchange.durable(upstream.status)
             await send(
                 {"type": "http.response.start", "status": upstream.status, "headers": headers}
             )
             exchange.status = upstream.status  # once sent: until then, another answer may be
             await send({"type": "http.response.body", "body": body})
-            if answers.evaluates and 200 <= upstream.status < 300:
+            if evaluates:
                 exchange.predicted, exchange.score = answers.prediction(doc)
             return
 
@@ -421,6 +483,8 @@ class ProxyApp:
         version = exchange.reported_version or variant.model_version
         headers.extend(ours)
         headers.append((b"x-model-version", header_value(version)))
+        if exchange.durable is not None:
+            await exchange.durable(upstream.status)
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         exchange.status = upstream.status
         captured = bytearray()

@@ -61,6 +61,8 @@ class PredictionRecord:
     #: some text of this record held what no store can keep (NUL, an unpaired surrogate),
     #: written escaped instead (see :func:`storable_text`)
     escaped: bool = False
+    #: the spool segment holding this record until the store has it (0: none); not a column
+    spool_segment: int = 0
 
     # Written out, not generated: the generated __init__ of a dataclass runs as plain Python
     # even in a compiled module, and a record is built for every request.
@@ -95,6 +97,7 @@ class PredictionRecord:
         score: float | None = None,
         shadow_of: str | None = None,
         escaped: bool = False,
+        spool_segment: int = 0,
     ) -> None:
         self.prediction_id = prediction_id
         self.request_id = request_id
@@ -124,6 +127,7 @@ class PredictionRecord:
         self.score = score
         self.shadow_of = shadow_of
         self.escaped = escaped
+        self.spool_segment = spool_segment
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -188,7 +192,8 @@ class PredictionRecord:
         return True
 
 
-COLUMNS = tuple(PredictionRecord.__dataclass_fields__)
+#: the store's columns, in the order of :meth:`PredictionRecord.as_row`
+COLUMNS = tuple(name for name in PredictionRecord.__dataclass_fields__ if name != "spool_segment")
 
 
 def unstorable(text: str | None) -> bool:

@@ -15,6 +15,7 @@ from .health import HealthMonitor
 from .metrics import Metrics
 from .routing import RoutingTable
 from .shadow import ShadowMirror
+from .store.spool import Spool
 from .store.writer import RecordWriter
 from .upstream import Deadlines, UpstreamClient
 
@@ -52,3 +53,5 @@ class GatewayState:
     metrics: Metrics
     health: HealthMonitor
     mirror: ShadowMirror
+    #: durability answered: where each answered request's record is made durable first
+    spool: Spool | None = None

@@ -36,6 +36,7 @@ from ..errors import LogUnavailableError
 from ..metrics import Metrics
 from ..records import COLUMNS, PredictionRecord, new_prediction_id, storable_text
 from .base import Store, is_data_error
+from .spool import Spool
 
 log = logging.getLogger("model_gateway.writer")
 
@@ -62,8 +63,11 @@ class RecordWriter:
         write_retries: int | None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         block_timeout: float = DEFAULT_BLOCK_TIMEOUT,
+        spool: Spool | None = None,
     ) -> None:
         self._store = store
+        #: durability answered: the spool to tell when its records are in the store
+        self._spool = spool
         self._metrics = metrics
         # The queue: records waiting for the writer, oldest first. A list and futures rather
         # than an asyncio.Queue, whose put_nowait and get_nowait run about forty lines of
@@ -239,14 +243,29 @@ class RecordWriter:
                 # their places are free only once the store has them
                 self._writing = 0
                 self._give_room()
+                if self._spool is not None:
+                    self._spool.done([r.spool_segment for r in batch if r.spool_segment])
 
-    async def _write(self, batch: list[PredictionRecord]) -> None:
+    async def _write(self, batch: list[PredictionRecord], *, replay: bool = False) -> None:
         escaped = 0
         for record in batch:
             escaped += record.make_storable()
         if escaped:
             self._metrics.log_escaped.inc(escaped)
-        await self._write_rows([record.as_row() for record in batch], replay=False)
+        await self._write_rows([record.as_row() for record in batch], replay=replay)
+
+    async def replay(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Write rows recovered from the spool (those already stored are skipped), before
+        the gateway serves."""
+        for start in range(0, len(rows), self._batch_size):
+            chunk = rows[start : start + self._batch_size]
+            batch = [PredictionRecord(**dict(zip(COLUMNS, row, strict=True))) for row in chunk]
+            for record in batch:  # the row's integers back to what the record holds
+                record.request_truncated = bool(record.request_truncated)
+                record.response_truncated = bool(record.response_truncated)
+                record.shadow = bool(record.shadow)
+                record.escaped = bool(record.escaped)
+            await self._write(batch, replay=True)
 
     async def _write_rows(self, rows: Sequence[tuple[Any, ...]], *, replay: bool) -> None:
         """Write ``rows``; those the store refuses for their values end in ``dead_letters``."""
