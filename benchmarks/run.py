@@ -310,13 +310,16 @@ def wrk(url: str, connections: int, duration: float) -> tuple[float, float, floa
     return rps, percentile("50"), percentile("99"), requests
 
 
-def gateway_config(workdir: Path, name: str, fast: int, fast2: int) -> tuple[Path, Path]:
+def gateway_config(
+    workdir: Path, name: str, fast: int, fast2: int, durability: str = "buffered"
+) -> tuple[Path, Path]:
     db = workdir / f"{name}.db"
     config = workdir / f"{name}.yaml"
+    spool = workdir / f"{name}-spool"
     config.write_text(
         f"""
 server: {{config_poll_interval: 0}}
-storage: {{url: "sqlite:///{db}"}}
+storage: {{url: "sqlite:///{db}", durability: {durability}, spool_path: "{spool}"}}
 routes:
   - name: fraud
     path: /v2/models/fraud
@@ -397,6 +400,12 @@ def main() -> int:
                 )
                 gateways.append((service, target))
                 targets.append(target)
+            # the same gateway with every record on disk before its answer leaves
+            config, db = gateway_config(workdir, "gw1-durable", fast, fast2, "answered")
+            service = start_gateway("gateway x1 (durability answered)", config, 1)
+            target = Target("gateway-1w-durable", service.url + PATH, service.proc.pid, db)
+            gateways.append((service, target))
+            targets.append(target)
             slow_targets = [Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")]
             # what a proxy in C and a proxy of bare callbacks on the same loop make of the
             # 20 ms case: the stack's share of the gap, apart from the gateway's
@@ -571,6 +580,15 @@ def summarise(
             "rps_vs_direct": g["rps"] / d["rps"],
             "added_p50_ms_vs_direct": g["p50_ms"] - d["p50_ms"],
         }
+    # durability answered (a spool synced before each answer) against buffered, same run
+    ratios["durability answered vs buffered"] = {
+        f"c={c}": {
+            "rps": table[f"gateway-1w-durable c={c}"]["rps"] / table[f"gateway-1w c={c}"]["rps"],
+            "added_p50_ms": table[f"gateway-1w-durable c={c}"]["p50_ms"]
+            - table[f"gateway-1w c={c}"]["p50_ms"],
+        }
+        for c in (1, 32)
+    }
     # How far a second worker carries each on these shared cores, and how far it could: if
     # every request costs the machine as much CPU (gateway, wrk, upstream) as it did with one
     # worker, all the cores serve at most cores / (cores busy with one worker) times as many.
