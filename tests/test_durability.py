@@ -5,10 +5,10 @@ writes what the spool holds. ``buffered`` mode, run the same way, shows what it 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import re
 import signal
 import sqlite3
+import uuid
 from pathlib import Path
 
 import orjson
@@ -20,9 +20,9 @@ from model_gateway.store import Store
 from model_gateway.store.spool import ENTRY_HEADER, SUFFIX, Spool, read_segment
 from model_gateway.store.writer import RecordWriter
 
-from .conftest import Upstream
+from .conftest import Upstream, wait_until_async
 from .test_processes import INFER, GatewayProcess
-from .test_store import record, with_store
+from .test_store import POSTGRES, drop_schema, record, with_store
 
 INFER_BYTES = orjson.dumps(INFER)
 REQUEST = (
@@ -145,7 +145,7 @@ def test_a_torn_last_entry_is_skipped_and_the_rest_replayed(tmp_path: Path) -> N
         # as a kill would: no close, the segment stays with its records pending
         spool._flusher.cancel()  # type: ignore[union-attr]
         for segment in spool._segments.values():
-            segment.file.close()
+            segment.keep()
 
     asyncio.run(write())
     (segment,) = spool_dir.glob(f"*{SUFFIX}")
@@ -162,15 +162,73 @@ def test_a_torn_last_entry_is_skipped_and_the_rest_replayed(tmp_path: Path) -> N
 
 
 def test_a_segment_a_live_process_holds_is_not_taken(tmp_path: Path) -> None:
+    """A segment with records that another process holds locked is left to it; once the
+    lock goes (the process died), the next start takes it, writes it and deletes it."""
     spool_dir = tmp_path / "spool"
-    spool_dir.mkdir()
-    held = spool_dir / f"1-1-1{SUFFIX}"
-    payload = orjson.dumps(["x"])
-    held.write_bytes(payload)
-    with held.open("rb") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        assert Spool(spool_dir).recover() == []
-    assert held.exists()
+
+    async def hold() -> Spool:
+        spool = Spool(spool_dir)
+        spool.recover()
+        spool.start()
+        await spool.append(record(1).as_row())
+        spool._flusher.cancel()  # type: ignore[union-attr]
+        return spool
+
+    holder = asyncio.run(hold())
+    other = Spool(spool_dir)
+    assert other.recover() == []
+    other.forget_recovered()
+    assert len(list(spool_dir.glob(f"*{SUFFIX}"))) == 1
+    for segment in holder._segments.values():
+        segment.keep()  # as its process dies: the lock goes, the file stays
+    after = Spool(spool_dir)
+    assert [row[1] for row in after.recover()] == ["req-1"]
+    after.forget_recovered()
+    assert list(spool_dir.glob(f"*{SUFFIX}")) == []
+
+
+def test_records_the_store_never_got_stay_in_the_spool(tmp_path: Path) -> None:
+    """A write given up on (here PostgreSQL's pool closed under the writer, no retries) leaves
+    its records in the spool, with the segment they share, for the next start."""
+    spool_dir = tmp_path / "spool"
+    schema = f"mg_spool_{uuid.uuid4().hex[:12]}"
+    store_url = f"{POSTGRES}?schema={schema}"
+
+    async def work(store: Store) -> None:
+        spool = Spool(spool_dir)
+        spool.recover()
+        spool.start()
+        writer = RecordWriter(
+            store,
+            Metrics(),
+            queue_size=100,
+            batch_size=10,
+            overflow="block",
+            write_retries=0,
+            spool=spool,
+        )
+        writer.start()
+        item = record(1)
+        item.spool_segment = await spool.append(item.as_row())
+        writer.offer(item)
+        await wait_until_async(lambda: writer.in_memory == 0, "the first record written")
+        await store.close()  # from here on every write fails
+        for i in (2, 3):
+            item = record(i)
+            item.spool_segment = await spool.append(item.as_row())
+            writer.offer(item)
+        await writer.close()
+        await spool.close()
+        await store.open()
+
+    try:
+        asyncio.run(with_store(store_url, work))
+    finally:
+        drop_schema(schema)
+    next_start = Spool(spool_dir)
+    left = next_start.recover()
+    next_start.forget_recovered()
+    assert sorted(row[1] for row in left) == ["req-1", "req-2", "req-3"]  # one segment
 
 
 def test_segments_go_once_their_records_are_in_the_store(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -414,6 +415,10 @@ def test_hostile_model_server_answers_are_answered_and_every_one_logged(
             assert status in (expected, 502), (answer[:300], reply[:300])
 
         check()
+        # what the model servers said is in the metrics too: every label still exports
+        scraped = httpx.get(f"{gw.url}/metrics")
+        assert scraped.status_code == 200
+        assert "model_gateway_requests_total" in scraped.text
         gw.stop()
     finally:
         model.close()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .background import cancel_and_wait
-from .records import canonical_label, new_prediction_id, unstorable
+from .records import MAX_REQUEST_ID_LENGTH, canonical_label, new_prediction_id, unstorable
 from .store.base import STORE_ERRORS
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ log = logging.getLogger("model_gateway.feedback")
 
 MAX_ITEMS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_KEY_LENGTH = 256
+MAX_KEY_LENGTH = MAX_REQUEST_ID_LENGTH
 JOIN_INTERVAL_SECONDS = 1.0
 # Times the gateway can write back as RFC 3339 (years 1 to 9999 in UTC); anything outside
 # would be stored and then fail every answer that shows it.

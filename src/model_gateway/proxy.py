@@ -87,6 +87,7 @@ class Exchange:
         "response_headers",
         "response_truncated",
         "score",
+        "spool_failed",
         "spool_segment",
         "status",
         "target",
@@ -119,6 +120,8 @@ class Exchange:
         self.durable: Callable[[int], Awaitable[None]] | None = None
         #: the spool segment that holds the record until the store has it
         self.spool_segment = 0
+        #: the spool could not be written: the 503 says nothing of the model server
+        self.spool_failed = False
 
 
 class ProxyApp:
@@ -177,91 +180,109 @@ class ProxyApp:
                 self.state.metrics.observe_request(route.name, "", "", refused.status, 0.0)
                 return
 
-        exchange = Exchange(variant, key, rand)
-        spool = self.state.spool
-        if spool is not None:
+        queued = False
+        try:
+            exchange = Exchange(variant, key, rand)
+            spool = self.state.spool
+            if spool is not None:
 
-            async def durable(status: int) -> None:
-                elapsed = time.perf_counter() - started
-                record = self._record(
+                async def durable(status: int) -> None:
+                    if exchange.spool_segment:
+                        return  # on disk already (an error after the append)
+                    elapsed = time.perf_counter() - started
+                    record = self._record(
+                        scope,
+                        active,
+                        route,
+                        prediction_id,
+                        client,
+                        assignment,
+                        exchange,
+                        request_time,
+                        elapsed,
+                    )
+                    record.status = status
+                    try:
+                        exchange.spool_segment = await spool.append(record.as_row())
+                    except OSError as failed:
+                        raise LogUnavailableError(
+                            f"the spool could not be written: {failed}"
+                        ) from None
+
+                exchange.durable = durable
+            metrics = self.state.metrics
+            metrics.requests_in_flight += 1
+            cut_off = False
+            try:
+                await self._exchange(
                     scope,
+                    receive,
+                    send,
                     active,
                     route,
+                    assignment,
                     prediction_id,
                     client,
-                    assignment,
                     exchange,
-                    request_time,
-                    elapsed,
                 )
-                record.status = status
-                try:
-                    exchange.spool_segment = await spool.append(record.as_row())
-                except OSError as failed:
-                    raise LogUnavailableError(f"the spool could not be written: {failed}") from None
+            except ClientDisconnected as gone:
+                stalled: str | None = scope.get(SEND_TIMED_OUT)
+                if stalled is None:
+                    exchange.status = CLIENT_CLOSED_REQUEST
+                    exchange.error = f"client disconnected {gone}"
+                else:  # the answer had begun: its status stands, as nginx logs it
+                    exchange.error = stalled
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs when a graceful stop's shutdown_timeout ends,
+                # then closes the log: the request is answered and logged here, before that
+                cut_off = True
+                await _cut_off(send, prediction_id, exchange)
+            except Exception as fault:
+                # a fault of the gateway's own: the client still gets an answer, the log a record
+                log.exception("request %s failed inside the gateway", prediction_id)
+                exchange.error = f"internal: {type(fault).__name__}: {fault}"
+                if exchange.status == 0:
+                    exchange.status = 500
+                    internal = GatewayError("the gateway failed to handle the request")
+                    ids = [(b"x-prediction-id", prediction_id.encode())]
+                    with contextlib.suppress(Exception):
+                        await _send_error(send, internal, ids)
+            finally:
+                metrics.requests_in_flight -= 1
+            variant = exchange.variant
+            # Neither the gateway's own stop nor a request that never reached the model server
+            # (its body refused, too large, or not sent in time) says anything of the model server.
+            if not (cut_off or exchange.spool_failed) and exchange.forwarded_headers is not None:
+                self.state.health.record_result(route.name, variant.name, exchange.status)
 
-            exchange.durable = durable
-        metrics = self.state.metrics
-        metrics.requests_in_flight += 1
-        cut_off = False
-        try:
-            await self._exchange(
+            elapsed = time.perf_counter() - started
+            version = exchange.reported_version or variant.model_version
+            metrics.observe_request(
+                route.name,
+                variant.name,
+                version,
+                exchange.status,
+                elapsed,
+                exchange.upstream_seconds,
+                exchange.score,
+            )
+            record = self._record(
                 scope,
-                receive,
-                send,
                 active,
                 route,
-                assignment,
                 prediction_id,
                 client,
+                assignment,
                 exchange,
+                request_time,
+                elapsed,
             )
-        except ClientDisconnected as gone:
-            stalled: str | None = scope.get(SEND_TIMED_OUT)
-            if stalled is None:
-                exchange.status = CLIENT_CLOSED_REQUEST
-                exchange.error = f"client disconnected {gone}"
-            else:  # the answer had begun: its status stands, as nginx logs it
-                exchange.error = stalled
-        except asyncio.CancelledError:
-            # uvicorn cancels what still runs when a graceful stop's shutdown_timeout ends,
-            # then closes the log: the request is answered and logged here, before that
-            cut_off = True
-            await _cut_off(send, prediction_id, exchange)
-        except Exception as fault:
-            # a fault of the gateway's own: the client still gets an answer, and the log a record
-            log.exception("request %s failed inside the gateway", prediction_id)
-            exchange.error = f"internal: {type(fault).__name__}: {fault}"
-            if exchange.status == 0:
-                exchange.status = 500
-                internal = GatewayError("the gateway failed to handle the request")
-                ids = [(b"x-prediction-id", prediction_id.encode())]
-                with contextlib.suppress(Exception):
-                    await _send_error(send, internal, ids)
+            record.spool_segment = exchange.spool_segment
+            writer.offer(record, reserved=True)  # never waits: its place was taken on the way in
+            queued = True
         finally:
-            metrics.requests_in_flight -= 1
-        variant = exchange.variant
-        # Neither the gateway's own stop nor a request that never reached the model server
-        # (its body refused, too large, or not sent in time) says anything of the model server.
-        if not cut_off and exchange.forwarded_headers is not None:
-            self.state.health.record_result(route.name, variant.name, exchange.status)
-
-        elapsed = time.perf_counter() - started
-        version = exchange.reported_version or variant.model_version
-        metrics.observe_request(
-            route.name,
-            variant.name,
-            version,
-            exchange.status,
-            elapsed,
-            exchange.upstream_seconds,
-            exchange.score,
-        )
-        record = self._record(
-            scope, active, route, prediction_id, client, assignment, exchange, request_time, elapsed
-        )
-        record.spool_segment = exchange.spool_segment
-        writer.offer(record, reserved=True)  # never waits: its place was taken on the way in
+            if not queued:  # a fault on the way: the place reserved goes back
+                writer.release()
         # no copies are made during a shutdown's last moments: it would wait for them
         if route.shadows and exchange.forwarded_headers is not None and not cut_off:
             shadows = shadows_for(route, self._draw())  # a draw of its own, not the variant's
@@ -405,7 +426,10 @@ class ProxyApp:
         except GatewayError as error:
             scope[WAITING_TASK] = None
             exchange.error = error.log_text()
-            self.state.metrics.upstream_error(route.name, variant.name, error.reason)
+            if isinstance(error, LogUnavailableError):
+                exchange.spool_failed = True
+            else:
+                self.state.metrics.upstream_error(route.name, variant.name, error.reason)
             if exchange.status == 0:
                 exchange.status = error.status
                 if exchange.durable is not None:

@@ -17,6 +17,10 @@ from .config import RouteConfig
 # Open Inference Protocol V2 and KServe V1 name the model in the path.
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
 
+#: the longest client request id kept whole (X-Request-Id); a longer one is cut, and its
+#: record marked escaped. Feedback names request ids of at most this length too.
+MAX_REQUEST_ID_LENGTH = 256
+
 #: a JSON pointer split into its tokens, each with its value as a list index (if it is one)
 Pointer = tuple[tuple[str, int | None], ...]
 
@@ -161,12 +165,61 @@ class PredictionRecord:
             int(self.escaped),
         )
 
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> PredictionRecord:
+        """The record of a row in :data:`COLUMNS` order (as :meth:`as_row` makes it)."""
+        (
+            prediction_id, request_id, route, variant, model_name, configured_version,
+            reported_version, assignment, routing_key, config_version, method, path,
+            request_time, response_time, latency_ms, status, error, request_body,
+            response_body, request_truncated, response_truncated, request_headers,
+            response_headers, shadow, predicted, score, shadow_of, escaped,
+        ) = row  # fmt: skip
+        return cls(
+            prediction_id=prediction_id,
+            request_id=request_id,
+            route=route,
+            variant=variant,
+            model_name=model_name,
+            configured_version=configured_version,
+            reported_version=reported_version,
+            assignment=assignment,
+            routing_key=routing_key,
+            config_version=config_version,
+            method=method,
+            path=path,
+            request_time=float(request_time),
+            response_time=float(response_time),
+            latency_ms=float(latency_ms),
+            status=int(status),
+            error=error,
+            request_body=request_body,
+            response_body=response_body,
+            request_truncated=bool(request_truncated),
+            response_truncated=bool(response_truncated),
+            request_headers=request_headers,
+            response_headers=response_headers,
+            shadow=bool(shadow),
+            predicted=predicted,
+            score=None if score is None else float(score),
+            shadow_of=shadow_of,
+            escaped=bool(escaped),
+        )
+
     def make_storable(self) -> bool:
         """Escape, in place, the text from outside (the client's request, the model server's
-        answer) that a store cannot hold, and mark the record; ``True`` if anything was.
+        answer) that a store cannot hold, cut a request id past
+        :data:`MAX_REQUEST_ID_LENGTH`, and mark the record; ``True`` if anything was.
 
         PostgreSQL's TEXT refuses NUL, and no UTF-8 column takes an unpaired surrogate: one
         such value would fail its whole batch on every retry."""
+        request_id = self.request_id
+        cut = request_id is not None and len(request_id) > MAX_REQUEST_ID_LENGTH
+        if cut:
+            # indexed: PostgreSQL's index refuses a value past ~2.7 kB, and feedback never
+            # names one longer than this
+            self.request_id = request_id[:MAX_REQUEST_ID_LENGTH]  # type: ignore[index]
+            self.escaped = True
         if not (
             unstorable(self.path)
             or unstorable(self.request_id)
@@ -178,7 +231,7 @@ class PredictionRecord:
             or unstorable(self.request_headers)
             or unstorable(self.response_headers)
         ):
-            return False
+            return cut
         self.path = storable_text(self.path)
         self.request_id = _storable_or_none(self.request_id)
         self.model_name = _storable_or_none(self.model_name)
@@ -209,6 +262,12 @@ def unstorable(text: str | None) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def bytes_as_text(text: str) -> str:
+    """Text decoded with ``surrogateescape`` (each byte that was not UTF-8 held as a lone
+    surrogate), with those bytes written ``\\xNN`` instead."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def storable_text(text: str) -> str:
@@ -328,7 +387,9 @@ class AnswerReader:
         if self.version_header is not None:
             value = headers.get(self.version_header)
             if value:
-                return value
+                # aiohttp keeps a header's bytes that are not UTF-8 as surrogates, which
+                # neither a store nor a metric label can hold: those bytes become \xNN
+                return value if value.isascii() else bytes_as_text(value)
         if doc is not None and self.version_pointer is not None:
             found = _resolve_tokens(doc, self.version_pointer)
             if isinstance(found, (str, int, float)) and not isinstance(found, bool):

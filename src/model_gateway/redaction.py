@@ -5,9 +5,10 @@ Runs only for routes that capture, after the response has been sent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 
@@ -15,7 +16,19 @@ from .config import ALWAYS_REDACTED_HEADERS, CaptureConfig
 
 REDACTED = "[REDACTED]"
 #: query parameters of a URL whose values are credentials
-_SECRET_PARAMETERS = frozenset({"password", "passwd", "token", "secret", "api_key", "apikey"})
+_SECRET_PARAMETERS = frozenset(
+    {
+        "password",
+        "passwd",
+        "sslpassword",
+        "token",
+        "access_token",
+        "secret",
+        "api_key",
+        "apikey",
+    }
+)
+_USER_PASSWORD = re.compile(r"//([^/@:]*):[^/@]*@")
 
 
 def redact_url(url: str) -> str:
@@ -25,7 +38,7 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:  # not a URL after all (an unexpanded ${VAR} in a port, say)
-        return url
+        return _USER_PASSWORD.sub(rf"//\1:{REDACTED}@", url)
     netloc = parts.netloc
     # a reference to the environment (as a stored configuration text holds it) is no secret
     if password is not None and not (password.startswith("${") and password.endswith("}")):
@@ -44,13 +57,18 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The credentials written in ``url``: its password and secret query values."""
+    """The credentials written in ``url`` as it is written (percent-encoded as it is): its
+    password and secret query values."""
     try:
         parts = urlsplit(url)
         found = [parts.password] if parts.password else []
     except ValueError:
-        return []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() in _SECRET_PARAMETERS and v]
+        found = [m.group(0)[2:-1].split(":", 1)[1] for m in _USER_PASSWORD.finditer(url)]
+        parts = urlsplit(url.split("?", 1)[0])._replace(query=url.partition("?")[2])
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if value and unquote(name).lower() in _SECRET_PARAMETERS:
+            found.append(value)
     return found
 
 

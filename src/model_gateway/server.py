@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -99,6 +100,16 @@ class GatewayServer(uvicorn.Server):
     reset by a connection closed under it; then uvicorn's own stop (listeners closed,
     requests in flight finished within ``shutdown_timeout``). A second Ctrl+C ends it."""
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # A socket this worker took over from one that drained (a worker replaced after a
+        # SIGTERM of its own) still carries that one's filter, which refuses every new
+        # connection: it is taken off.
+        for server in self.servers:
+            for sock in server.sockets:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+
     async def main_loop(self) -> None:
         await super().main_loop()
         limits = getattr(self.config.loaded_app, "client_limits", None)
@@ -131,6 +142,7 @@ class GatewayServer(uvicorn.Server):
 #: at the drain's end, the longest wait for the connections queued to be accepted
 ACCEPT_QUEUE_SECONDS = 1.0
 _SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+_SO_DETACH_FILTER = 27
 # A classic BPF program for a listening socket that drops each SYN without ACK (a new
 # connection: its client retries, and is refused once the listener closes) and keeps every
 # other packet, so that a handshake already under way completes and is queued. The filter

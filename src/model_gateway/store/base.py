@@ -24,8 +24,9 @@ class StoreDataError(Exception):
 
 
 #: SQLSTATE classes of PostgreSQL errors caused by the values written: 22 data exception
-#: (NUL in TEXT, a number out of range), 23 integrity constraint violation
-_DATA_SQLSTATE_CLASSES = ("22", "23")
+#: (NUL in TEXT, a number out of range), 23 integrity constraint violation, 54 program limit
+#: exceeded (a value too large for an index row)
+_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -39,7 +40,8 @@ def is_data_error(exc: BaseException) -> bool:
     # InterfaceError and a ValueError; a lost connection is an InterfaceError only
     if isinstance(exc, asyncpg.InterfaceError):
         return isinstance(exc, ValueError)
-    return isinstance(exc, ValueError | TypeError | OverflowError)
+    # binding a value sqlite3 cannot take: an unpaired surrogate, an integer past 64 bits
+    return isinstance(exc, UnicodeError | TypeError | OverflowError)
 
 
 class StoreOpenError(Exception):

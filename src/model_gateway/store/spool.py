@@ -48,18 +48,38 @@ class Segment:
     def __init__(self, path: Path, number: int) -> None:
         self.path = path
         self.number = number
-        self.file: BinaryIO = open(path, "ab")  # noqa: SIM115 - held until the segment goes
-        fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Made under another name, locked, then renamed: a process that starts never sees
+        # a segment of this process before it is locked (it would take it for a dead one's).
+        making = path.with_suffix(".new")
+        self.fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(making, path)
+        except BaseException:
+            os.close(self.fd)
+            with contextlib.suppress(OSError):
+                making.unlink()
+            raise
         self.opened = time.monotonic()
         self.size = 0
         #: records appended whose store write has not yet finished
         self.pending = 0
         self.closed = False
+        self._released = False
 
     def remove(self) -> None:
+        if self._released:
+            return
+        self._released = True
         with contextlib.suppress(OSError):
             self.path.unlink()
-        self.file.close()
+        os.close(self.fd)
+
+    def keep(self) -> None:
+        """Close the file, and so its lock, leaving it for the next start to write."""
+        if not self._released:
+            self._released = True
+            os.close(self.fd)
 
 
 class Spool:
@@ -82,6 +102,11 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._recovered: list[tuple[Path, BinaryIO]] = []
         rows: list[tuple[Any, ...]] = []
+        for making in self.directory.glob("*.new"):
+            # a segment a process died making, before it had a record: gone, unless locked
+            with contextlib.suppress(OSError), open(making, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                making.unlink()
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             try:
                 handle = open(path, "rb")  # noqa: SIM115 - held until forget_recovered
@@ -121,8 +146,9 @@ class Spool:
         try:
             await flushed
         except BaseException:
-            segment.pending -= 1  # not on disk, or nobody waits for it: not the spool's
-            self._remove_if_done(segment)
+            # not on disk, or nobody waits for it: not the spool's to keep (the segment goes
+            # after its flush, never during one)
+            segment.pending -= 1
             raise
         return segment.number
 
@@ -170,11 +196,17 @@ class Spool:
                 writes.setdefault(segment, []).append(entry)
             try:
                 for segment, data in writes.items():
-                    await loop.run_in_executor(None, _write_and_sync, segment.file, b"".join(data))
+                    await loop.run_in_executor(None, _write_and_sync, segment.fd, b"".join(data))
             except BaseException as exc:
                 for future in waiting:
                     if not future.done():
                         future.set_exception(OSError(f"the spool could not be written: {exc}"))
+                # A failed write may have left part of an entry: nothing more goes after it
+                # (reading stops at the first damaged entry). New appends start a new segment.
+                for segment in writes:
+                    segment.closed = True
+                    if segment is self._current:
+                        self._current = None
                 if not isinstance(exc, Exception):
                     raise
                 log.error("writing the spool failed: %s", exc)
@@ -199,17 +231,18 @@ class Spool:
             await self._flusher
             self._flusher = None
         for number, segment in list(self._segments.items()):
+            del self._segments[number]
             if segment.pending <= 0:
-                del self._segments[number]
                 segment.remove()
             else:
-                segment.file.close()  # the lock goes with it: the next start replays it
+                segment.keep()  # the lock goes with it: the next start writes its records
 
 
-def _write_and_sync(file: BinaryIO, data: bytes) -> None:
-    file.write(data)
-    file.flush()
-    os.fdatasync(file.fileno())
+def _write_and_sync(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fdatasync(fd)
 
 
 def read_segment(handle: BinaryIO) -> list[tuple[Any, ...]]:

@@ -48,6 +48,8 @@ QUEUE_DEPTH_SAMPLE_SECONDS = 0.5
 #: how long a request waits for room in a full queue under ``block`` by default (Kafka's
 #: producer waits ``max.block.ms``, 60 s, before it fails a send)
 DEFAULT_BLOCK_TIMEOUT = 60.0
+#: what a write given up on (retries or the close timeout spent) leaves: its rows are lost
+_GIVEN_UP = Exception("given up")
 
 
 class RecordWriter:
@@ -161,6 +163,9 @@ class RecordWriter:
             if self._block:
                 return False
             self._metrics.log_dropped.inc()
+            if self._spool is not None and record.spool_segment:
+                # dropped by policy: the spool keeps it no longer either
+                self._spool.done([record.spool_segment])
             return True
         self._waiting.append(record)
         self._wake_writer()
@@ -231,8 +236,9 @@ class RecordWriter:
             if self._linger and len(self._waiting) < self._batch_size and not self._closing:
                 await asyncio.sleep(self._linger)
             batch = self._take()
+            lost: set[str] | None = None
             try:
-                await self._write(batch)
+                lost = await self._write(batch)
             except Exception:
                 # a fault of the writer's own (never the store's, which _write handles): the
                 # batch is counted lost, and the log goes on with the next
@@ -243,49 +249,61 @@ class RecordWriter:
                 # their places are free only once the store has them
                 self._writing = 0
                 self._give_room()
-                if self._spool is not None:
-                    self._spool.done([r.spool_segment for r in batch if r.spool_segment])
+                if self._spool is not None and lost is not None:
+                    # the spool lets go of what the store has; what was lost stays there,
+                    # for the next start to write
+                    self._spool.done(
+                        [
+                            r.spool_segment
+                            for r in batch
+                            if r.spool_segment and r.prediction_id not in lost
+                        ]
+                    )
 
-    async def _write(self, batch: list[PredictionRecord], *, replay: bool = False) -> None:
+    async def _write(self, batch: list[PredictionRecord], *, replay: bool = False) -> set[str]:
+        """Write a batch; the prediction ids of the records lost (given up on)."""
         escaped = 0
         for record in batch:
             escaped += record.make_storable()
         if escaped:
             self._metrics.log_escaped.inc(escaped)
-        await self._write_rows([record.as_row() for record in batch], replay=replay)
+        lost: set[str] = set()
+        await self._write_rows([record.as_row() for record in batch], replay=replay, lost=lost)
+        return lost
 
     async def replay(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Write rows recovered from the spool (those already stored are skipped), before
         the gateway serves."""
         for start in range(0, len(rows), self._batch_size):
             chunk = rows[start : start + self._batch_size]
-            batch = [PredictionRecord(**dict(zip(COLUMNS, row, strict=True))) for row in chunk]
-            for record in batch:  # the row's integers back to what the record holds
-                record.request_truncated = bool(record.request_truncated)
-                record.response_truncated = bool(record.response_truncated)
-                record.shadow = bool(record.shadow)
-                record.escaped = bool(record.escaped)
-            await self._write(batch, replay=True)
+            await self._write([PredictionRecord.from_row(row) for row in chunk], replay=True)
 
-    async def _write_rows(self, rows: Sequence[tuple[Any, ...]], *, replay: bool) -> None:
-        """Write ``rows``; those the store refuses for their values end in ``dead_letters``."""
+    async def _write_rows(
+        self, rows: Sequence[tuple[Any, ...]], *, replay: bool, lost: set[str]
+    ) -> None:
+        """Write ``rows``; those the store refuses for their values end in ``dead_letters``,
+        and the ids of those given up on are added to ``lost``."""
         error = await self._write_retrying(rows, replay=replay)
         if error is None:
             return
+        if error is _GIVEN_UP:
+            lost.update(str(row[0]) for row in rows)
+            return
         if len(rows) == 1:
-            await self._dead_letter(rows[0], error)
+            if not await self._dead_letter(rows[0], error):
+                lost.add(str(rows[0][0]))
             return
         middle = len(rows) // 2
         # a half may have been committed by an attempt whose answer was lost: replay
-        await self._write_rows(rows[:middle], replay=True)
-        await self._write_rows(rows[middle:], replay=True)
+        await self._write_rows(rows[:middle], replay=True, lost=lost)
+        await self._write_rows(rows[middle:], replay=True, lost=lost)
 
     async def _write_retrying(
         self, rows: Sequence[tuple[Any, ...]], *, replay: bool
     ) -> Exception | None:
-        """Write ``rows``, retrying while the store is unavailable; the error when the store
-        refused them for their values (nothing of them written), else ``None`` (written, or
-        given up on and counted lost)."""
+        """Write ``rows``, retrying while the store is unavailable; ``None`` once written,
+        :data:`_GIVEN_UP` when given up on (counted lost), else the error with which the
+        store refused them for their values (nothing of them written)."""
         attempt = 0
         while True:
             try:
@@ -303,7 +321,7 @@ class RecordWriter:
                         exc,
                     )
                     self._metrics.log_write_errors.inc(len(rows))
-                    return None
+                    return _GIVEN_UP
                 # one line per failure, not a traceback per retry while a store is down
                 log.warning("writing %d records failed (attempt %d): %s", len(rows), attempt, exc)
                 await asyncio.sleep(min(_RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
@@ -311,8 +329,9 @@ class RecordWriter:
                 self._metrics.log_written.inc(len(rows))
                 return None
 
-    async def _dead_letter(self, row: tuple[Any, ...], error: Exception) -> None:
-        """Keep a row the store refused in ``dead_letters``, with the store's reason."""
+    async def _dead_letter(self, row: tuple[Any, ...], error: Exception) -> bool:
+        """Keep a row the store refused in ``dead_letters``, with the store's reason; False
+        when that failed too (the row is lost)."""
         reason = storable_text(f"{type(error).__name__}: {error}")
         letter = (
             new_prediction_id(),
@@ -332,7 +351,7 @@ class RecordWriter:
                 if is_data_error(exc) or self._gives_up(attempt):
                     log.error("prediction record %s lost: %s; then %s", letter[2], reason, exc)
                     self._metrics.log_write_errors.inc()
-                    return
+                    return False
                 log.warning("keeping a dead letter failed (attempt %d): %s", attempt, exc)
                 await asyncio.sleep(min(_RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
             else:
@@ -342,7 +361,7 @@ class RecordWriter:
                     reason,
                 )
                 self._metrics.log_dead_lettered.inc()
-                return
+                return True
 
     def _gives_up(self, attempt: int) -> bool:
         if self._retries is not None and attempt > self._retries:
