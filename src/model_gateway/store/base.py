@@ -41,7 +41,7 @@ def is_data_error(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         return isinstance(exc, ValueError)
     # binding a value sqlite3 cannot take: an unpaired surrogate, an integer past 64 bits
-    return isinstance(exc, UnicodeError | TypeError | OverflowError)
+    return isinstance(exc, UnicodeError | OverflowError)
 
 
 class StoreOpenError(Exception):

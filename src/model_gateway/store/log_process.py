@@ -30,15 +30,14 @@ from .base import StoreDataError
 CHILD_SCRIPT = str(Path(log_child.__file__).resolve())
 #: the exceptions the process sends back that a row's values caused: binding a value sqlite3
 #: cannot take (an unpaired surrogate: UnicodeEncodeError; an integer past 64 bits:
-#: OverflowError), or a constraint
+#: OverflowError; a type it has no adapter for: ProgrammingError "Error binding"), or a
+#: constraint
 _DATA_ERRORS = frozenset(
     {
         "DataError",
         "IntegrityError",
         "UnicodeEncodeError",
         "OverflowError",
-        "ValueError",
-        "TypeError",
     }
 )
 CLOSE_SECONDS = 10.0

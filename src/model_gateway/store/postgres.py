@@ -72,7 +72,10 @@ def split_schema(url: str) -> tuple[str, str | None]:
 
 
 class PostgresStore:
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8) -> None:
+    # No floor of connections (min_size 0): asyncpg restores a floor in the background and
+    # logs a traceback for every failed try, several a second while the database is down.
+    # Connections are opened when a write or a query needs one, and kept while used.
+    def __init__(self, url: str, *, min_size: int = 0, max_size: int = 8) -> None:
         self.url, self.schema = split_schema(url)
         self._min, self._max = min_size, max_size
         self._pool: asyncpg.Pool | None = None
