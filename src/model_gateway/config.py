@@ -236,8 +236,9 @@ class EvaluationConfig(_Strict):
     """How a response yields the prediction that feedback labels are compared with."""
 
     task: Literal["binary", "multiclass", "regression"] = "binary"
-    #: JSON pointer to the predicted label (or value, for regression); unset: V2
-    #: ``/outputs/0/data/0``, else KServe V1 ``/predictions/0``, else the score by ``threshold``
+    #: JSON pointer to the predicted label (or value, for regression); unset: with a score
+    #: (binary only), the score by ``threshold``; else V2 ``/outputs/0/data/0``, then KServe
+    #: V1 ``/predictions/0``
     prediction: str | None = None
     #: JSON pointer to a score in [0, 1] (binary: the positive class's probability)
     score: str | None = None
@@ -439,4 +440,15 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
             variant_names.add(shadow.name)
         if sum(v.weight for v in route.variants) <= 0:
             problems.append(f"{where}.variants: at least one weight must be > 0")
+        evaluation = route.evaluation
+        if (
+            evaluation is not None
+            and evaluation.score is not None
+            and evaluation.prediction is None
+            and evaluation.task != "binary"
+        ):
+            problems.append(
+                f"{where}.evaluation.prediction: required with a score on a {evaluation.task}"
+                " route (only a binary label can be derived from a score and the threshold)"
+            )
     return problems

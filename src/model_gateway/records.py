@@ -362,9 +362,15 @@ class AnswerReader:
         if evaluation is not None:
             if evaluation.score is not None:
                 self.score_pointer = _pointer_tokens(evaluation.score)
-            pointers = (
-                (evaluation.prediction,) if evaluation.prediction else _DEFAULT_PREDICTION_POINTERS
-            )
+            # With a score and no prediction pointer, a binary label comes from the score
+            # and the threshold only: the default pointers would read the first output,
+            # which for predict_proba is the probability of class 0, not a label.
+            if evaluation.prediction:
+                pointers: tuple[str, ...] = (evaluation.prediction,)
+            elif evaluation.score is not None:
+                pointers = ()
+            else:
+                pointers = _DEFAULT_PREDICTION_POINTERS
             self.prediction_pointers = tuple(_pointer_tokens(p) for p in pointers)
             self.by_threshold = evaluation.task == "binary"
             self.threshold = evaluation.threshold
