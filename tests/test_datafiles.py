@@ -114,8 +114,11 @@ def test_feedback_import_loads_labels_back(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """1. A sample is drawn and three rows labelled by hand; one more row names no prediction.
-    2. `feedback import` keeps the three, names the bad line, and joins them at once.
+    """1. A sample is drawn and three rows labelled by hand, as pandas writes them (1.0 and
+       0.0) and as people type them (true); one more row names no prediction, and one holds
+       a label this binary route does not have.
+    2. `feedback import` keeps the three as the route's labels 1 and 0, names each bad line
+       with its reason, joins the three at once, and exits 1: rows were rejected.
     """
     gw, _ = logged
     sample = tmp_path / "sample.csv"
@@ -137,9 +140,10 @@ def test_feedback_import_loads_labels_back(
         == 0
     )
     rows = list(csv.DictReader(sample.read_text().splitlines()))
-    for row, label in zip(rows[:3], ("fraud", "legit", "fraud"), strict=True):
+    for row, label in zip(rows[:3], ("1.0", "0.0", " TRUE"), strict=True):
         row["label"] = label
-    rows.append({**rows[3], "prediction_id": "", "request_id": "", "label": "fraud"})
+    rows.append({**rows[3], "prediction_id": "", "request_id": "", "label": "1"})
+    rows.append({**rows[4], "label": "yes"})
     with sample.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -157,11 +161,12 @@ def test_feedback_import_loads_labels_back(
                 "analysts",
             ]
         )
-        == 0
+        == 1
     )
     err = capsys.readouterr().err
-    assert "3 labels imported (3 joined" in err and "1 rejected" in err
+    assert "3 labels imported (3 joined" in err and "2 rejected" in err
     assert f"{sample}:12: prediction_id or request_id is required" in err
+    assert f"{sample}:13: label 'yes' is neither 1 nor 0" in err
     db = sqlite3.connect(gw.db_path)
     joined = dict(
         db.execute(
@@ -170,7 +175,7 @@ def test_feedback_import_loads_labels_back(
     )
     db.close()
     assert joined == {
-        rows[0]["prediction_id"]: "fraud",
-        rows[1]["prediction_id"]: "legit",
-        rows[2]["prediction_id"]: "fraud",
+        rows[0]["prediction_id"]: "1",
+        rows[1]["prediction_id"]: "0",
+        rows[2]["prediction_id"]: "1",
     }

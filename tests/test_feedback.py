@@ -69,7 +69,7 @@ def test_single_array_and_ndjson_by_prediction_or_request_id(
     one = httpx.post(
         f"{gw.url}/feedback", json={"prediction_id": p1, "label": 1, "source": "analyst"}
     )
-    assert one.json() == {"accepted": 1, "rejected": 0, "errors": []}
+    assert one.json() == {"accepted": 1, "rejected": 0, "waiting": 0, "errors": []}
     many = httpx.post(
         f"{gw.url}/feedback",
         json=[{"request_id": "client-2", "label": "0"}, {"prediction_id": p3, "label": True}],
@@ -131,7 +131,7 @@ def test_bad_items_get_reasons_and_bad_bodies_get_4xx(
     assert body["errors"] == [
         {"index": 1, "reason": "prediction_id or request_id is required"},
         {"index": 2, "reason": "label is required"},
-        {"index": 3, "reason": "label must be a string, a number or a boolean"},
+        {"index": 3, "reason": "label must be a non-empty string, a finite number or a boolean"},
         {"index": 4, "reason": "unknown field(s): colour"},
         {"index": 5, "reason": "timestamp must be RFC 3339 with an offset, or Unix seconds"},
         {

@@ -23,7 +23,15 @@ from starlette.routing import BaseRoute, Route
 
 from .config import RouteConfig, ShadowConfig, VariantConfig
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
-from .feedback import MAX_ITEMS, FeedbackBodyError, parse_body, parse_time, validate_item
+from .feedback import (
+    MAX_ITEMS,
+    FeedbackBodyError,
+    FeedbackItem,
+    judge_labels,
+    parse_body,
+    parse_time,
+    validate_item,
+)
 from .metrics import CONTENT_TYPE
 from .quality import build_report
 from .redaction import redact_url
@@ -105,22 +113,33 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         if len(items) > MAX_ITEMS:
             return error_response(413, "payload_too_large", f"over {MAX_ITEMS} items")
         now = time.time()
-        accepted, errors = [], []
+        valid: list[tuple[int, FeedbackItem]] = []
+        refused: list[tuple[int, str]] = []
         for index, item in enumerate(items):
             result = validate_item(item, now)
             if isinstance(result, str):
-                errors.append({"index": index, "reason": result})
+                refused.append((index, result))
             else:
-                accepted.append(result.as_row(now))
-        if accepted:
-            await gateway.store.insert_feedback(accepted)
+                valid.append((index, result))
+        # each label is judged against the task of its prediction's route, when stored
+        routes = {r.name: r for r in gateway.loaded.config.routes}
+        kept, unfit, waiting = await judge_labels(gateway.store, routes, valid)
+        errors = [{"index": i, "reason": r} for i, r in sorted([*refused, *unfit])]
+        if kept:
+            await gateway.store.insert_feedback([item.as_row(now) for _, item in kept])
             await gateway.joiner.join_pending()
         metrics = gateway.state.metrics
-        metrics.feedback_received.labels("accepted").inc(len(accepted))
+        metrics.feedback_received.labels("accepted").inc(len(kept))
         metrics.feedback_received.labels("rejected").inc(len(errors))
         return json_response(
-            {"accepted": len(accepted), "rejected": len(errors), "errors": errors},
-            200 if accepted else 422,
+            {
+                "accepted": len(kept),
+                "rejected": len(errors),
+                # accepted, naming no prediction stored yet: joined once it is
+                "waiting": waiting,
+                "errors": errors,
+            },
+            200 if kept else 422,
         )
 
     async def healthz(request: Request) -> Response:

@@ -140,31 +140,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback_import(args: argparse.Namespace) -> int:
-    from .datafiles import read_labels
+    from .datafiles import LabelFileError, read_labels
+    from .feedback import FeedbackItem, judge_labels
 
     loaded = _load_or_exit(args.config)
-    accepted: list[tuple[object, ...]] = []
+    valid: list[tuple[int, FeedbackItem]] = []
     now = time.time()
-    rejected = 0
-    for line, result in read_labels(Path(args.file), args.source):
-        if isinstance(result, str):
-            rejected += 1
-            print(f"{args.file}:{line}: {result}", file=sys.stderr)
-        else:
-            accepted.append(result.as_row(now))
+    refused: list[tuple[int, str]] = []
+    try:
+        for line, result in read_labels(Path(args.file), args.source):
+            if isinstance(result, str):
+                refused.append((line, result))
+            else:
+                valid.append((line, result))
+    except LabelFileError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    routes = {r.name: r for r in loaded.config.routes}
 
-    async def load(store: Store) -> int:
-        if accepted:
-            await store.insert_feedback(accepted)
-        return len(await store.join_feedback(time.time()))
+    async def load(store: Store) -> tuple[int, int, int]:
+        kept, unfit, waiting = await judge_labels(store, routes, valid)
+        refused.extend(unfit)
+        if kept:
+            await store.insert_feedback([item.as_row(now) for _, item in kept])
+        return len(kept), waiting, len(await store.join_feedback(time.time()))
 
-    joined = _with_store(loaded, load)
+    imported, waiting, joined = _with_store(loaded, load)
+    for line, reason in sorted(refused):
+        print(f"{args.file}:{line}: {reason}", file=sys.stderr)
     print(
-        f"{len(accepted)} labels imported ({joined} joined to predictions now, the rest when "
-        f"their predictions are logged), {rejected} rejected",
+        f"{imported} labels imported ({joined} joined to predictions now; {waiting} name no "
+        f"prediction stored yet and are joined when it is), {len(refused)} rejected",
         file=sys.stderr,
     )
-    return 1 if rejected and not accepted else 0
+    # a rejected row is a label lost unless it is fixed: the import says so in its status
+    return 1 if refused else 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

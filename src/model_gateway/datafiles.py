@@ -160,12 +160,23 @@ async def sample(
     return len(chosen)
 
 
+class LabelFileError(Exception):
+    """The file as a whole cannot be read as labels."""
+
+
 def read_labels(path: Path, source: str | None) -> Iterator[tuple[int, FeedbackItem | str]]:
     """(line number, item or reason) for each CSV row that has a label; blank labels are
-    rows not labelled yet and are skipped."""
+    rows not labelled yet and are skipped. A file without a ``label`` column, or without a
+    ``prediction_id`` or ``request_id`` column, raises :class:`LabelFileError`."""
     now = time.time()
     with path.open(encoding="utf-8", newline="") as handle:
-        for line, row in enumerate(csv.DictReader(handle), start=2):
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or ())
+        if "label" not in columns:
+            raise LabelFileError(f"no label column (columns: {', '.join(sorted(columns))})")
+        if not columns & {"prediction_id", "request_id"}:
+            raise LabelFileError("no prediction_id or request_id column")
+        for line, row in enumerate(reader, start=2):
             if not (row.get("label") or "").strip():
                 continue
             item: dict[str, Any] = {"label": row["label"].strip()}

@@ -28,7 +28,8 @@ from .store.base import STORE_ERRORS
 
 if TYPE_CHECKING:
     from .app import GatewayApp
-    from .config import EvaluationConfig
+    from .config import EvaluationConfig, RouteConfig
+    from .store.base import Store
 
 log = logging.getLogger("model_gateway.feedback")
 
@@ -153,7 +154,7 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
         return "label must be finite"
     label = canonical_label(raw_label)
     if label is None:
-        return "label must be a string, a number or a boolean"
+        return "label must be a non-empty string, a finite number or a boolean"
     if unstorable(label):
         return f"label {_UNSTORABLE}"
     label_time = now
@@ -170,6 +171,55 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
     return FeedbackItem(
         keys.get("prediction_id"), keys.get("request_id"), label, label_time, source
     )
+
+
+def label_problem(label: str, evaluation: EvaluationConfig) -> str | None:
+    """Why ``label`` (canonical) is no label of the route's task, or None."""
+    if evaluation.task == "regression":
+        try:
+            float(label)
+        except ValueError:
+            return f"label {label!r} is not a number, which a regression route needs"
+        return None
+    if evaluation.task == "binary":
+        positive = canonical_label(evaluation.positive_label)
+        if positive in ("0", "1") and label not in ("0", "1"):
+            return (
+                f"label {label!r} is neither 1 nor 0, the labels of this binary route "
+                "(1, 1.0, true read as 1; 0, 0.0, false as 0)"
+            )
+    return None
+
+
+async def judge_labels(
+    store: Store, routes: dict[str, RouteConfig], items: list[tuple[int, FeedbackItem]]
+) -> tuple[list[tuple[int, FeedbackItem]], list[tuple[int, str]], int]:
+    """The items whose label fits the task of their prediction's route; (position, reason)
+    for the others; and how many name no prediction stored yet (kept: they wait for it,
+    and a label that does not fit is then left out of the quality figures)."""
+    found = await store.routes_of(
+        [i.prediction_id for _, i in items if i.prediction_id is not None],
+        [i.request_id for _, i in items if i.request_id is not None],
+    )
+    kept: list[tuple[int, FeedbackItem]] = []
+    refused: list[tuple[int, str]] = []
+    waiting = 0
+    for position, item in items:
+        key = item.prediction_id if item.prediction_id is not None else item.request_id
+        route_name = found.get(key or "")
+        if route_name is None:
+            waiting += 1
+            kept.append((position, item))
+            continue
+        route = routes.get(route_name)
+        problem = None
+        if route is not None and route.evaluation is not None:
+            problem = label_problem(item.label, route.evaluation)
+        if problem is None:
+            kept.append((position, item))
+        else:
+            refused.append((position, f"{problem} (route {route_name})"))
+    return kept, refused, waiting
 
 
 def _timestamp(value: Any) -> float | None:

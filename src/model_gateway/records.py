@@ -325,14 +325,39 @@ def _pointer_tokens(pointer: str) -> Pointer:
 _DEFAULT_PREDICTION_POINTERS = ("/outputs/0/data/0", "/predictions/0")
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_TRUTH = {"true": "1", "false": "0"}
+
+
 def canonical_label(value: Any) -> str | None:
-    """One spelling per label, so that 1, 1.0, "1" and true all compare equal."""
+    """One spelling per label, so that ``1``, ``1.0``, ``"1"``, ``"1.0"``, ``" 1 "``,
+    ``true`` and ``"true"`` (any case) are the same label, ``"1"``; ``None`` for what is no
+    label (an empty string, NaN, an object).
+
+    Numbers are written as integers when they are whole, else as Python writes a float;
+    text that is a number is read as that number (pandas writes ``1.0`` for ``1`` in any
+    column with a blank); other text is kept, without the spaces around it."""
     if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, (str, int, float)):
+        return "1" if value else "0"
+    if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        truth = _TRUTH.get(text.lower())
+        if truth is not None:
+            return truth
+        if _INTEGER.fullmatch(text):
+            return str(int(text))
+        if _DECIMAL.fullmatch(text):
+            return canonical_label(float(text))
+        return text
     return None
 
 

@@ -88,6 +88,11 @@ class Store(Protocol):
 
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]: ...
 
+    async def routes_of(
+        self, prediction_ids: Sequence[str], request_ids: Sequence[str]
+    ) -> dict[str, str]:
+        """The route of each stored prediction named, by prediction id or request id."""
+
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
         """Predictions of a route in [since, until), each with its latest label (a shadow's:
         its live prediction's) and, for shadows, the live prediction's answer."""
