@@ -38,6 +38,7 @@ from .redaction import redact_url
 
 if TYPE_CHECKING:
     from .app import GatewayApp
+    from .store.base import Store
 
 DAY = 86_400.0
 log = logging.getLogger("model_gateway.admin")
@@ -229,9 +230,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         since = bounds.get("since", until - DAY)
         if since >= until:
             return error_response(400, "bad_request", "since must be before until")
-        rows = await gateway.store.report_rows(name, since, until)
-        # the statistics are CPU work: keep them off the event loop
-        result = await asyncio.to_thread(build_report, rows, routes[name], since, until)
+        result = await route_report(gateway.store, routes[name], since, until)
         result["since"], result["until"] = format_rfc3339(since), format_rfc3339(until)
         return json_response(result)
 
@@ -255,6 +254,34 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         Route("/feedback", feedback, methods=["POST"]),
         Route("/admin/routing", guarded(routing)),
     ]
+
+
+async def route_report(store: Store, route: RouteConfig, since: float, until: float) -> Any:
+    """A route's quality report over [since, until), its split judged against the weights
+    each request was routed by (the configuration history)."""
+    rows = await store.report_rows(route.name, since, until)
+    versions = sorted({r["config_version"] for r in rows if r.get("config_version")})
+    texts = await store.config_texts(versions) if versions else {}
+    weights_at = {}
+    for version, text in texts.items():
+        weights = route_weights(text, route.name)
+        if weights is not None:
+            weights_at[version] = weights
+    # the statistics are CPU work: keep them off the event loop
+    return await asyncio.to_thread(build_report, rows, route, since, until, weights_at)
+
+
+def route_weights(text: str, route_name: str) -> dict[str, float] | None:
+    """A route's variant weights in a stored configuration text; None when the route is not
+    in it, or a weight is not written as a number there."""
+    for route in routing_snapshot(text):
+        if route["name"] == route_name:
+            weights = {v["name"]: v["weight"] for v in route["variants"]}
+            numeric = all(
+                isinstance(w, int | float) and not isinstance(w, bool) for w in weights.values()
+            )
+            return {n: float(w) for n, w in weights.items()} if numeric else None
+    return None
 
 
 class _TooLarge(Exception):

@@ -101,13 +101,11 @@ def _route_and_window(
 def cmd_report(args: argparse.Namespace) -> int:
     import orjson
 
-    from .admin import format_rfc3339
-    from .quality import build_report
+    from .admin import format_rfc3339, route_report
 
     loaded = _load_or_exit(args.config)
     route, since, until = _route_and_window(args, loaded)
-    rows = _with_store(loaded, lambda store: store.report_rows(route.name, since, until))
-    report = build_report(rows, route, since, until)
+    report = _with_store(loaded, lambda store: route_report(store, route, since, until))
     report["since"], report["until"] = format_rfc3339(since), format_rfc3339(until)
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0

@@ -5,8 +5,8 @@ the report that ``GET /admin/report`` and ``model-gateway report`` show. Interva
 Wilson for proportions (precision, recall, accuracy, error ratio), Hanley-McNeil for AUC, a
 seeded bootstrap for F1 and RMSE, the normal approximation for MAE. Differences between a
 challenger and the champion (the route's first variant) come with an interval and a
-two-sided p-value; the traffic split is checked against the weights with a chi-square test
-(sample ratio mismatch).
+two-sided p-value; the split of the randomly assigned requests is checked with a chi-square
+test against the weights live at each request (sample ratio mismatch).
 """
 
 from __future__ import annotations
@@ -225,6 +225,56 @@ def sample_ratio_mismatch(observed: dict[str, int], weights: dict[str, float]) -
     return {"chi2": float(result.statistic), "p_value": p_value, "mismatch": p_value < SRM_ALPHA}
 
 
+#: how a request chose its variant that makes it part of the experiment's random split
+RANDOMISED = frozenset({"random", "sticky"})
+
+
+def sample_ratio_over_time(
+    rows: Sequence[dict[str, Any]],
+    weights_at: dict[str, dict[str, float]],
+    current: dict[str, float],
+) -> dict[str, Any]:
+    """The split of the randomly assigned live requests against the weights live at each
+    request (those of its configuration version, from the history; ``current`` where the
+    history has none): each request adds its configuration's shares to the expected counts,
+    so a weight change in the window is no mismatch. Forced requests take no part."""
+    observed: dict[str, int] = {}
+    expected: dict[str, float] = {}
+    excluded = 0
+    for row in rows:
+        if row.get("assignment") not in RANDOMISED:
+            excluded += 1
+            continue
+        weights = weights_at.get(row.get("config_version") or "", current)
+        total = sum(w for w in weights.values() if w > 0)
+        if total <= 0:
+            continue
+        observed[row["variant"]] = observed.get(row["variant"], 0) + 1
+        for name, weight in weights.items():
+            if weight > 0:
+                expected[name] = expected.get(name, 0.0) + weight / total
+    names = sorted(set(expected) | set(observed))
+    out: dict[str, Any] = {
+        "observed": {n: observed.get(n, 0) for n in names},
+        "expected": {n: expected.get(n, 0.0) for n in names},
+        "excluded": excluded,
+    }
+    if len([n for n in names if expected.get(n, 0) > 0]) < 2:
+        return {**out, "chi2": None, "p_value": None, "mismatch": False}
+    if any(observed.get(n, 0) and not expected.get(n) for n in names):
+        # traffic to a variant whose weight was 0 all along: a mismatch beyond any test
+        return {**out, "chi2": math.inf, "p_value": 0.0, "mismatch": True}
+    live = [n for n in names if expected.get(n, 0) > 0]
+    result = stats.chisquare([observed.get(n, 0) for n in live], [expected[n] for n in live])
+    p_value = float(result.pvalue)
+    return {
+        **out,
+        "chi2": float(result.statistic),
+        "p_value": p_value,
+        "mismatch": p_value < SRM_ALPHA,
+    }
+
+
 def _latency(latencies: Sequence[float]) -> dict[str, float | None]:
     if not latencies:
         return {"p50": None, "p95": None, "p99": None}
@@ -262,9 +312,14 @@ def _number(text: str) -> float | None:
 
 
 def build_report(
-    rows: list[dict[str, Any]], route: RouteConfig, since: float, until: float
+    rows: list[dict[str, Any]],
+    route: RouteConfig,
+    since: float,
+    until: float,
+    weights_at: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The per-variant report of one route over [since, until) from the store's rows.
+    """The per-variant report of one route over [since, until) from the store's rows;
+    ``weights_at``: the route's weights in each configuration version the rows name.
 
     Shadows are reported beside the live variants, measured against the labels of the live
     predictions they copy, with how often each agreed with the live answer; they take no part
@@ -305,7 +360,8 @@ def build_report(
                         ],
                     }
                 )
-    observed = {name: len(vrows) for name, vrows in by_variant.items()}
+    current = {v.name: v.weight for v in route.variants}
+    live_rows = [r for r in rows if not r.get("shadow")]
     return {
         "route": route.name,
         "task": evaluation.task if route.evaluation else None,
@@ -316,9 +372,8 @@ def build_report(
         "shadows": {name: _plain(v) for name, v in shadows.items()},
         "comparisons": comparisons,
         "sample_ratio": {
-            "observed": observed,
-            "weights": {v.name: v.weight for v in route.variants},
-            **sample_ratio_mismatch(observed, {v.name: v.weight for v in route.variants}),
+            "weights": current,
+            **sample_ratio_over_time(live_rows, weights_at or {}, current),
         },
     }
 

@@ -77,6 +77,9 @@ class Store(Protocol):
     async def config_at(self, at: float) -> dict[str, Any] | None:
         """The configuration activated last at or before ``at`` (Unix seconds)."""
 
+    async def config_texts(self, versions: Sequence[str]) -> dict[str, str]:
+        """The text of each configuration version named that the history holds."""
+
     async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert feedback rows (id, prediction id, request id, label, label time, received
         at, source) in one transaction."""

@@ -169,6 +169,13 @@ class PostgresStore:
             )
         return None if row is None else dict(row)
 
+    async def config_texts(self, versions: Sequence[str]) -> dict[str, str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT version, text FROM configs WHERE version = ANY($1)", list(set(versions))
+            )
+        return {r["version"]: r["text"] for r in rows}
+
     async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(_INSERT_FEEDBACK, rows)

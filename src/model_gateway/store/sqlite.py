@@ -147,6 +147,17 @@ class SQLiteStore:
             row = await cur.fetchone()
         return None if row is None else dict(row)
 
+    async def config_texts(self, versions: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        unique = list(dict.fromkeys(versions))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            query = f"SELECT version, text FROM configs WHERE version IN ({marks})"  # noqa: S608
+            async with self.db.execute(query, chunk) as cur:
+                found.update((row[0], row[1]) for row in await cur.fetchall())
+        return found
+
     async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
         try:
             await self.db.executemany(_INSERT_FEEDBACK, rows)
