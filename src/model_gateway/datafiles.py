@@ -32,6 +32,7 @@ EXPORT_COLUMNS = (
     "reported_version",
     "config_version",
     "assignment",
+    "inference",
     "request_time",
     "latency_ms",
     "status",
@@ -68,6 +69,7 @@ def _export_row(row: dict[str, Any]) -> dict[str, Any]:
     out["request_time"] = rfc3339(row["request_time"])
     out["label_time"] = rfc3339(row["label_time"])
     out["shadow"] = bool(row["shadow"])
+    out["inference"] = bool(row["inference"])
     return out
 
 
@@ -114,7 +116,7 @@ async def _export_parquet(
                 else pa.int64()
                 if c == "status"
                 else pa.bool_()
-                if c == "shadow"
+                if c in ("shadow", "inference")
                 else pa.string(),
             )
             for c in EXPORT_COLUMNS

@@ -38,7 +38,14 @@ from .headers import (
     upstream_target,
 )
 from .records import PredictionRecord, new_prediction_id
-from .routing import Assignment, Route, Variant, choose_variant, shadows_for
+from .routing import (
+    NOT_INFERENCE_METHODS,
+    Assignment,
+    Route,
+    Variant,
+    choose_variant,
+    shadows_for,
+)
 from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
 from .upstream import UpstreamErrors, UpstreamResponse
@@ -77,6 +84,7 @@ class Exchange:
     __slots__ = (
         "durable",
         "error",
+        "fell_back",
         "forwarded_headers",
         "key",
         "predicted",
@@ -122,6 +130,8 @@ class Exchange:
         self.spool_segment = 0
         #: the spool could not be written: the 503 says nothing of the model server
         self.spool_failed = False
+        #: the variant chosen refused the connection and another answered (a connect retry)
+        self.fell_back = False
 
 
 class ProxyApp:
@@ -327,7 +337,7 @@ class ProxyApp:
             model_name=route.model_name_for(path),
             configured_version=variant.model_version,
             reported_version=exchange.reported_version,
-            assignment=assignment,
+            assignment="fallback" if exchange.fell_back else assignment,
             routing_key=key if assignment == "sticky" else None,
             config_version=active.version,
             method=scope["method"],
@@ -345,6 +355,7 @@ class ProxyApp:
             response_headers=redactor.headers(exchange.response_headers),
             predicted=exchange.predicted,
             score=exchange.score,
+            inference=scope["method"] not in NOT_INFERENCE_METHODS,
         )
 
     async def _exchange(
@@ -403,6 +414,7 @@ class ProxyApp:
                     # the failed attempt counts toward the variant's passive ejection
                     self.state.health.record_result(route.name, variant.name, error.status)
                     variant = exchange.variant = following
+                    exchange.fell_back = True
             ours = gateway_headers(prediction_id, variant)
             complete = False
             try:

@@ -229,6 +229,13 @@ def sample_ratio_mismatch(observed: dict[str, int], weights: dict[str, float]) -
 RANDOMISED = frozenset({"random", "sticky"})
 
 
+def in_experiment(row: dict[str, Any]) -> bool:
+    """Whether a live row is part of the experiment: an inference call whose variant the
+    weights chose (at random or by its routing key); not one forced by the client, moved by
+    a connect retry, or a readiness or metadata call."""
+    return row.get("assignment") in RANDOMISED and bool(row.get("inference", True))
+
+
 def sample_ratio_over_time(
     rows: Sequence[dict[str, Any]],
     weights_at: dict[str, dict[str, float]],
@@ -237,12 +244,13 @@ def sample_ratio_over_time(
     """The split of the randomly assigned live requests against the weights live at each
     request (those of its configuration version, from the history; ``current`` where the
     history has none): each request adds its configuration's shares to the expected counts,
-    so a weight change in the window is no mismatch. Forced requests take no part."""
+    so a weight change in the window is no mismatch. Requests outside the experiment
+    (:func:`in_experiment`) take no part, and are counted in ``excluded``."""
     observed: dict[str, int] = {}
     expected: dict[str, float] = {}
     excluded = 0
     for row in rows:
-        if row.get("assignment") not in RANDOMISED:
+        if not in_experiment(row):
             excluded += 1
             continue
         weights = weights_at.get(row.get("config_version") or "", current)
@@ -388,7 +396,12 @@ def _summary(
     """Requests, versions, errors, latency and quality of one variant's (or shadow's) rows;
     the quality with its internals (for the comparisons) is kept in ``internals[name]``."""
     errors = sum(1 for r in rows if r["status"] >= 500)
-    quality = _variant_quality(rows, evaluation) if route.evaluation else {"labelled": 0}
+    # quality and the comparisons: the experiment's predictions only (a shadow's rows are
+    # copies of live ones, all of them predictions)
+    measured = [
+        r for r in rows if (r.get("shadow") and r.get("inference", True)) or in_experiment(r)
+    ]
+    quality = _variant_quality(measured, evaluation) if route.evaluation else {"labelled": 0}
     internals[name] = quality
     return {
         "requests": len(rows),

@@ -65,6 +65,9 @@ class PredictionRecord:
     #: some text of this record held what no store can keep (NUL, an unpaired surrogate),
     #: written escaped instead (see :func:`storable_text`)
     escaped: bool = False
+    #: an inference call (a method that sends the model something to predict on), not a
+    #: readiness or metadata call; only these are predictions in the experiment's analysis
+    inference: bool = True
     #: the spool segment holding this record until the store has it (0: none); not a column
     spool_segment: int = 0
 
@@ -101,6 +104,7 @@ class PredictionRecord:
         score: float | None = None,
         shadow_of: str | None = None,
         escaped: bool = False,
+        inference: bool = True,
         spool_segment: int = 0,
     ) -> None:
         self.prediction_id = prediction_id
@@ -131,6 +135,7 @@ class PredictionRecord:
         self.score = score
         self.shadow_of = shadow_of
         self.escaped = escaped
+        self.inference = inference
         self.spool_segment = spool_segment
 
     def as_row(self) -> tuple[Any, ...]:
@@ -163,6 +168,7 @@ class PredictionRecord:
             self.score,
             self.shadow_of,
             int(self.escaped),
+            int(self.inference),
         )
 
     @classmethod
@@ -173,7 +179,7 @@ class PredictionRecord:
             reported_version, assignment, routing_key, config_version, method, path,
             request_time, response_time, latency_ms, status, error, request_body,
             response_body, request_truncated, response_truncated, request_headers,
-            response_headers, shadow, predicted, score, shadow_of, escaped,
+            response_headers, shadow, predicted, score, shadow_of, escaped, inference,
         ) = row  # fmt: skip
         return cls(
             prediction_id=prediction_id,
@@ -204,6 +210,7 @@ class PredictionRecord:
             score=None if score is None else float(score),
             shadow_of=shadow_of,
             escaped=bool(escaped),
+            inference=bool(inference),
         )
 
     def make_storable(self) -> bool:

@@ -19,7 +19,12 @@ from .errors import NoHealthyVariantError, UnknownVariantError
 from .records import AnswerReader, model_name_from_path
 from .redaction import Redactor
 
-Assignment = Literal["random", "sticky", "forced"]
+#: how a request's variant was chosen: by the weights (``random``), by its routing key
+#: (``sticky``), by the client (``forced``), or, its variant refusing the connection, by a
+#: retry among the others (``fallback``)
+Assignment = Literal["random", "sticky", "forced", "fallback"]
+#: the methods of calls that ask for no prediction (readiness, metadata, CORS)
+NOT_INFERENCE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # A prefix route matches at a path-segment boundary, so /v2/models/fraud matches
 # /v2/models/fraud/infer (and /v1/models/fraud matches KServe V1 /v1/models/fraud:predict),

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .errors import GatewayError
 from .metrics import Metrics
 from .records import PredictionRecord, new_prediction_id
-from .routing import Route, Shadow
+from .routing import NOT_INFERENCE_METHODS, Route, Shadow
 from .store.writer import RecordWriter
 from .upstream import UpstreamClient, UpstreamErrors, UpstreamResponse
 
@@ -172,6 +172,7 @@ class ShadowMirror:
             predicted=predicted,
             score=score,
             shadow_of=live.prediction_id,
+            inference=live.method not in NOT_INFERENCE_METHODS,
         )
 
 

@@ -23,7 +23,8 @@ ORDER BY f.received_at
 REPORT_ROWS = """
 SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
-       l.label, p.shadow, live.predicted AS live_predicted, p.config_version, p.assignment
+       l.label, p.shadow, live.predicted AS live_predicted, p.config_version, p.assignment,
+       p.inference
 FROM predictions p
 LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
 LEFT JOIN (
@@ -39,7 +40,7 @@ ORDER BY p.request_time
 # Predictions of a route in [since, until) with their latest label, for export and sampling.
 EXPORT_ROWS = """
 SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
-       p.configured_version, p.reported_version, p.config_version, p.assignment,
+       p.configured_version, p.reported_version, p.config_version, p.assignment, p.inference,
        p.request_time, p.latency_ms, p.status, p.error, p.predicted, p.score, p.shadow,
        p.shadow_of, l.label, l.label_time
 FROM predictions p

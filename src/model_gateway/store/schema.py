@@ -76,6 +76,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # 1 when some text of the record held NUL or an unpaired surrogate, kept escaped
         "ALTER TABLE predictions ADD COLUMN escaped INTEGER NOT NULL DEFAULT 0",
+        # 0 for a call that asks for no prediction (GET, HEAD: readiness, metadata)
+        "ALTER TABLE predictions ADD COLUMN inference INTEGER NOT NULL DEFAULT 1",
         # records the store refused for what they hold, each alone, with the store's reason:
         # kept aside rather than retried, so that one bad value cannot hold back the log
         """CREATE TABLE dead_letters (
