@@ -331,7 +331,9 @@ def build_report(
 
     Shadows are reported beside the live variants, measured against the labels of the live
     predictions they copy, with how often each agreed with the live answer; they take no part
-    in the traffic split.
+    in the traffic split. Live predictions are also reported by arm, each (variant, served
+    model version) apart, and the comparisons are between arms: each against the champion's
+    most recently served version.
     """
     evaluation = route.evaluation or EvaluationConfig()
     by_variant: dict[str, list[dict[str, Any]]] = {v.name: [] for v in route.variants}
@@ -353,21 +355,47 @@ def build_report(
         shadows[name]["compared_with_live"] = len(compared)
         shadows[name]["agreement_with_live"] = wilson(agreed, len(compared))
     champion = route.variants[0].name
+    # Arms: each (variant, served model version) apart, so that a variant redeployed with
+    # another model under the same name is two arms, never one.
+    by_arm: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    latest: dict[tuple[str, str], int] = {}
+    for position, row in enumerate(rows):
+        if not row.get("shadow"):
+            key = (row["variant"], str(row["model_version"]))
+            by_arm.setdefault(key, []).append(row)
+            latest[key] = position
+    arm_internals: dict[str, dict[str, Any]] = {}
+    arms = [
+        {
+            "variant": variant,
+            "model_version": version,
+            **_plain(_summary(arm_rows, route, evaluation, arm_internals, f"{variant}@{version}")),
+        }
+        for (variant, version), arm_rows in sorted(by_arm.items())
+    ]
+    # the champion's arm: its variant's most recently served version
+    champion_arms = [key for key in by_arm if key[0] == champion]
+    champion_arm = max(champion_arms, key=lambda key: latest[key]) if champion_arms else None
     comparisons = []
-    if route.evaluation:
-        for name in [*by_variant, *by_shadow]:
-            if name != champion:
-                comparisons.append(
-                    {
-                        "challenger": name,
-                        "champion": champion,
-                        "shadow": name in by_shadow,
-                        "differences": [
-                            asdict(d)
-                            for d in _differences(internals[name], internals[champion], evaluation)
-                        ],
-                    }
-                )
+    if route.evaluation and champion_arm is not None:
+        base = arm_internals[f"{champion_arm[0]}@{champion_arm[1]}"]
+        challengers: list[tuple[str, str | None, dict[str, Any], bool]] = [
+            (variant, version, arm_internals[f"{variant}@{version}"], False)
+            for variant, version in sorted(by_arm)
+            if (variant, version) != champion_arm
+        ]
+        challengers += [(name, None, internals[name], True) for name in by_shadow]
+        for name, version, measured, shadow in challengers:
+            comparisons.append(
+                {
+                    "challenger": name,
+                    "challenger_version": version,
+                    "champion": champion,
+                    "champion_version": champion_arm[1],
+                    "shadow": shadow,
+                    "differences": [asdict(d) for d in _differences(measured, base, evaluation)],
+                }
+            )
     current = {v.name: v.weight for v in route.variants}
     live_rows = [r for r in rows if not r.get("shadow")]
     return {
@@ -377,6 +405,7 @@ def build_report(
         "until": until,
         "champion": champion,
         "variants": {name: _plain(v) for name, v in variants.items()},
+        "arms": arms,
         "shadows": {name: _plain(v) for name, v in shadows.items()},
         "comparisons": comparisons,
         "sample_ratio": {
