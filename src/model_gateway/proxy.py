@@ -256,6 +256,8 @@ class ProxyApp:
                     internal = GatewayError("the gateway failed to handle the request")
                     ids = [(b"x-prediction-id", prediction_id.encode())]
                     with contextlib.suppress(Exception):
+                        if exchange.durable is not None:  # on disk before it leaves
+                            await exchange.durable(500)
                         await _send_error(send, internal, ids)
             finally:
                 metrics.requests_in_flight -= 1
