@@ -11,6 +11,8 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model_gateway.records import canonical_label
+
 from .conftest import GatewayFactory, RunningGateway, Upstream, route, wait_until
 
 
@@ -220,7 +222,11 @@ valid_item = st.fixed_dictionaries(
         "label": st.one_of(
             st.integers(-5, 5),
             st.booleans(),
-            st.text(st.characters(blacklist_characters="\x00"), max_size=10),
+            # a label is text with something in it besides spaces (and not a number past
+            # a float's range, which the label table refuses too)
+            st.text(st.characters(blacklist_characters="\x00"), max_size=10).filter(
+                lambda t: canonical_label(t) is not None
+            ),
             st.floats(allow_nan=False, allow_infinity=False),
         ),
         "timestamp": st.one_of(st.integers(0, 2**31), st.just("2026-01-01T00:00:00+02:00")),
@@ -253,6 +259,10 @@ invalid_item = st.one_of(
         }
     ),
     st.fixed_dictionaries({"prediction_id": st.just(""), "label": st.integers()}),
+    # a label of nothing but spaces, or empty
+    st.fixed_dictionaries(
+        {"prediction_id": st.just("p"), "label": st.sampled_from(["", " ", "\t", "  \n"])}
+    ),
     # NUL, which no store keeps, in any text of an item
     st.fixed_dictionaries(
         {
