@@ -226,7 +226,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
                     bounds[bound] = parse_rfc3339(params[bound])
                 except ValueError as exc:
                     return error_response(400, "bad_request", f"{bound}: {exc}")
-        until = bounds.get("until", time.time())
+        until = bounds.get("until", time.time() - label_horizon(routes[name]))
         since = bounds.get("since", until - DAY)
         if since >= until:
             return error_response(400, "bad_request", "since must be before until")
@@ -269,6 +269,11 @@ async def route_report(store: Store, route: RouteConfig, since: float, until: fl
             weights_at[version] = weights
     # the statistics are CPU work: keep them off the event loop
     return await asyncio.to_thread(build_report, rows, route, since, until, weights_at)
+
+
+def label_horizon(route: RouteConfig) -> float:
+    """How long before now a report's default window ends: the route's label horizon."""
+    return route.evaluation.label_horizon if route.evaluation is not None else 0.0
 
 
 def route_weights(text: str, route_name: str) -> dict[str, float] | None:

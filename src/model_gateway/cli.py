@@ -84,16 +84,19 @@ def _with_store(loaded: LoadedConfig, work: Callable[[Store], Awaitable[T]]) -> 
 
 
 def _route_and_window(
-    args: argparse.Namespace, loaded: LoadedConfig
+    args: argparse.Namespace, loaded: LoadedConfig, *, horizon: bool = False
 ) -> tuple[RouteConfig, float, float]:
-    from .admin import DAY
+    """The route and [since, until) asked for; ``horizon``: a window with no end given ends
+    the route's label horizon before now (a report's)."""
+    from .admin import DAY, label_horizon
 
     routes = {r.name: r for r in loaded.config.routes}
     name = args.route or (next(iter(routes)) if len(routes) == 1 else None)
     if name not in routes:
         print(f"--route: one of {', '.join(sorted(routes))} is required", file=sys.stderr)
         raise SystemExit(2)
-    until = args.until if args.until is not None else time.time()
+    end = time.time() - (label_horizon(routes[name]) if horizon else 0.0)
+    until = args.until if args.until is not None else end
     since = args.since if args.since is not None else until - DAY
     return routes[name], since, until
 
@@ -104,7 +107,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .admin import format_rfc3339, route_report
 
     loaded = _load_or_exit(args.config)
-    route, since, until = _route_and_window(args, loaded)
+    route, since, until = _route_and_window(args, loaded, horizon=True)
     report = _with_store(loaded, lambda store: route_report(store, route, since, until))
     report["since"], report["until"] = format_rfc3339(since), format_rfc3339(until)
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

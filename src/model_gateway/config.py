@@ -246,6 +246,9 @@ class EvaluationConfig(_Strict):
     positive_label: str | int | bool = 1
     #: binary tasks without a prediction pointer: predicted positive when score >= threshold
     threshold: float = Field(default=0.5, ge=0, le=1)
+    #: seconds labels take to arrive (chargebacks: weeks): a report's default window ends
+    #: this long before now, so that recent predictions, not labelled yet, are left out
+    label_horizon: float = Field(default=0.0, ge=0)
 
     @field_validator("prediction", "score")
     @classmethod

@@ -283,6 +283,37 @@ def sample_ratio_over_time(
     }
 
 
+def label_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The share of each live variant's experiment predictions that have a label, compared
+    across variants (chi-square test of independence, flagged as the split is): when labels
+    reach one variant's predictions more than another's, the comparisons measure different
+    populations."""
+    predictions: dict[str, int] = {}
+    labelled: dict[str, int] = {}
+    for row in rows:
+        if row.get("shadow") or not in_experiment(row):
+            continue
+        name = row["variant"]
+        predictions[name] = predictions.get(name, 0) + 1
+        labelled[name] = labelled.get(name, 0) + (row["label"] is not None)
+    names = sorted(predictions)
+    out: dict[str, Any] = {
+        "predictions": {n: predictions[n] for n in names},
+        "labelled": {n: labelled[n] for n in names},
+        "share": {n: labelled[n] / predictions[n] for n in names},
+    }
+    table = [[labelled[n] for n in names], [predictions[n] - labelled[n] for n in names]]
+    if len(names) < 2 or 0 in (sum(table[0]), sum(table[1])):
+        return {**out, "chi2": None, "p_value": None, "mismatch": False}
+    chi2, p_value, _, _ = stats.chi2_contingency(table, correction=False)
+    return {
+        **out,
+        "chi2": float(chi2),
+        "p_value": float(p_value),
+        "mismatch": bool(p_value < SRM_ALPHA),
+    }
+
+
 def _latency(latencies: Sequence[float]) -> dict[str, float | None]:
     if not latencies:
         return {"p50": None, "p95": None, "p99": None}
@@ -412,6 +443,7 @@ def build_report(
             "weights": current,
             **sample_ratio_over_time(live_rows, weights_at or {}, current),
         },
+        "label_coverage": label_coverage(live_rows),
     }
 
 
