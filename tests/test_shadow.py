@@ -300,6 +300,16 @@ def test_labels_of_live_predictions_measure_the_shadow_in_the_report(
     assert report["variants"]["a"]["labelled"] == 45
     (comparison,) = report["comparisons"]
     assert comparison["challenger"] == "b" and comparison["shadow"] is True
+    # paired on the same requests: McNemar's discordant pairs counted from the records
+    live_predicted = [int(live[p]["predicted"]) for p in labelled]
+    paired = comparison["paired"]
+    assert paired["pairs"] == 45
+    assert paired["live_only"] == sum(
+        lp == t != sp for lp, sp, t in zip(live_predicted, shadow_predicted, y, strict=True)
+    )
+    assert paired["shadow_only"] == sum(
+        sp == t != lp for lp, sp, t in zip(live_predicted, shadow_predicted, y, strict=True)
+    )
     # feedback by request id joined the live prediction, never its copy
     assert all(rec["shadow"] == 0 for rec in _joined(gw.db_path))
 

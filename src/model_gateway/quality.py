@@ -283,6 +283,47 @@ def sample_ratio_over_time(
     }
 
 
+def paired_accuracy(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A shadow against the live answers to the same labelled requests: McNemar's test on
+    the discordant pairs (``live_only``: the live answer right and the shadow's wrong;
+    ``shadow_only``: the reverse), Pearson's chi-square without continuity correction, and
+    the paired difference in accuracy (shadow minus live) with its Wald interval. An
+    unpaired test on paired data ignores that both answered the same requests, and is far
+    weaker: 1,000 requests with 45 and 20 discordant pairs give McNemar p 0.0019 where the
+    two-proportion test gives 0.15."""
+    pairs = [
+        (str(r["live_predicted"]) == str(r["label"]), str(r["predicted"]) == str(r["label"]))
+        for r in rows
+        if r["label"] is not None
+        and r["predicted"] is not None
+        and r.get("live_predicted") is not None
+    ]
+    n = len(pairs)
+    live_only = sum(1 for live, shadow in pairs if live and not shadow)
+    shadow_only = sum(1 for live, shadow in pairs if shadow and not live)
+    out: dict[str, Any] = {
+        "test": "mcnemar",
+        "pairs": n,
+        "live_only": live_only,
+        "shadow_only": shadow_only,
+    }
+    discordant = live_only + shadow_only
+    if n == 0 or discordant == 0:
+        return {**out, "difference": 0.0 if n else None, "low": None, "high": None,
+                "chi2": None, "p_value": None}  # fmt: skip
+    difference = (shadow_only - live_only) / n
+    se = math.sqrt(max(discordant - (shadow_only - live_only) ** 2 / n, 0.0)) / n
+    chi2 = (shadow_only - live_only) ** 2 / discordant
+    return {
+        **out,
+        "difference": difference,
+        "low": difference - Z95 * se,
+        "high": difference + Z95 * se,
+        "chi2": chi2,
+        "p_value": float(stats.chi2.sf(chi2, 1)),
+    }
+
+
 def label_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The share of each live variant's experiment predictions that have a label, compared
     across variants (chi-square test of independence, flagged as the split is): when labels
@@ -407,7 +448,7 @@ def build_report(
     # the champion's arm: its variant's most recently served version
     champion_arms = [key for key in by_arm if key[0] == champion]
     champion_arm = max(champion_arms, key=lambda key: latest[key]) if champion_arms else None
-    comparisons = []
+    comparisons: list[dict[str, Any]] = []
     if route.evaluation and champion_arm is not None:
         base = arm_internals[f"{champion_arm[0]}@{champion_arm[1]}"]
         challengers: list[tuple[str, str | None, dict[str, Any], bool]] = [
@@ -427,6 +468,9 @@ def build_report(
                     "differences": [asdict(d) for d in _differences(measured, base, evaluation)],
                 }
             )
+            if shadow and evaluation.task in ("binary", "multiclass"):
+                # a shadow answered the same requests as the live variants: paired
+                comparisons[-1]["paired"] = paired_accuracy(by_shadow[name])
     current = {v.name: v.weight for v in route.variants}
     live_rows = [r for r in rows if not r.get("shadow")]
     return {
