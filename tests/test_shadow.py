@@ -310,6 +310,13 @@ def test_labels_of_live_predictions_measure_the_shadow_in_the_report(
     assert paired["shadow_only"] == sum(
         sp == t != lp for lp, sp, t in zip(live_predicted, shadow_predicted, y, strict=True)
     )
+    live_scores = [live[p]["score"] for p in labelled]
+    assert paired["auc"]["test"] == "delong"
+    assert paired["auc"]["live"] == pytest.approx(sk.roc_auc_score(y, live_scores))
+    assert paired["auc"]["shadow"] == pytest.approx(sk.roc_auc_score(y, shadow_scores))
+    assert paired["f1"]["difference"] == pytest.approx(
+        sk.f1_score(y, shadow_predicted) - sk.f1_score(y, live_predicted)
+    )
     # feedback by request id joined the live prediction, never its copy
     assert all(rec["shadow"] == 0 for rec in _joined(gw.db_path))
 

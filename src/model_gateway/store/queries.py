@@ -23,7 +23,8 @@ ORDER BY f.received_at
 REPORT_ROWS = """
 SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
-       l.label, p.shadow, live.predicted AS live_predicted, p.config_version, p.assignment,
+       l.label, p.shadow, live.predicted AS live_predicted, live.score AS live_score,
+       p.config_version, p.assignment,
        p.inference
 FROM predictions p
 LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
