@@ -167,7 +167,7 @@ def test_report_from_a_real_gateway_equals_sklearn(
         assert got["model_versions"] == [{"a": "1", "b": "2"}[variant]]
     (comparison,) = report["comparisons"]
     assert comparison["challenger"] == "b"
-    by_metric = {d["metric"]: d for d in comparison["differences"]}
+    by_metric = {d["metric"]: d for d in comparison["fixed_horizon"]}
     for metric in ("precision", "recall", "accuracy", "f1", "auc"):
         d = by_metric[metric]
         expected = (

@@ -10,7 +10,7 @@ import base64
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .config import RouteConfig, ShadowConfig, VariantConfig
+from .config import ExperimentConfig, RouteConfig, ShadowConfig, VariantConfig
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
 from .feedback import (
     MAX_ITEMS,
@@ -231,8 +231,41 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         if since >= until:
             return error_response(400, "bad_request", "since must be before until")
         result = await route_report(gateway.store, routes[name], since, until)
-        result["since"], result["until"] = format_rfc3339(since), format_rfc3339(until)
-        return json_response(result)
+        return json_response(presented(result))
+
+    async def experiments(request: Request) -> Response:
+        return json_response(
+            {
+                "experiments": [
+                    {
+                        "id": r.experiment.id,
+                        "route": r.name,
+                        "start": format_rfc3339(r.experiment.start.timestamp()),
+                        "champion": r.experiment.champion,
+                        "primary_metric": r.experiment.primary_metric,
+                    }
+                    for r in gateway.loaded.config.routes
+                    if r.experiment is not None
+                ]
+            }
+        )
+
+    async def experiment(request: Request) -> Response:
+        wanted = request.path_params["experiment_id"]
+        route = find_experiment(gateway.loaded.config.routes, wanted)
+        if route is None or route.experiment is None:
+            return error_response(
+                404, "not_found", "no experiment of the live configuration has that id"
+            )
+        until = None
+        if "until" in request.query_params:
+            try:
+                until = parse_rfc3339(request.query_params["until"])
+            except ValueError as exc:
+                return error_response(400, "bad_request", f"until: {exc}")
+        since, until = experiment_window(route, route.experiment, until)
+        result = await route_report(gateway.store, route, since, until)
+        return json_response(presented(result))
 
     async def dead_letters(request: Request) -> Response:
         raw = request.query_params.get("limit", "100")
@@ -248,6 +281,8 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         Route("/healthz", healthz),
         Route("/admin/dead-letters", guarded(dead_letters)),
         Route("/admin/report", guarded(report)),
+        Route("/admin/experiments", guarded(experiments)),
+        Route("/admin/experiments/{experiment_id}", guarded(experiment)),
         Route("/metrics", metrics),
         Route("/admin/predictions/{prediction_id}", guarded(prediction)),
         Route("/admin/reload", guarded(reload), methods=["POST"]),
@@ -269,6 +304,33 @@ async def route_report(store: Store, route: RouteConfig, since: float, until: fl
             weights_at[version] = weights
     # the statistics are CPU work: keep them off the event loop
     return await asyncio.to_thread(build_report, rows, route, since, until, weights_at)
+
+
+def presented(report: dict[str, Any]) -> dict[str, Any]:
+    """A report as answered: its instants as RFC 3339 text."""
+    report["since"], report["until"] = (
+        format_rfc3339(report["since"]),
+        format_rfc3339(report["until"]),
+    )
+    start = report["experiment"]["start"]
+    if start is not None:
+        report["experiment"]["start"] = format_rfc3339(start)
+    return report
+
+
+def find_experiment(routes: Sequence[RouteConfig], experiment_id: str) -> RouteConfig | None:
+    """The route whose experiment has this id (ids are unique in a configuration)."""
+    return next((r for r in routes if r.experiment and r.experiment.id == experiment_id), None)
+
+
+def experiment_window(
+    route: RouteConfig, experiment: ExperimentConfig, until: float | None
+) -> tuple[float, float]:
+    """An experiment's report counts from its start to ``until``, by default the route's
+    label horizon before now (a window that has not begun yet is empty)."""
+    since = experiment.start.timestamp()
+    end = until if until is not None else time.time() - label_horizon(route)
+    return since, max(since, end)
 
 
 def label_horizon(route: RouteConfig) -> float:

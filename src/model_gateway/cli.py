@@ -104,12 +104,26 @@ def _route_and_window(
 def cmd_report(args: argparse.Namespace) -> int:
     import orjson
 
-    from .admin import format_rfc3339, route_report
+    from .admin import experiment_window, find_experiment, presented, route_report
 
     loaded = _load_or_exit(args.config)
-    route, since, until = _route_and_window(args, loaded, horizon=True)
-    report = _with_store(loaded, lambda store: route_report(store, route, since, until))
-    report["since"], report["until"] = format_rfc3339(since), format_rfc3339(until)
+    if args.experiment is not None:
+        found = find_experiment(loaded.config.routes, args.experiment)
+        if found is None or found.experiment is None:
+            ids = [r.experiment.id for r in loaded.config.routes if r.experiment]
+            print(
+                f"--experiment: one of {', '.join(ids) or '(none configured)'} is required",
+                file=sys.stderr,
+            )
+            return 2
+        if args.since is not None or args.route is not None:
+            print("--experiment counts from its start: no --since or --route", file=sys.stderr)
+            return 2
+        route = found
+        since, until = experiment_window(found, found.experiment, args.until)
+    else:
+        route, since, until = _route_and_window(args, loaded, horizon=True)
+    report = presented(_with_store(loaded, lambda store: route_report(store, route, since, until)))
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
@@ -229,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="per-variant quality, latency and errors of a route, as JSON"
     )
     with_window(report)
+    report.add_argument(
+        "--experiment", help="an experiment's id: its report from its start (default: until now)"
+    )
     report.set_defaults(func=cmd_report)
 
     export = commands.add_parser("export", help="predictions joined with labels, to a file")

@@ -8,6 +8,7 @@ values are replaced from the environment, so secrets need not sit in the file.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +17,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import ConfigError
 
@@ -258,6 +266,42 @@ class EvaluationConfig(_Strict):
         return pointer
 
 
+#: the metrics an experiment can judge, per task: those with a variance the sequential test
+#: can use (macro averages of a multiclass task have none, and stay descriptive)
+EXPERIMENT_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("f1", "precision", "recall", "accuracy", "auc", "error_ratio"),
+    "multiclass": ("accuracy", "error_ratio"),
+    "regression": ("mae", "rmse", "error_ratio"),
+}
+
+
+class ExperimentConfig(_Strict):
+    """A route's A/B experiment: who is compared with whom, on what, since when, how strictly."""
+
+    #: named in ``GET /admin/experiments/{id}`` and ``model-gateway report --experiment``
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: the report of the experiment counts the predictions made from this instant on
+    start: AwareDatetime
+    #: the variant every other arm is compared with (YAML order plays no part)
+    champion: str
+    #: the metric the experiment decides on, tested at the full alpha
+    primary_metric: str
+    #: metrics that must not get worse; Holm's procedure across them and the challengers
+    guardrails: list[str] = []
+    #: the smallest difference worth acting on, in the metric's own units (0.02: two points
+    #: of precision); a number for every metric, or one per metric name
+    minimum_detectable_effect: float | dict[str, float] | None = None
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+
+    @field_validator("minimum_detectable_effect")
+    @classmethod
+    def _positive(cls, effect: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = effect.values() if isinstance(effect, dict) else [effect]
+        if any(v is not None and not (v > 0 and math.isfinite(v)) for v in values):
+            raise ValueError("must be a finite number > 0")
+        return effect
+
+
 class RouteConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
@@ -280,6 +324,8 @@ class RouteConfig(_Strict):
     health: HealthConfig = HealthConfig()
     #: set to measure precision, recall, F1 (or MAE/RMSE) from /feedback labels
     evaluation: EvaluationConfig | None = None
+    #: an A/B experiment over the variants, judged by always-valid sequential tests
+    experiment: ExperimentConfig | None = None
     variants: list[VariantConfig] = Field(min_length=1)
     #: copies of live traffic (Seldon's shadow, Istio's mirror): logged, never answered
     shadows: list[ShadowConfig] = []
@@ -418,6 +464,7 @@ def _describe(err: Any) -> str:
 def _cross_field_problems(config: GatewayConfig) -> list[str]:
     problems: list[str] = []
     route_names: set[str] = set()
+    experiment_ids: set[str] = set()
     route_keys: set[tuple[str, str]] = set()
     for i, route in enumerate(config.routes):
         where = f"routes[{i}]"
@@ -454,4 +501,45 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
                 f"{where}.evaluation.prediction: required with a score on a {evaluation.task}"
                 " route (only a binary label can be derived from a score and the threshold)"
             )
+        if route.experiment is not None:
+            if route.experiment.id in experiment_ids:
+                problems.append(
+                    f"{where}.experiment.id: another route's experiment is {route.experiment.id!r}"
+                )
+            experiment_ids.add(route.experiment.id)
+            problems += _experiment_problems(route, route.experiment, where)
+    return problems
+
+
+def _experiment_problems(route: RouteConfig, experiment: ExperimentConfig, where: str) -> list[str]:
+    where += ".experiment"
+    if route.evaluation is None:
+        return [f"{where}: needs the route's evaluation section (how a prediction is read)"]
+    problems = []
+    variants = [v.name for v in route.variants]
+    if experiment.champion not in variants:
+        problems.append(
+            f"{where}.champion: {experiment.champion!r} is not a variant of this route"
+            f" (one of {', '.join(variants)})"
+        )
+    known = EXPERIMENT_METRICS[route.evaluation.task]
+    named = [("primary_metric", experiment.primary_metric)] + [
+        (f"guardrails[{i}]", m) for i, m in enumerate(experiment.guardrails)
+    ]
+    for field, metric in named:
+        if metric not in known:
+            problems.append(
+                f"{where}.{field}: {metric!r} is not a metric of a {route.evaluation.task}"
+                f" experiment (one of {', '.join(known)})"
+            )
+    seen = [m for _, m in named]
+    for metric in sorted({m for m in seen if seen.count(m) > 1}):
+        problems.append(f"{where}.guardrails: {metric!r} is named twice")
+    if isinstance(experiment.minimum_detectable_effect, dict):
+        for metric in experiment.minimum_detectable_effect:
+            if metric not in seen:
+                problems.append(
+                    f"{where}.minimum_detectable_effect.{metric}: not the primary metric"
+                    " or a guardrail of this experiment"
+                )
     return problems

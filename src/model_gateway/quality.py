@@ -4,9 +4,11 @@ Pure functions over plain lists; :func:`build_report` turns a route's rows from 
 the report that ``GET /admin/report`` and ``model-gateway report`` show. Intervals are 95 %:
 Wilson for proportions (precision, recall, accuracy, error ratio), Hanley-McNeil for AUC, a
 seeded bootstrap for F1 and RMSE, the normal approximation for MAE. Differences between a
-challenger and the champion (the route's first variant) come with an interval and a
-two-sided p-value; the split of the randomly assigned requests is checked with a chi-square
-test against the weights live at each request (sample ratio mismatch).
+challenger and the champion (named by the route's experiment; else its first variant) come
+with fixed-horizon intervals and p-values (valid for one look, planned in advance) and with
+the always-valid sequential tests and decisions of :mod:`.experiments`; the split of the
+randomly assigned requests is checked with a chi-square test against the weights live at
+each request (sample ratio mismatch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from scipy import stats
 
 from .config import EvaluationConfig, RouteConfig
+from .experiments import Settings, judge, measures, settings_of
 from .records import canonical_label
 
 Z95 = 1.959963984540054
@@ -68,12 +71,17 @@ def auc_with_se(positive: Sequence[bool], scores: Sequence[float]) -> tuple[floa
     if n_pos == 0 or n_neg == 0:
         return None
     ranks = stats.rankdata(np.asarray(scores, dtype=float))
-    auc = (ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    auc = float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return auc, hanley_mcneil_se(auc, n_pos, n_neg)
+
+
+def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """The standard error of an AUC by Hanley and McNeil (1982)."""
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
     variance = (
         auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)
     ) / (n_pos * n_neg)
-    return float(auc), math.sqrt(max(variance, 0.0))
+    return math.sqrt(max(variance, 0.0))
 
 
 def _bootstrap(values: np.ndarray, statistic: Any) -> tuple[float, float] | None:
@@ -526,7 +534,8 @@ def build_report(
         agreed = sum(1 for r in compared if r["predicted"] == r["live_predicted"])
         shadows[name]["compared_with_live"] = len(compared)
         shadows[name]["agreement_with_live"] = wilson(agreed, len(compared))
-    champion = route.variants[0].name
+    settings = settings_of(route)
+    champion = settings.champion
     # Arms: each (variant, served model version) apart, so that a variant redeployed with
     # another model under the same name is two arms, never one.
     by_arm: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -565,7 +574,7 @@ def build_report(
                     "champion": champion,
                     "champion_version": champion_arm[1],
                     "shadow": shadow,
-                    "differences": [asdict(d) for d in _differences(measured, base, evaluation)],
+                    "fixed_horizon": [asdict(d) for d in _differences(measured, base, evaluation)],
                 }
             )
             if shadow and evaluation.task in ("binary", "multiclass"):
@@ -575,6 +584,7 @@ def build_report(
                     positive_label = canonical_label(evaluation.positive_label) or ""
                     paired.update(_paired_binary(by_shadow[name], positive_label))
                 comparisons[-1]["paired"] = paired
+        _attach_decisions(comparisons, challengers, base, settings, evaluation.task)
     current = {v.name: v.weight for v in route.variants}
     live_rows = [r for r in rows if not r.get("shadow")]
     return {
@@ -583,6 +593,7 @@ def build_report(
         "since": since,
         "until": until,
         "champion": champion,
+        "experiment": settings.describe(),
         "variants": {name: _plain(v) for name, v in variants.items()},
         "arms": arms,
         "shadows": {name: _plain(v) for name, v in shadows.items()},
@@ -593,6 +604,29 @@ def build_report(
         },
         "label_coverage": label_coverage(live_rows),
     }
+
+
+def _attach_decisions(
+    comparisons: list[dict[str, Any]],
+    challengers: list[tuple[str, str | None, dict[str, Any], bool]],
+    champion: dict[str, Any],
+    settings: Settings,
+    task: str,
+) -> None:
+    """Each comparison's sequential tests and decision (:mod:`.experiments`): the live arms as
+    one family, the shadows as another (tested as if independent of the live answers, which
+    is conservative for paired answers; the paired tests are fixed-horizon figures)."""
+    base = measures(champion, task)
+    for shadow in (False, True):
+        picked = [
+            (index, measures(measured, task))
+            for index, (_, _, measured, is_shadow) in enumerate(challengers)
+            if is_shadow == shadow
+        ]
+        judged = judge(base, [(str(i), found) for i, found in picked], settings)
+        for index, _ in picked:
+            comparisons[index]["decision"] = judged[str(index)]["decision"]
+            comparisons[index]["sequential"] = judged[str(index)]["metrics"]
 
 
 def _summary(
@@ -611,7 +645,11 @@ def _summary(
         r for r in rows if (r.get("shadow") and r.get("inference", True)) or in_experiment(r)
     ]
     quality = _variant_quality(measured, evaluation) if route.evaluation else {"labelled": 0}
-    internals[name] = quality
+    internals[name] = {
+        **quality,
+        "experiment_requests": len(measured),
+        "experiment_errors": sum(1 for r in measured if r["status"] >= 500),
+    }
     return {
         "requests": len(rows),
         "model_versions": sorted({r["model_version"] for r in rows}),
