@@ -148,8 +148,10 @@ def test_admin_token_from_the_environment(
 ) -> None:
     monkeypatch.setenv("MODEL_GATEWAY_ADMIN_TOKEN", "from-env")
     gw = gateway([route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])])
-    for path in ("/admin/routing", "/admin/predictions/x"):
-        assert httpx.get(f"{gw.url}{path}").status_code == 401
+    every = ("/admin/routing", "/admin/predictions/x", "/admin/report", "/admin/dead-letters",
+             "/admin/experiments", "/admin/experiments/x")  # fmt: skip
+    for path in every:
+        assert httpx.get(f"{gw.url}{path}").status_code == 401, path
     assert httpx.post(f"{gw.url}/admin/reload").status_code == 401
     ok = {"Authorization": "Bearer from-env"}
     assert httpx.get(f"{gw.url}/admin/routing", headers=ok).status_code == 200
