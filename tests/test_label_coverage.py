@@ -12,7 +12,7 @@ import httpx
 import pytest
 from scipy import stats
 
-from model_gateway.quality import SRM_ALPHA, label_coverage
+from model_gateway.splits import SRM_ALPHA, label_coverage
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 from .test_feedback import EVALUATION, features

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from scipy import stats
 
-from model_gateway.quality import paired_accuracy, proportion_difference
+from model_gateway.estimates import proportion_difference
+from model_gateway.paired import paired_accuracy
 
 
 def pairs(live_only: int, shadow_only: int, both: int, neither: int) -> list[dict[str, Any]]:
@@ -107,7 +108,7 @@ def test_delong_equals_the_papers_formula(seed: int) -> None:
     equal scikit-learn's, and the variance and p-value the paper's formula, to 1e-9."""
     import sklearn.metrics as sk
 
-    from model_gateway.quality import delong_paired
+    from model_gateway.paired import delong_paired
 
     rng = random.Random(seed)
     y = [rng.random() < 0.4 for _ in range(150)]
@@ -131,7 +132,7 @@ def test_paired_bootstrap_f1() -> None:
     with p < 0.05 and an interval above 0."""
     import sklearn.metrics as sk
 
-    from model_gateway.quality import paired_bootstrap_f1
+    from model_gateway.paired import paired_bootstrap_f1
 
     rng = random.Random(9)
     y = [rng.random() < 0.5 for _ in range(400)]

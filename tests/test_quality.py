@@ -18,13 +18,8 @@ from hypothesis import strategies as st
 from sklearn import metrics as sk
 
 from model_gateway.cli import main
-from model_gateway.quality import (
-    binary_quality,
-    multiclass_quality,
-    regression_quality,
-    sample_ratio_mismatch,
-    wilson,
-)
+from model_gateway.estimates import binary_quality, multiclass_quality, regression_quality, wilson
+from model_gateway.splits import sample_ratio_over_time
 
 from .conftest import GatewayFactory, Upstream
 from .test_feedback import fraud_gateway, predict, wait_for_label
@@ -100,9 +95,16 @@ def test_wilson_interval_and_sample_ratio_mismatch() -> None:
         and e.high == pytest.approx(0.8666, abs=1e-4)
     )
     assert wilson(0, 0).value is None
-    fair = sample_ratio_mismatch({"a": 905, "b": 95}, {"a": 90, "b": 10})
+    weights = {"a": 90.0, "b": 10.0}
+
+    def split(a: int, b: int) -> dict:
+        rows = [{"variant": "a", "assignment": "random"}] * a
+        return sample_ratio_over_time(rows + [{"variant": "b", "assignment": "random"}] * b,
+                                      {}, weights)  # fmt: skip
+
+    fair = split(905, 95)
     assert fair["mismatch"] is False and fair["p_value"] > 0.05
-    skewed = sample_ratio_mismatch({"a": 800, "b": 200}, {"a": 90, "b": 10})
+    skewed = split(800, 200)
     assert skewed["mismatch"] is True and skewed["p_value"] < 1e-10
 
 

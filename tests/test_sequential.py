@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from scipy import optimize
 from statsmodels.stats.multitest import multipletests
 
+from model_gateway.estimates import Estimate, hanley_mcneil_se, proportion_difference
 from model_gateway.experiments import (
     BETTER,
     KEEP_RUNNING,
@@ -25,7 +26,6 @@ from model_gateway.experiments import (
     judge,
     measures,
 )
-from model_gateway.quality import Estimate, hanley_mcneil_se, proportion_difference
 from model_gateway.sequential import (
     MIN_UNITS,
     always_valid_p,

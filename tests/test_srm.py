@@ -17,7 +17,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from model_gateway.quality import SRM_ALPHA, sample_ratio_over_time
+from model_gateway.splits import SRM_ALPHA, sample_ratio_over_time
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 
