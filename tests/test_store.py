@@ -117,6 +117,13 @@ def test_schema_records_configs_and_lookups(store_url: str) -> None:
         assert got["request_body"] == b"\x00\xffbody"
         assert got["reported_version"] == "1.1" and got["response_truncated"] == 1
         assert await store.get_prediction("nope") is None
+        # by the client's request id: the live predictions, latest first, at most limit
+        again = record(3)
+        await store.write_predictions([again.as_row()])
+        both = [again.prediction_id, records[3].prediction_id]
+        assert await store.predictions_of_request("req-3", 10) == both
+        assert await store.predictions_of_request("req-3", 1) == both[:1]
+        assert await store.predictions_of_request("req-none", 10) == []
         await store.record_config("v1", 100.0, "a.yaml", "routes: []")
         await store.record_config("v2", 200.0, "a.yaml", "routes: [x]")
         assert (await store.config_at(150.0))["version"] == "v1"  # type: ignore[index]
@@ -125,7 +132,7 @@ def test_schema_records_configs_and_lookups(store_url: str) -> None:
 
     asyncio.run(with_store(store_url, work))
     # opening again neither migrates nor loses anything
-    assert asyncio.run(with_store(store_url, lambda s: s.count_predictions())) == 10
+    assert asyncio.run(with_store(store_url, lambda s: s.count_predictions())) == 11
 
 
 def test_batches_of_any_size_are_written_whole_and_exact(store_url: str) -> None:

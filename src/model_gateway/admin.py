@@ -149,11 +149,25 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
     async def metrics(request: Request) -> Response:
         return Response(await gateway.state.metrics.scrape(), media_type=CONTENT_TYPE)
 
+    async def predictions(request: Request) -> Response:
+        request_id = request.query_params.get("request_id")
+        if not request_id:
+            return error_response(400, "bad_request", "request_id: the client's request id")
+        found = await gateway.store.predictions_of_request(request_id, 1000)
+        return json_response({"request_id": request_id, "predictions": found})
+
     async def prediction(request: Request) -> Response:
-        prediction_id = request.path_params["prediction_id"]
-        record = await gateway.store.get_prediction(prediction_id)
+        wanted = request.path_params["prediction_id"]
+        record = await gateway.store.get_prediction(wanted)
         if record is None:
-            return error_response(404, "not_found", f"no prediction {prediction_id!r}")
+            # the client's own id (X-Request-Id, or the id of a V2 request): its latest
+            latest = await gateway.store.predictions_of_request(wanted, 1)
+            record = await gateway.store.get_prediction(latest[0]) if latest else None
+        if record is None:
+            return error_response(
+                404, "not_found", f"no prediction or client request id {wanted!r}"
+            )
+        prediction_id = record["prediction_id"]
         out = _jsonable(record)
         labels = await gateway.store.feedback_for(prediction_id)
         out["feedback"] = [
@@ -284,6 +298,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         Route("/admin/experiments", guarded(experiments)),
         Route("/admin/experiments/{experiment_id}", guarded(experiment)),
         Route("/metrics", metrics),
+        Route("/admin/predictions", guarded(predictions)),
         Route("/admin/predictions/{prediction_id}", guarded(prediction)),
         Route("/admin/reload", guarded(reload), methods=["POST"]),
         Route("/feedback", feedback, methods=["POST"]),

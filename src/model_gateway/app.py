@@ -97,7 +97,8 @@ class GatewayApp:
 
     async def startup(self) -> None:
         storage = self.loaded.config.storage
-        metrics = Metrics(build_version=_package_version())
+        version = _package_version()
+        metrics = Metrics(build_version=version)
         metrics.start()
         await self._store.open()
         spool = Spool(storage.spool_path) if storage.durability == "answered" else None
@@ -133,6 +134,7 @@ class GatewayApp:
             health=HealthMonitor(metrics, session),
             mirror=ShadowMirror(upstream, writer, metrics),
             spool=spool,
+            version=version,
         )
         self.client_limits.on_close = metrics.client_connection_closed
         await self.activate(self.loaded, time.time(), self._state.active)

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .tensors import HEADER_LENGTH, encode, read_binary_body
+
 # (bias, weights) per version; versions not listed use the last one.
 _MODELS: dict[str, tuple[float, tuple[float, ...]]] = {
     "1": (-2.0, (0.8, 0.5, 0.3, -0.2)),
@@ -27,6 +29,45 @@ _MODELS: dict[str, tuple[float, tuple[float, ...]]] = {
 
 def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def _request_document(body: bytes, header_length: str | None) -> dict[str, Any]:
+    """An inference request, JSON or (binary tensor extension) a JSON header and bytes."""
+    if header_length is None:
+        doc = orjson.loads(body)
+    else:
+        doc = read_binary_body(body, int(header_length))
+        if doc is None:
+            raise ValueError("the binary body does not hold what its header says")
+    if not isinstance(doc, dict):
+        raise TypeError("the request is not a JSON object")
+    return doc
+
+
+def _answer(
+    body: dict[str, Any], outputs: list[dict[str, Any]], request: dict[str, Any]
+) -> Response:
+    """The outputs the request asks for (all when it names none), each as JSON or, when asked
+    (``binary_data`` per output, ``binary_data_output`` for all), as bytes after the JSON."""
+    parameters = request.get("parameters") or {}
+    everything_binary = bool(parameters.get("binary_data_output"))
+    asked = {o["name"]: o.get("parameters") or {} for o in request.get("outputs") or []}
+    chosen = [o for o in outputs if not asked or o["name"] in asked]
+    tail = []
+    for output in chosen:
+        if asked.get(output["name"], {}).get("binary_data", everything_binary):
+            raw = encode(output["datatype"], output.pop("data"))
+            output["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+    body["outputs"] = chosen
+    head = orjson.dumps(body)
+    if not tail:
+        return Response(head, media_type="application/json")
+    return Response(
+        head + b"".join(tail),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
 
 
 def fraud_score(version: str, features: list[float]) -> float:
@@ -60,8 +101,11 @@ def create_model_server(model_name: str = "fraud", version: str = "1") -> Starle
     async def infer(request: Request) -> Response:
         if request.path_params["name"] != model_name:
             return _json({"error": f"unknown model {request.path_params['name']}"}, 404)
+        wanted = request.path_params.get("version")
+        if wanted is not None and wanted != version:
+            return _json({"error": f"unknown version {wanted} of model {model_name}"}, 404)
         try:
-            doc = orjson.loads(await request.body())
+            doc = _request_document(await request.body(), request.headers.get(HEADER_LENGTH))
             tensor = doc["inputs"][0]
             data = [float(x) for x in tensor["data"]]
             shape = tensor.get("shape", [1, len(data)])
@@ -72,22 +116,19 @@ def create_model_server(model_name: str = "fraud", version: str = "1") -> Starle
             return _json({"error": f"invalid inference request: {exc}"}, 400)
         rows = [data[i : i + width] for i in range(0, len(data), width)]
         scores = [round(fraud_score(version, row), 6) for row in rows]
-        body: dict[str, Any] = {
-            "model_name": model_name,
-            "model_version": version,
-            "outputs": [
-                {"name": "score", "datatype": "FP32", "shape": [len(rows)], "data": scores},
-                {
-                    "name": "label",
-                    "datatype": "INT64",
-                    "shape": [len(rows)],
-                    "data": [int(s >= 0.5) for s in scores],
-                },
-            ],
-        }
+        outputs = [
+            {"name": "score", "datatype": "FP32", "shape": [len(rows)], "data": scores},
+            {
+                "name": "label",
+                "datatype": "INT64",
+                "shape": [len(rows)],
+                "data": [int(s >= 0.5) for s in scores],
+            },
+        ]
+        body: dict[str, Any] = {"model_name": model_name, "model_version": version}
         if "id" in doc:
             body["id"] = doc["id"]
-        return _json(body)
+        return _answer(body, outputs, doc)
 
     return Starlette(
         routes=[
@@ -95,6 +136,8 @@ def create_model_server(model_name: str = "fraud", version: str = "1") -> Starle
             Route("/v2/health/ready", ready),
             Route("/v2/models/{name}", metadata),
             Route("/v2/models/{name}/ready", ready),
+            Route("/v2/models/{name}/versions/{version}", metadata),
+            Route("/v2/models/{name}/versions/{version}/ready", ready),
             Route("/v2/models/{name}/infer", infer, methods=["POST"]),
             Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         ]

@@ -6,6 +6,7 @@ Hierarchy::
     ├── BadRequestError          400  a request the gateway will not forward (e.g. "..")
     ├── NoRouteError             404  no route matches the path and method
     ├── UnknownVariantError      404  a forced variant the route does not have
+    ├── UnknownVersionError      404  a model version (V2 path) no variant of the route serves
     ├── RequestTimeoutError      408  the request's body stopped coming (client_body_timeout),
     │                                 or its head did not come (client_header_timeout)
     ├── PayloadTooLargeError     413  request body over the route's limit
@@ -21,6 +22,11 @@ Hierarchy::
 
     ConfigError                  invalid configuration; carries path-qualified messages
 
+On the paths of the Open Inference Protocol (``/v2``) and KServe V1 (``/v1/models/``), whose
+clients expect an error as ``{"error": "<text>"}`` (tritonclient concatenates it to a string),
+the body takes that shape; the code is in the ``X-Gateway-Error`` header of every error the
+gateway answers itself, whatever its path.
+
 A client that goes away before its answer began gets nothing (nobody is there to read it);
 its request is logged with :data:`CLIENT_CLOSED_REQUEST`, nginx's 499.
 
@@ -35,6 +41,8 @@ from typing import ClassVar, Final
 import orjson
 
 CLIENT_CLOSED_REQUEST: Final = 499
+#: the header that names the code of every error the gateway answers itself
+ERROR_CODE_HEADER: Final = b"x-gateway-error"
 
 
 class GatewayError(Exception):
@@ -62,7 +70,10 @@ class GatewayError(Exception):
         text = f"{self.reason}: {self.message}"
         return text if self.detail is None else f"{text}: {self.detail}"
 
-    def body(self) -> bytes:
+    def body(self, path: str = "") -> bytes:
+        """The answer's body for a request to ``path``: in its protocol's shape."""
+        if path == "/v2" or path.startswith(("/v2/", "/v1/models/")):
+            return orjson.dumps({"error": self.message})
         return orjson.dumps({"error": {"code": self.code, "message": self.message}})
 
 
@@ -82,6 +93,12 @@ class UnknownVariantError(GatewayError):
     status = 404
     code = "unknown_variant"
     reason = "unknown_variant"
+
+
+class UnknownVersionError(GatewayError):
+    status = 404
+    code = "unknown_version"
+    reason = "unknown_version"
 
 
 class RequestTimeoutError(GatewayError):

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from .errors import (
     CLIENT_CLOSED_REQUEST,
+    ERROR_CODE_HEADER,
     BadRequestError,
     GatewayError,
     LogUnavailableError,
@@ -27,6 +28,7 @@ from .errors import (
     RequestTimeoutError,
     ShuttingDownError,
     UnknownVariantError,
+    UnknownVersionError,
 )
 from .headers import (
     NOT_RELAYED,
@@ -37,6 +39,7 @@ from .headers import (
     header_value,
     upstream_target,
 )
+from .protocols import requested_version, server_answer
 from .records import PredictionRecord, new_prediction_id
 from .routing import (
     NOT_INFERENCE_METHODS,
@@ -82,6 +85,7 @@ class Exchange:
     """What one request learned on its way through; becomes the log record."""
 
     __slots__ = (
+        "answer_id",
         "durable",
         "error",
         "fell_back",
@@ -101,14 +105,19 @@ class Exchange:
         "target",
         "upstream_seconds",
         "variant",
+        "version",
     )
 
-    def __init__(self, variant: Variant, key: str | None, rand: float) -> None:
+    def __init__(self, variant: Variant, key: str | None, rand: float, version: str | None) -> None:
         #: the variant that answered: the one chosen, or another after a connect retry
         self.variant = variant
-        #: what chose the variant (routing key, uniform draw), to choose again on a retry
+        #: what chose the variant (routing key, uniform draw, the version the path names),
+        #: to choose again on a retry
         self.key = key
         self.rand = rand
+        self.version = version
+        #: the id a V2 answer repeats from its request
+        self.answer_id: str | None = None
         #: the headers sent upstream; set once the whole request body has been read
         self.forwarded_headers: list[tuple[bytes, bytes]] | None = None
         #: the path and query sent upstream, set with them
@@ -151,14 +160,13 @@ class ProxyApp:
 
         route = active.table.match(path, method)
         if route is None:
-            error: GatewayError = NoRouteError(f"no route for {method} {path}")
-            await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())])
-            self.state.metrics.observe_request("", "", "", error.status, 0.0)
+            await self._no_route(scope, send, active, prediction_id)
             return
 
         client = ClientHeaders(scope["headers"], route.routing_header)
         request_id, key = client.request_id, client.key
         rand = self._draw()
+        version = requested_version(path) if "/versions/" in path else None
         try:
             variant, assignment = choose_variant(
                 route,
@@ -166,9 +174,10 @@ class ProxyApp:
                 forced=client.forced,
                 rand=rand,
                 down=self.state.health.down.get(route.name),
+                version=version,
             )
-        except (UnknownVariantError, NoHealthyVariantError) as error:
-            await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())])
+        except (UnknownVariantError, UnknownVersionError, NoHealthyVariantError) as error:
+            await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())], path)
             self.state.metrics.observe_request(route.name, "", "", error.status, 0.0)
             return
 
@@ -186,13 +195,14 @@ class ProxyApp:
                 _answer_cancel()  # the stop ran out of time: the request ends here
                 refused = ShuttingDownError("the gateway stopped before the request began")
             if refused is not None:
-                await _send_error(send, refused, [(b"x-prediction-id", prediction_id.encode())])
+                ids = [(b"x-prediction-id", prediction_id.encode())]
+                await _send_error(send, refused, ids, path)
                 self.state.metrics.observe_request(route.name, "", "", refused.status, 0.0)
                 return
 
         queued = False
         try:
-            exchange = Exchange(variant, key, rand)
+            exchange = Exchange(variant, key, rand, version)
             spool = self.state.spool
             if spool is not None:
 
@@ -246,7 +256,7 @@ class ProxyApp:
                 # uvicorn cancels what still runs when a graceful stop's shutdown_timeout ends,
                 # then closes the log: the request is answered and logged here, before that
                 cut_off = True
-                await _cut_off(send, prediction_id, exchange)
+                await _cut_off(send, prediction_id, exchange, path)
             except Exception as fault:
                 # a fault of the gateway's own: the client still gets an answer, the log a record
                 log.exception("request %s failed inside the gateway", prediction_id)
@@ -258,7 +268,7 @@ class ProxyApp:
                     with contextlib.suppress(Exception):
                         if exchange.durable is not None:  # on disk before it leaves
                             await exchange.durable(500)
-                        await _send_error(send, internal, ids)
+                        await _send_error(send, internal, ids, path)
             finally:
                 metrics.requests_in_flight -= 1
             variant = exchange.variant
@@ -333,7 +343,7 @@ class ProxyApp:
         path: str = scope["path"]
         return PredictionRecord(
             prediction_id=prediction_id,
-            request_id=client.request_id,
+            request_id=client.request_id if client.request_id is not None else exchange.answer_id,
             route=route.name,
             variant=variant.name,
             model_name=route.model_name_for(path),
@@ -452,8 +462,31 @@ class ProxyApp:
                         await exchange.durable(error.status)
                 ours = gateway_headers(prediction_id, variant)
                 ours.append((b"x-model-version", header_value(variant.model_version)))
-                await _send_error(send, error, ours)
+                await _send_error(send, error, ours, scope["path"])
             # else the response had begun: the client sees a truncated body, as from nginx
+
+    async def _no_route(
+        self, scope: Scope, send: Any, active: ActiveConfig, prediction_id: str
+    ) -> None:
+        """A path no route claims: a V2 server-level call the gateway answers itself (see
+        :mod:`.protocols`), else 404 ``no_route``."""
+        method: str = scope["method"]
+        path: str = scope["path"]
+        answer = server_answer(
+            path, method, active.table.routes, self.state.health.down, self.state.version
+        )
+        if answer is None:
+            error = NoRouteError(f"no route for {method} {path}")
+            await _send_error(send, error, [(b"x-prediction-id", prediction_id.encode())], path)
+            self.state.metrics.observe_request("", "", "", error.status, 0.0)
+            return
+        status, body = answer
+        headers = [(b"content-length", str(len(body)).encode())]
+        if body:
+            headers.append((b"content-type", b"application/json"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        self.state.metrics.observe_request("", "", "", status, 0.0)
 
     def _next_variant(self, route: Route, exchange: Exchange, tried: set[str]) -> Variant | None:
         """Another variant for a request no variant in ``tried`` would connect for: chosen as
@@ -461,7 +494,12 @@ class ProxyApp:
         down = self.state.health.down.get(route.name, frozenset()) | tried
         try:
             variant, _ = choose_variant(
-                route, key=exchange.key, forced=None, rand=exchange.rand, down=down
+                route,
+                key=exchange.key,
+                forced=None,
+                rand=exchange.rand,
+                down=down,
+                version=exchange.version,
             )
         except NoHealthyVariantError:
             return None
@@ -494,14 +532,24 @@ class ProxyApp:
         ):
             body = await upstream.read()
             scope[WAITING_TASK] = None
-            doc = answers.document(body, content_type, plain=not encoded)
+            doc = answers.document(body, upstream.headers, plain=not encoded)
+            if doc is not None:
+                # a V2 answer repeats the request's "id": the client's own id for the
+                # prediction, when it sent no X-Request-Id (tritonclient sends none)
+                answer_id = doc.get("id")
+                if isinstance(answer_id, str):
+                    exchange.answer_id = answer_id
             exchange.reported_version = answers.version(upstream.headers, doc)
             if route.redactor.keep_bodies:
                 exchange.response_body = body
             version = exchange.reported_version or variant.model_version
             headers.extend(ours)
             headers.append((b"x-model-version", header_value(version)))
-            evaluates = answers.evaluates and 200 <= upstream.status < 300
+            evaluates = (
+                answers.evaluates
+                and 200 <= upstream.status < 300
+                and scope["method"] not in NOT_INFERENCE_METHODS
+            )
             if exchange.durable is not None:
                 if evaluates:
                     exchange.predicted, exchange.score = answers.prediction(doc)
@@ -605,18 +653,22 @@ def _answer_cancel() -> None:
         task.uncancel()
 
 
-async def _cut_off(send: Any, prediction_id: str, exchange: Exchange) -> None:
+async def _cut_off(send: Any, prediction_id: str, exchange: Exchange, path: str) -> None:
     _answer_cancel()  # the request ends here, as the cancel asked
     error = ShuttingDownError("the gateway stopped before the request was complete")
     exchange.error = error.log_text()
     if exchange.status == 0:
         exchange.status = error.status
-        await _send_error(send, error, gateway_headers(prediction_id, exchange.variant))
+        await _send_error(send, error, gateway_headers(prediction_id, exchange.variant), path)
     # else a response had begun: it stays incomplete, and uvicorn closes the connection
 
 
-async def _send_error(send: Any, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
-    body = error.body()
+async def _send_error(
+    send: Any, error: GatewayError, headers: list[tuple[bytes, bytes]], path: str
+) -> None:
+    """The gateway's own error, in the shape of the protocol of ``path``, its code in a header."""
+    body = error.body(path)
+    headers = [*headers, (ERROR_CODE_HEADER, error.code.encode())]
     if error.closes_connection:
         headers = [*headers, (b"connection", b"close")]
     await send(

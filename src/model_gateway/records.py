@@ -13,6 +13,7 @@ import orjson
 import uuid_utils
 
 from .config import RouteConfig
+from .tensors import HEADER_LENGTH, read_binary_body
 
 # Open Inference Protocol V2 and KServe V1 name the model in the path.
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
@@ -410,12 +411,19 @@ class AnswerReader:
             self.negative = "0" if self.positive == "1" else f"not {self.positive}"
         self.reads_body = self.version_pointer is not None or self.evaluates
 
-    def document(self, body: bytes, content_type: str | None, plain: bool) -> dict[str, Any] | None:
+    def document(
+        self, body: bytes, headers: Mapping[str, str], plain: bool
+    ) -> dict[str, Any] | None:
         """The answer as a JSON object, when this route reads anything from the body and
-        ``plain`` (the whole body, not compressed); else None."""
+        ``plain`` (the whole body, not compressed); else None. A V2 answer with binary
+        tensors (``Inference-Header-Content-Length``) is its JSON part with the tensors'
+        values in their ``data``. ``headers`` looks names up case-insensitively."""
         if not plain or not self.reads_body:
             return None
-        return parse_json_object(body, content_type)
+        header_length = headers.get(HEADER_LENGTH)
+        if header_length is not None:
+            return read_binary_body(body, int(header_length)) if header_length.isdigit() else None
+        return parse_json_object(body, headers.get("Content-Type"))
 
     def version(self, headers: Mapping[str, str], doc: dict[str, Any] | None) -> str | None:
         """The model version the server says it served: a header first, then the body.

@@ -15,14 +15,15 @@ from itertools import accumulate
 from typing import Literal
 
 from .config import GatewayConfig, RouteConfig, ShadowConfig, VariantConfig
-from .errors import NoHealthyVariantError, UnknownVariantError
+from .errors import NoHealthyVariantError, UnknownVariantError, UnknownVersionError
 from .records import AnswerReader, model_name_from_path
 from .redaction import Redactor
 
 #: how a request's variant was chosen: by the weights (``random``), by its routing key
-#: (``sticky``), by the client (``forced``), or, its variant refusing the connection, by a
-#: retry among the others (``fallback``)
-Assignment = Literal["random", "sticky", "forced", "fallback"]
+#: (``sticky``), by the client (``forced``, ``X-Model-Variant``), by the model version its
+#: path names (``version``), or, its variant refusing the connection, by a retry among the
+#: others (``fallback``)
+Assignment = Literal["random", "sticky", "forced", "version", "fallback"]
 #: the methods of calls that ask for no prediction (readiness, metadata, CORS)
 NOT_INFERENCE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -188,6 +189,7 @@ def choose_variant(
     forced: str | None,
     rand: float,
     down: frozenset[str] | None = None,
+    version: str | None = None,
 ) -> tuple[Variant, Assignment]:
     """Pick the variant for one request.
 
@@ -196,9 +198,16 @@ def choose_variant(
     re-placed among the up ones by weight, deterministically, and every key whose variant is
     up stays where it was.
 
-    Raises :class:`UnknownVariantError` for a forced name the route lacks and
+    ``version``: the model version the request's path names; only the variants serving it
+    may answer, chosen among them by weight (or evenly, when none has weight: a version kept
+    for the clients that ask for it by name).
+
+    Raises :class:`UnknownVariantError` for a forced name the route lacks,
+    :class:`UnknownVersionError` for a version no variant serves, and
     :class:`NoHealthyVariantError` when nothing with weight is up.
     """
+    if version is not None:
+        return _variant_of_version(route, version, rand, down), "version"
     if forced is not None and route.allow_override:
         variant = route.by_name.get(forced)
         if variant is None:
@@ -226,3 +235,26 @@ def choose_variant(
         if target < 0:
             return variant, assignment
     return up[-1], assignment
+
+
+def _variant_of_version(
+    route: Route, version: str, rand: float, down: frozenset[str] | None
+) -> Variant:
+    serving = [v for v in route.variants if v.model_version == version]
+    if not serving:
+        versions = ", ".join(sorted({v.model_version for v in route.variants}))
+        raise UnknownVersionError(
+            f"route {route.name!r} serves no model version {version!r} (it serves {versions})"
+        )
+    up = [v for v in serving if not down or v.name not in down]
+    if not up:
+        raise NoHealthyVariantError(
+            f"no variant of route {route.name!r} serving version {version!r} is up"
+        )
+    weights = [v.weight for v in up] if any(v.weight > 0 for v in up) else [1.0] * len(up)
+    target = rand * sum(weights)
+    for variant, weight in zip(up, weights, strict=True):
+        target -= weight
+        if target < 0:
+            return variant
+    return up[-1]

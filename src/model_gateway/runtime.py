@@ -55,3 +55,5 @@ class GatewayState:
     mirror: ShadowMirror
     #: durability answered: where each answered request's record is made durable first
     spool: Spool | None = None
+    #: the gateway's own release, as its V2 server metadata names it
+    version: str = ""

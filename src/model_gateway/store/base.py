@@ -110,6 +110,9 @@ class Store(Protocol):
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
 
+    async def predictions_of_request(self, request_id: str, limit: int) -> list[str]:
+        """The ids of the live predictions made for a client's request id, latest first."""
+
     async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
         """The shadow copies of a live prediction, each a summary of its answer."""
 

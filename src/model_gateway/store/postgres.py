@@ -21,6 +21,7 @@ from .queries import (
     COUNT_ROWS,
     EXPORT_ROWS,
     PENDING_JOINS,
+    PREDICTIONS_OF_REQUEST,
     REPORT_ROWS,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
@@ -57,6 +58,7 @@ _REPORT_ROWS = _numbered(REPORT_ROWS)
 _EXPORT_ROWS = _numbered(EXPORT_ROWS)
 _COUNT_ROWS = _numbered(COUNT_ROWS)
 _SHADOWS_OF = _numbered(SHADOWS_OF)
+_PREDICTIONS_OF_REQUEST = _numbered(PREDICTIONS_OF_REQUEST)
 _SHADOWS_OF_JOINED = _numbered(SHADOWS_OF_JOINED)
 
 
@@ -249,6 +251,11 @@ class PostgresStore:
                 "SELECT * FROM predictions WHERE prediction_id = $1", prediction_id
             )
         return None if row is None else dict(row)
+
+    async def predictions_of_request(self, request_id: str, limit: int) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_PREDICTIONS_OF_REQUEST, request_id, limit)
+        return [row[0] for row in rows]
 
     async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:

@@ -69,6 +69,12 @@ FROM feedback f JOIN predictions s ON s.shadow_of = f.joined_prediction_id
 WHERE f.joined_at = %s
 """
 
+# The live predictions made for one client request id, latest first (UUIDv7 ids sort by time).
+PREDICTIONS_OF_REQUEST = """
+SELECT prediction_id FROM predictions WHERE request_id = %s AND shadow_of IS NULL
+ORDER BY prediction_id DESC LIMIT %s
+"""
+
 # The shadow copies of one live prediction, for the audit view of that prediction.
 SHADOWS_OF = """
 SELECT prediction_id, variant, COALESCE(reported_version, configured_version) AS model_version,

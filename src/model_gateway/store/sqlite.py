@@ -17,6 +17,7 @@ from .queries import (
     COUNT_ROWS,
     EXPORT_ROWS,
     PENDING_JOINS,
+    PREDICTIONS_OF_REQUEST,
     REPORT_ROWS,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
@@ -28,6 +29,7 @@ _REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
 _EXPORT_ROWS = EXPORT_ROWS.replace("%s", "?")
 _COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
 _SHADOWS_OF = SHADOWS_OF.replace("%s", "?")
+_PREDICTIONS_OF_REQUEST = PREDICTIONS_OF_REQUEST.replace("%s", "?")
 _SHADOWS_OF_JOINED = SHADOWS_OF_JOINED.replace("%s", "?")
 
 _INSERT_FEEDBACK = (
@@ -241,6 +243,10 @@ class SQLiteStore:
         ) as cur:
             row = await cur.fetchone()
         return None if row is None else dict(row)
+
+    async def predictions_of_request(self, request_id: str, limit: int) -> list[str]:
+        async with self.db.execute(_PREDICTIONS_OF_REQUEST, (request_id, limit)) as cur:
+            return [row[0] for row in await cur.fetchall()]
 
     async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
         async with self.db.execute(_SHADOWS_OF, (prediction_id,)) as cur:
