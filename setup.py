@@ -29,6 +29,7 @@ COMPILED = (
     "runtime",
     "store/writer",
     "upstream",
+    "usage",
     "wheel",
 )
 SOURCES = [os.path.join("src", "model_gateway", f"{name}.py") for name in COMPILED]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 import yaml
@@ -202,3 +203,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if stale:
         names = ", ".join(path.name for path in stale)
         pytest.exit(f"compiled modules older than src/ ({names}): run `make build`", returncode=2)
+
+
+def error_code(answer: httpx.Response) -> str:
+    """The code of an error the gateway answered itself: in ``X-Gateway-Error``, and in the
+    body too where the protocol of the path has room for it (V1 and V2 paths carry a text)."""
+    code = answer.headers["x-gateway-error"]
+    body = answer.json()
+    path = answer.request.url.path
+    if path == "/v2" or path.startswith(("/v2/", "/v1/models/")):
+        assert isinstance(body["error"], str), body
+    else:
+        assert body["error"]["code"] == code, body
+    return code

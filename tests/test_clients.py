@@ -8,11 +8,20 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, wait_until
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Upstream,
+    dead_url,
+    error_code,
+    route,
+    wait_until,
+)
 from .test_feedback import EVALUATION
 
 
@@ -130,7 +139,7 @@ def test_the_gateways_own_errors_take_the_protocols_shape(
         assert answer.json() == {"error": f"no route for POST {path}"}
     other = httpx.post(f"{gw.url}/elsewhere", json={})
     assert other.headers["x-gateway-error"] == "no_route"
-    assert other.json()["error"]["code"] == "no_route"
+    assert error_code(other) == "no_route"
 
 
 def test_server_ready_says_no_while_a_route_has_no_variant_up(
@@ -185,3 +194,65 @@ def test_the_clients_own_request_id_finds_its_prediction(
     )
     assert httpx.get(f"{gw.url}/admin/predictions/nothing").status_code == 404
     assert httpx.get(f"{gw.url}/admin/predictions").status_code == 400
+
+
+def llm_gateway(gateway: GatewayFactory, upstreams: dict[str, Upstream]) -> RunningGateway:
+    return gateway([route("llm", "/v1", [("a", upstreams["a"].url, 1)])])
+
+
+def test_openai_chat_completions_whole_and_streamed(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """The openai SDK, its base URL the gateway's: a chat completion whole and streamed (with
+    usage asked for) both arrive as from the model server; the log keeps the served model,
+    the tokens and when the first byte left, and the token counters count them."""
+    gw = llm_gateway(gateway, upstreams)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": "the quick brown fox"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages)
+    assert whole.choices[0].message.content == "the quick brown fox"
+    assert whole.usage is not None and whole.usage.completion_tokens == 4
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, stream=True, stream_options={"include_usage": True}
+    )
+    parts, usage = [], None
+    for chunk in stream:
+        parts += [c.delta.content or "" for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) == "the quick brown fox"
+    assert usage is not None and usage.prompt_tokens == 7
+    wait_until(lambda: len(gw.records()) == 2, "both records written")
+    streamed, read_whole = sorted(gw.records(), key=lambda r: -r["streamed"])
+    for record in (streamed, read_whole):
+        assert record["status"] == 200
+        assert record["served_model"] == "tiny-chat-1"
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (7, 4)
+        assert 0 < record["first_byte_ms"] <= record["latency_ms"]
+    assert streamed["streamed"] == 1 and read_whole["streamed"] == 0
+    wanted = [
+        'model_gateway_tokens_total{kind="completion",model="tiny-chat-1",route="llm",'
+        'variant="a"} 8.0',
+        'model_gateway_streamed_answers_total{route="llm",variant="a"} 1.0',
+        'model_gateway_time_to_first_byte_seconds_count{route="llm",variant="a"} 2.0',
+    ]
+    wait_until(
+        lambda: all(line in httpx.get(f"{gw.url}/metrics").text for line in wanted),
+        "the answers counted",
+    )
+
+
+def test_openai_errors_reach_the_client_as_the_api_would_send_them(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """The model server's own error passes through untouched (the SDK reads its message);
+    an error of the gateway's own is one the SDK reads too."""
+    gw = llm_gateway(gateway, upstreams)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[])
+    assert info.value.status_code == 400 and "messages is required" in info.value.message
+    elsewhere = openai.OpenAI(base_url=f"{gw.url}/nothing", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as missing:
+        elsewhere.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+    assert "no route for POST /nothing/chat/completions" in missing.value.message
+    assert missing.value.response.headers["x-gateway-error"] == "no_route"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
+from .conftest import GatewayFactory, Upstream, dead_url, error_code, route, wait_until
 from .test_faults import Forwarder
 from .test_processes import INFER
 from .test_store import POSTGRES
@@ -216,7 +216,7 @@ def test_a_trailing_slash_on_a_control_path_is_not_redirected(
     )
     assert answer.status_code == 404
     assert "location" not in answer.headers
-    assert answer.json()["error"]["code"] == "not_found"
+    assert error_code(answer) == "not_found"
 
 
 def test_a_feedback_client_that_leaves_mid_body_leaves_no_traceback(

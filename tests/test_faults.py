@@ -24,7 +24,15 @@ import pytest
 import uvicorn
 import yaml
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, wait_until
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Upstream,
+    dead_url,
+    error_code,
+    route,
+    wait_until,
+)
 from .test_health import gauge
 from .test_http import in_flight
 from .test_processes import INFER, GatewayProcess
@@ -105,7 +113,7 @@ def test_broken_upstreams_get_502_and_are_logged(gateway: GatewayFactory) -> Non
             for _ in range(3):
                 r = httpx.get(f"{gw.url}{path}")
                 assert r.status_code == 502, (path, r.text)
-                assert r.json()["error"]["code"] == "bad_gateway"
+                assert error_code(r) == "bad_gateway"
                 # the client is told which variant failed, not what it sent nor the
                 # gateway's exception classes; the log keeps that
                 assert r.json()["error"]["message"] == f"variant {path[1]!r} answered badly"
@@ -622,7 +630,7 @@ def test_requests_still_running_when_the_shutdown_timeout_ends_are_answered_and_
     waiting.join(timeout=30)
     (answer,) = answers
     assert answer.status_code == 503
-    assert answer.json()["error"]["code"] == "shutting_down"
+    assert error_code(answer) == "shutting_down"
     cut_off = "shutdown: the gateway stopped before the request was complete"
     records = gw.records()
     assert sorted((r["path"], r["status"], r["error"]) for r in records) == [
@@ -682,7 +690,7 @@ def test_a_full_log_holds_new_requests_back_and_a_stop_answers_them(
         answer = httpx.post(f"{gw.url}/echo/x", json=INFER, timeout=30)
         statuses.append(answer.status_code)
         if answer.status_code != 200:
-            codes.append(answer.json()["error"]["code"])
+            codes.append(error_code(answer))
 
     locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
@@ -728,7 +736,7 @@ def test_a_request_that_finds_no_room_within_block_timeout_is_answered_503(
         forwarded = upstreams["a"].control.requests
         refused = httpx.post(f"{gw.url}/echo/x", json=INFER, timeout=30)
         assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "log_unavailable"
+        assert error_code(refused) == "log_unavailable"
         assert upstreams["a"].control.requests == forwarded
     finally:
         locker.execute("COMMIT")
@@ -892,7 +900,7 @@ def test_database_outage_keeps_serving_and_writes_when_it_returns(
         assert (metrics.get_sample_value("model_gateway_log_write_failures_total") or 0) >= 1
         # the control plane says what is wrong instead of failing with a 500
         down = httpx.get(f"{gw.url}/admin/predictions/x")
-        assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+        assert down.status_code == 503 and error_code(down) == "store_unavailable"
         forwarder.up()
         gw.stop()
         assert metrics.get_sample_value("model_gateway_log_write_errors_total") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -21,6 +22,56 @@ class UpstreamControl:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.requests = 0
+
+
+def chat_completions(model: str) -> Any:
+    """An OpenAI-compatible chat completions endpoint: the answer is the words of the last
+    message, one per chunk when streaming (``pause`` seconds apart, a field of the request's
+    own), with the usage the API reports (streaming: in a last chunk of its own when
+    ``stream_options.include_usage``), then ``data: [DONE]``, and the answer's end ``linger``
+    seconds later."""
+
+    async def answer(request: Request) -> Response:
+        doc = orjson.loads(await request.body())
+        if not doc.get("messages"):
+            error = {"message": "messages is required", "type": "invalid_request_error",
+                     "param": "messages", "code": None}  # fmt: skip
+            return Response(orjson.dumps({"error": error}), 400, media_type="application/json")
+        words = str(doc["messages"][-1].get("content", "")).split() or ["ok"]
+        usage = {"prompt_tokens": 3 + len(words), "completion_tokens": len(words),
+                 "total_tokens": 3 + 2 * len(words)}  # fmt: skip
+        base = {"id": "chatcmpl-1", "created": 1_765_000_000, "model": model}
+        if not doc.get("stream"):
+            message = {"role": "assistant", "content": " ".join(words)}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return Response(orjson.dumps(body), media_type="application/json")
+        pause = float(doc.get("pause", 0))
+
+        async def events() -> AsyncIterator[bytes]:
+            for i, word in enumerate(words):
+                if i and pause:
+                    await asyncio.sleep(pause)
+                delta = {"content": word if i == 0 else " " + word}
+                choice = {"index": 0, "delta": delta, "finish_reason": None}
+                chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            last = {"index": 0, "delta": {}, "finish_reason": "stop"}
+            yield (
+                b"data: "
+                + orjson.dumps({**base, "object": "chat.completion.chunk", "choices": [last]})
+                + b"\n\n"
+            )
+            if (doc.get("stream_options") or {}).get("include_usage"):
+                chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            # a server may take a moment to end its answer after its last event
+            await asyncio.sleep(float(doc.get("linger", 0)))
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return answer
 
 
 def create_upstream(name: str, version: str, control: UpstreamControl | None = None) -> Starlette:
@@ -93,6 +144,9 @@ def create_upstream(name: str, version: str, control: UpstreamControl | None = N
 
     return Starlette(
         routes=[
+            Route(
+                "/v1/chat/completions", chat_completions(f"tiny-chat-{version}"), methods=["POST"]
+            ),
             Route("/echo/{rest:path}", echo, methods=["GET", "POST", "PUT", "DELETE"]),
             Route("/slow", slow),
             Route("/reports-header", reports_header),

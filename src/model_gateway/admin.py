@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .config import ExperimentConfig, RouteConfig, ShadowConfig, VariantConfig
+from .errors import ERROR_CODE_HEADER
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
 from .feedback import (
     MAX_ITEMS,
@@ -51,7 +52,9 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 
 def error_response(status: int, code: str, message: str) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status)
+    answer = json_response({"error": {"code": code, "message": message}}, status)
+    answer.headers[ERROR_CODE_HEADER.decode()] = code
+    return answer
 
 
 #: the statuses the control plane's router answers itself, with the gateway's error code for

@@ -35,10 +35,15 @@ EXPORT_COLUMNS = (
     "inference",
     "request_time",
     "latency_ms",
+    "first_byte_ms",
+    "streamed",
     "status",
     "error",
     "predicted",
     "score",
+    "served_model",
+    "prompt_tokens",
+    "completion_tokens",
     "shadow",
     "shadow_of",
     "label",
@@ -70,6 +75,7 @@ def _export_row(row: dict[str, Any]) -> dict[str, Any]:
     out["label_time"] = rfc3339(row["label_time"])
     out["shadow"] = bool(row["shadow"])
     out["inference"] = bool(row["inference"])
+    out["streamed"] = bool(row["streamed"])
     return out
 
 
@@ -112,11 +118,11 @@ async def _export_parquet(
             (
                 c,
                 pa.float64()
-                if c in ("latency_ms", "score")
+                if c in ("latency_ms", "first_byte_ms", "score")
                 else pa.int64()
-                if c == "status"
+                if c in ("status", "prompt_tokens", "completion_tokens")
                 else pa.bool_()
-                if c in ("shadow", "inference")
+                if c in ("shadow", "inference", "streamed")
                 else pa.string(),
             )
             for c in EXPORT_COLUMNS

@@ -52,6 +52,8 @@ SCRAPE_SETTLE_SECONDS = 3 * FOLD_SECONDS
 
 # (route, variant, model version, status, seconds, upstream seconds or None, score or None)
 Observation = tuple[str, str, str, int, float, float | None, float | None]
+#: route, variant, seconds to the first byte, streamed, served model, prompt and completion tokens
+AnswerObservation = tuple[str, str, float, bool, str | None, int | None, int | None]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -105,6 +107,28 @@ class Metrics:
             "Time from request received to response sent, as the client sees it.",
             ["route", "variant"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_byte = Histogram(
+            f"{PREFIX}_time_to_first_byte_seconds",
+            "Time from request received to the model server's answer begun for the client:"
+            " its head sent (a streamed answer's first byte follows it at once).",
+            ["route", "variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.streamed_answers = Counter(
+            f"{PREFIX}_streamed_answers",
+            "Answers relayed as they came (event streams, chunked or large answers), whose"
+            " request duration is the whole stream's.",
+            ["route", "variant"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_tokens",
+            "Tokens OpenAI-style answers report (usage), by the model they name and kind"
+            " (prompt, completion).",
+            ["route", "variant", "model", "kind"],
             registry=r,
         )
         self.upstream_duration = Histogram(
@@ -315,6 +339,7 @@ class Metrics:
         #: requests being proxied now; the in-flight gauge is set from it at each fold
         self.requests_in_flight = 0
         self._pending: list[Observation] = []
+        self._answers: list[AnswerObservation] = []
         self._folder: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -354,9 +379,48 @@ class Metrics:
             (route, variant, model_version, status, seconds, upstream_seconds, score)
         )
 
+    def observe_answer(
+        self,
+        route: str,
+        variant: str,
+        first_byte_seconds: float,
+        streamed: bool,
+        served_model: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """A model server's answer begun for the client: observed at the next fold."""
+        self._answers.append(
+            (route, variant, first_byte_seconds, streamed, served_model, prompt_tokens,
+             completion_tokens)
+        )  # fmt: skip
+
+    def _fold_answers(self) -> None:
+        answers, self._answers = self._answers, []
+        first_bytes: dict[tuple[str, str], list[float]] = {}
+        streamed: dict[tuple[str, str], int] = {}
+        tokens: dict[tuple[str, str, str, str], int] = {}
+        for route, variant, seconds, stream, model, prompt, completion in answers:
+            pair = (route, variant)
+            first_bytes.setdefault(pair, []).append(seconds)
+            if stream:
+                streamed[pair] = streamed.get(pair, 0) + 1
+            for kind, count in (("prompt", prompt), ("completion", completion)):
+                if count is not None:
+                    key = (route, variant, model or "", kind)
+                    tokens[key] = tokens.get(key, 0) + count
+        for pair, values in first_bytes.items():
+            add_observations(self._child(self.time_to_first_byte, *pair), values)
+        for pair, count in streamed.items():
+            self._child(self.streamed_answers, *pair).inc(count)  # type: ignore[attr-defined]
+        for labels, count in tokens.items():
+            self._child(self.tokens, *labels).inc(count)  # type: ignore[attr-defined]
+
     def fold(self) -> None:
         """Add the requests observed since the last fold to the collectors."""
         self.in_flight.set(self.requests_in_flight)
+        if self._answers:
+            self._fold_answers()
         pending = self._pending
         if not pending:
             return

@@ -52,6 +52,7 @@ from .routing import (
 from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
 from .upstream import UpstreamErrors, UpstreamResponse
+from .usage import NO_USAGE, STREAM_TAIL_BYTES, stream_usage, usage_of
 
 Message = dict[str, Any]
 log = logging.getLogger("model_gateway.proxy")
@@ -61,6 +62,8 @@ log = logging.getLogger("model_gateway.proxy")
 BUFFER_LIMIT = 1024 * 1024
 _DOT_SEGMENTS = frozenset({".", ".."})
 _JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
+#: how an OpenAI-style event stream ends (the last event; then the answer's end)
+_SSE_DONE = b"data: [DONE]"
 # While a request waits on the model server, its task is in its scope under WAITING_TASK. The
 # gateway's uvicorn protocol (``http.py``) cancels that task when the client goes away, and
 # sets CLIENT_GONE: the gateway stops waiting and logs 499, as nginx does. The task is there
@@ -89,6 +92,7 @@ class Exchange:
         "durable",
         "error",
         "fell_back",
+        "first_byte",
         "forwarded_headers",
         "key",
         "predicted",
@@ -101,14 +105,19 @@ class Exchange:
         "score",
         "spool_failed",
         "spool_segment",
+        "started",
         "status",
+        "streamed",
         "target",
         "upstream_seconds",
+        "usage",
         "variant",
         "version",
     )
 
-    def __init__(self, variant: Variant, key: str | None, rand: float, version: str | None) -> None:
+    def __init__(
+        self, variant: Variant, key: str | None, rand: float, version: str | None, started: float
+    ) -> None:
         #: the variant that answered: the one chosen, or another after a connect retry
         self.variant = variant
         #: what chose the variant (routing key, uniform draw, the version the path names),
@@ -118,6 +127,13 @@ class Exchange:
         self.version = version
         #: the id a V2 answer repeats from its request
         self.answer_id: str | None = None
+        #: when the request arrived (perf_counter), and how long after it the answer began
+        self.started = started
+        self.first_byte: float | None = None
+        #: relayed as it came, not read whole
+        self.streamed = False
+        #: what an OpenAI-style answer says of its model and tokens
+        self.usage = NO_USAGE
         #: the headers sent upstream; set once the whole request body has been read
         self.forwarded_headers: list[tuple[bytes, bytes]] | None = None
         #: the path and query sent upstream, set with them
@@ -202,7 +218,7 @@ class ProxyApp:
 
         queued = False
         try:
-            exchange = Exchange(variant, key, rand, version)
+            exchange = Exchange(variant, key, rand, version, started)
             spool = self.state.spool
             if spool is not None:
 
@@ -279,6 +295,17 @@ class ProxyApp:
 
             elapsed = time.perf_counter() - started
             version = exchange.reported_version or variant.model_version
+            if exchange.first_byte is not None:
+                usage = exchange.usage
+                metrics.observe_answer(
+                    route.name,
+                    variant.name,
+                    exchange.first_byte,
+                    exchange.streamed,
+                    usage.served_model,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                )
             metrics.observe_request(
                 route.name,
                 variant.name,
@@ -368,6 +395,11 @@ class ProxyApp:
             predicted=exchange.predicted,
             score=exchange.score,
             inference=scope["method"] not in NOT_INFERENCE_METHODS,
+            first_byte_ms=None if exchange.first_byte is None else exchange.first_byte * 1000.0,
+            streamed=exchange.streamed,
+            served_model=exchange.usage.served_model,
+            prompt_tokens=exchange.usage.prompt_tokens,
+            completion_tokens=exchange.usage.completion_tokens,
         )
 
     async def _exchange(
@@ -537,8 +569,9 @@ class ProxyApp:
                 # a V2 answer repeats the request's "id": the client's own id for the
                 # prediction, when it sent no X-Request-Id (tritonclient sends none)
                 answer_id = doc.get("id")
-                if isinstance(answer_id, str):
+                if isinstance(answer_id, str) and "outputs" in doc:
                     exchange.answer_id = answer_id
+                exchange.usage = usage_of(doc)
             exchange.reported_version = answers.version(upstream.headers, doc)
             if route.redactor.keep_bodies:
                 exchange.response_body = body
@@ -555,6 +588,7 @@ class ProxyApp:
                     exchange.predicted, exchange.score = answers.prediction(doc)
                     evaluates = False
                 await exchange.durable(upstream.status)
+            exchange.first_byte = time.perf_counter() - exchange.started
             await send(
                 {"type": "http.response.start", "status": upstream.status, "headers": headers}
             )
@@ -571,22 +605,39 @@ class ProxyApp:
         headers.append((b"x-model-version", header_value(version)))
         if exchange.durable is not None:
             await exchange.durable(upstream.status)
+        exchange.first_byte = time.perf_counter() - exchange.started
+        exchange.streamed = True
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         exchange.status = upstream.status
         captured = bytearray()
+        # the last events of an event stream, where an OpenAI-style answer puts its usage
+        events = "event-stream" in (content_type or "")
+        tail = bytearray()
         keep = route.redactor.max_bytes if route.redactor.keep_bodies else 0
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
         read: asyncio.Future[bytes] | None = None
+        last = b""
         try:
             while True:
                 read = asyncio.ensure_future(upstream.readany())
                 await asyncio.wait((read, disconnect), return_when=asyncio.FIRST_COMPLETED)
-                # a client gone ends the stream even when the model's next part is ready
-                if disconnect.done():
+                if not read.done():  # the client left while the model had more to say
+                    if last.rstrip().endswith(_SSE_DONE):
+                        # ...or nothing more: it read the stream to its last event, as the
+                        # openai SDK does, and closed before the answer's end came
+                        upstream.close()
+                        break
                     raise ClientDisconnected("during the stream")
                 chunk = read.result()
-                if not chunk:
+                if not chunk:  # the end, though the client may have left as it came
                     break
+                if disconnect.done():  # it left before this part
+                    raise ClientDisconnected("during the stream")
+                last = chunk
+                if events:
+                    tail += chunk
+                    if len(tail) > 2 * STREAM_TAIL_BYTES:
+                        del tail[:-STREAM_TAIL_BYTES]
                 if len(captured) < keep:
                     captured += chunk[: keep - len(captured)]
                 elif keep:
@@ -600,6 +651,8 @@ class ProxyApp:
                     read.exception()  # a failed read left behind by a client gone is seen
             if route.redactor.keep_bodies:
                 exchange.response_body = bytes(captured)
+        if events:
+            exchange.usage = stream_usage(bytes(tail[-STREAM_TAIL_BYTES:]))
         await send({"type": "http.response.body", "body": b""})
 
 

@@ -69,6 +69,15 @@ class PredictionRecord:
     #: an inference call (a method that sends the model something to predict on), not a
     #: readiness or metadata call; only these are predictions in the experiment's analysis
     inference: bool = True
+    #: milliseconds from the request's arrival to its answer's head sent (a stream's first
+    #: byte); None when no answer of the model server's was sent
+    first_byte_ms: float | None = None
+    #: the answer was streamed through as it came, not read whole
+    streamed: bool = False
+    #: the model an OpenAI-style answer says served it, and the tokens it reports (usage)
+    served_model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
     #: the spool segment holding this record until the store has it (0: none); not a column
     spool_segment: int = 0
 
@@ -106,6 +115,11 @@ class PredictionRecord:
         shadow_of: str | None = None,
         escaped: bool = False,
         inference: bool = True,
+        first_byte_ms: float | None = None,
+        streamed: bool = False,
+        served_model: str | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
         spool_segment: int = 0,
     ) -> None:
         self.prediction_id = prediction_id
@@ -137,6 +151,11 @@ class PredictionRecord:
         self.shadow_of = shadow_of
         self.escaped = escaped
         self.inference = inference
+        self.first_byte_ms = first_byte_ms
+        self.streamed = streamed
+        self.served_model = served_model
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
         self.spool_segment = spool_segment
 
     def as_row(self) -> tuple[Any, ...]:
@@ -170,18 +189,25 @@ class PredictionRecord:
             self.shadow_of,
             int(self.escaped),
             int(self.inference),
+            self.first_byte_ms,
+            int(self.streamed),
+            self.served_model,
+            self.prompt_tokens,
+            self.completion_tokens,
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> PredictionRecord:
-        """The record of a row in :data:`COLUMNS` order (as :meth:`as_row` makes it)."""
+        """The record of a row in :data:`COLUMNS` order (as :meth:`as_row` makes it); a row
+        of an earlier release, without the columns added since, takes their defaults."""
         (
             prediction_id, request_id, route, variant, model_name, configured_version,
             reported_version, assignment, routing_key, config_version, method, path,
             request_time, response_time, latency_ms, status, error, request_body,
             response_body, request_truncated, response_truncated, request_headers,
             response_headers, shadow, predicted, score, shadow_of, escaped, inference,
-        ) = row  # fmt: skip
+            first_byte_ms, streamed, served_model, prompt_tokens, completion_tokens,
+        ) = (*row, *_ADDED_COLUMN_DEFAULTS[len(row) - _COLUMNS_BEFORE_USAGE :])  # fmt: skip
         return cls(
             prediction_id=prediction_id,
             request_id=request_id,
@@ -212,6 +238,11 @@ class PredictionRecord:
             shadow_of=shadow_of,
             escaped=bool(escaped),
             inference=bool(inference),
+            first_byte_ms=None if first_byte_ms is None else float(first_byte_ms),
+            streamed=bool(streamed),
+            served_model=served_model,
+            prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
+            completion_tokens=None if completion_tokens is None else int(completion_tokens),
         )
 
     def make_storable(self) -> bool:
@@ -236,6 +267,7 @@ class PredictionRecord:
             or unstorable(self.error)
             or unstorable(self.reported_version)
             or unstorable(self.predicted)
+            or unstorable(self.served_model)
             or unstorable(self.request_headers)
             or unstorable(self.response_headers)
         ):
@@ -247,6 +279,7 @@ class PredictionRecord:
         self.error = _storable_or_none(self.error)
         self.reported_version = _storable_or_none(self.reported_version)
         self.predicted = _storable_or_none(self.predicted)
+        self.served_model = _storable_or_none(self.served_model)
         self.request_headers = _storable_or_none(self.request_headers)
         self.response_headers = _storable_or_none(self.response_headers)
         self.escaped = True
@@ -255,6 +288,10 @@ class PredictionRecord:
 
 #: the store's columns, in the order of :meth:`PredictionRecord.as_row`
 COLUMNS = tuple(name for name in PredictionRecord.__dataclass_fields__ if name != "spool_segment")
+#: the columns a spooled row of the release before streams and token usage has, and the
+#: defaults of the columns added since, so that a spool left by it is still replayed
+_COLUMNS_BEFORE_USAGE = 29
+_ADDED_COLUMN_DEFAULTS: tuple[Any, ...] = (None, 0, None, None, None)
 
 
 def unstorable(text: str | None) -> bool:

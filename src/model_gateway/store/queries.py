@@ -42,7 +42,8 @@ ORDER BY p.request_time
 EXPORT_ROWS = """
 SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
        p.configured_version, p.reported_version, p.config_version, p.assignment, p.inference,
-       p.request_time, p.latency_ms, p.status, p.error, p.predicted, p.score, p.shadow,
+       p.request_time, p.latency_ms, p.first_byte_ms, p.streamed, p.status, p.error,
+       p.predicted, p.score, p.served_model, p.prompt_tokens, p.completion_tokens, p.shadow,
        p.shadow_of, l.label, l.label_time
 FROM predictions p
 LEFT JOIN (

@@ -90,6 +90,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX dead_letters_failed_at ON dead_letters (failed_at)",
     ),
+    (
+        # streams: the first byte apart from the whole; OpenAI-style answers: model, usage
+        "ALTER TABLE predictions ADD COLUMN first_byte_ms DOUBLE PRECISION",
+        "ALTER TABLE predictions ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE predictions ADD COLUMN served_model TEXT",
+        "ALTER TABLE predictions ADD COLUMN prompt_tokens INTEGER",
+        "ALTER TABLE predictions ADD COLUMN completion_tokens INTEGER",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)
