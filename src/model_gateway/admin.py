@@ -161,6 +161,8 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
 
     async def prediction(request: Request) -> Response:
         wanted = request.path_params["prediction_id"]
+        if not wanted:
+            raise HTTPException(404)  # /admin/predictions/: no endpoint, as for any other
         record = await gateway.store.get_prediction(wanted)
         if record is None:
             # the client's own id (X-Request-Id, or the id of a V2 request): its latest
@@ -302,7 +304,8 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         Route("/admin/experiments/{experiment_id}", guarded(experiment)),
         Route("/metrics", metrics),
         Route("/admin/predictions", guarded(predictions)),
-        Route("/admin/predictions/{prediction_id}", guarded(prediction)),
+        # a row of a batch is <id>/<row>
+        Route("/admin/predictions/{prediction_id:path}", guarded(prediction)),
         Route("/admin/reload", guarded(reload), methods=["POST"]),
         Route("/feedback", feedback, methods=["POST"]),
         Route("/admin/routing", guarded(routing)),

@@ -46,6 +46,8 @@ EXPORT_COLUMNS = (
     "completion_tokens",
     "shadow",
     "shadow_of",
+    "batch_of",
+    "batch_size",
     "label",
     "label_time",
 )
@@ -120,7 +122,7 @@ async def _export_parquet(
                 pa.float64()
                 if c in ("latency_ms", "first_byte_ms", "score")
                 else pa.int64()
-                if c in ("status", "prompt_tokens", "completion_tokens")
+                if c in ("status", "prompt_tokens", "completion_tokens", "batch_size")
                 else pa.bool_()
                 if c in ("shadow", "inference", "streamed")
                 else pa.string(),

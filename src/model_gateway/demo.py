@@ -1,4 +1,5 @@
-"""A small fraud-scoring model server speaking the Open Inference Protocol V2.
+"""A small fraud-scoring model server speaking the Open Inference Protocol V2 (JSON and binary
+tensors) and KServe V1's ``:predict``.
 
 Three versions of it stand behind the gateway in ``make run`` (a champion, a challenger and a
 shadow) and in the tests. Each version is a fixed logistic model over the input features, so
@@ -130,6 +131,17 @@ def create_model_server(model_name: str = "fraud", version: str = "1") -> Starle
             body["id"] = doc["id"]
         return _answer(body, outputs, doc)
 
+    async def predict_v1(request: Request) -> Response:
+        # KServe V1: {"instances": [[...], ...]} -> {"predictions": [label, ...]}
+        if request.path_params["name"] != model_name:
+            return _json({"error": f"unknown model {request.path_params['name']}"}, 404)
+        try:
+            instances = orjson.loads(await request.body())["instances"]
+            scores = [fraud_score(version, [float(x) for x in row]) for row in instances]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return _json({"error": f"invalid prediction request: {exc}"}, 400)
+        return _json({"predictions": [int(s >= 0.5) for s in scores]})
+
     return Starlette(
         routes=[
             Route("/v2/health/live", ready),
@@ -140,5 +152,6 @@ def create_model_server(model_name: str = "fraud", version: str = "1") -> Starle
             Route("/v2/models/{name}/versions/{version}/ready", ready),
             Route("/v2/models/{name}/infer", infer, methods=["POST"]),
             Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+            Route("/v1/models/{name}:predict", predict_v1, methods=["POST"]),
         ]
     )

@@ -340,6 +340,8 @@ class Metrics:
         self.requests_in_flight = 0
         self._pending: list[Observation] = []
         self._answers: list[AnswerObservation] = []
+        #: scores of the rows of batches past their first (which rides with its request)
+        self._row_scores: list[tuple[str, str, str, float]] = []
         self._folder: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -395,6 +397,12 @@ class Metrics:
              completion_tokens)
         )  # fmt: skip
 
+    def observe_row_scores(
+        self, route: str, variant: str, model_version: str, scores: list[float]
+    ) -> None:
+        """The scores of a batch's rows after its first, observed at the next fold."""
+        self._row_scores.extend((route, variant, model_version, s) for s in scores)
+
     def _fold_answers(self) -> None:
         answers, self._answers = self._answers, []
         first_bytes: dict[tuple[str, str], list[float]] = {}
@@ -429,6 +437,9 @@ class Metrics:
         durations: dict[tuple[str, str], list[float]] = {}
         upstream: dict[tuple[str, str], list[float]] = {}
         scores: dict[tuple[str, str, str], list[float]] = {}
+        row_scores, self._row_scores = self._row_scores, []
+        for route, variant, version, row_score in row_scores:
+            scores.setdefault((route, variant, version), []).append(row_score)
         for route, variant, version, status, seconds, upstream_seconds, score in pending:
             key = (route, variant, version, status // 100)
             counts[key] = counts.get(key, 0) + 1

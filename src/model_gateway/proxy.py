@@ -40,7 +40,7 @@ from .headers import (
     upstream_target,
 )
 from .protocols import requested_version, server_answer
-from .records import PredictionRecord, new_prediction_id
+from .records import AnswerReader, PredictionRecord, new_prediction_id
 from .routing import (
     NOT_INFERENCE_METHODS,
     Assignment,
@@ -89,6 +89,7 @@ class Exchange:
 
     __slots__ = (
         "answer_id",
+        "batch_rows",
         "durable",
         "error",
         "fell_back",
@@ -134,6 +135,8 @@ class Exchange:
         self.streamed = False
         #: what an OpenAI-style answer says of its model and tokens
         self.usage = NO_USAGE
+        #: a batch answer's rows: (prediction, score) each
+        self.batch_rows: list[tuple[str | None, float | None]] | None = None
         #: the headers sent upstream; set once the whole request body has been read
         self.forwarded_headers: list[tuple[bytes, bytes]] | None = None
         #: the path and query sent upstream, set with them
@@ -239,7 +242,7 @@ class ProxyApp:
                     )
                     record.status = status
                     try:
-                        exchange.spool_segment = await spool.append(record.as_row())
+                        exchange.spool_segment = await spool.append(record.spool_row())
                     except OSError as failed:
                         raise LogUnavailableError(
                             f"the spool could not be written: {failed}"
@@ -295,6 +298,13 @@ class ProxyApp:
 
             elapsed = time.perf_counter() - started
             version = exchange.reported_version or variant.model_version
+            if exchange.batch_rows is not None:
+                metrics.observe_row_scores(
+                    route.name,
+                    variant.name,
+                    version,
+                    [s for _, s in exchange.batch_rows[1:] if s is not None],
+                )
             if exchange.first_byte is not None:
                 usage = exchange.usage
                 metrics.observe_answer(
@@ -368,6 +378,7 @@ class ProxyApp:
         if key is not None and route.hash_routing_key:
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
         path: str = scope["path"]
+        rows = exchange.batch_rows
         return PredictionRecord(
             prediction_id=prediction_id,
             request_id=client.request_id if client.request_id is not None else exchange.answer_id,
@@ -392,14 +403,17 @@ class ProxyApp:
             response_truncated=response_cut or exchange.response_truncated,
             request_headers=redactor.headers(scope["headers"]),
             response_headers=redactor.headers(exchange.response_headers),
-            predicted=exchange.predicted,
-            score=exchange.score,
+            # a batch's predictions are its rows'
+            predicted=exchange.predicted if rows is None else None,
+            score=exchange.score if rows is None else None,
             inference=scope["method"] not in NOT_INFERENCE_METHODS,
             first_byte_ms=None if exchange.first_byte is None else exchange.first_byte * 1000.0,
             streamed=exchange.streamed,
             served_model=exchange.usage.served_model,
             prompt_tokens=exchange.usage.prompt_tokens,
             completion_tokens=exchange.usage.completion_tokens,
+            batch_size=None if rows is None else len(rows),
+            batch_rows=rows,
         )
 
     async def _exchange(
@@ -585,7 +599,7 @@ class ProxyApp:
             )
             if exchange.durable is not None:
                 if evaluates:
-                    exchange.predicted, exchange.score = answers.prediction(doc)
+                    _evaluate(exchange, answers, doc)
                     evaluates = False
                 await exchange.durable(upstream.status)
             exchange.first_byte = time.perf_counter() - exchange.started
@@ -595,7 +609,7 @@ class ProxyApp:
             exchange.status = upstream.status  # once sent: until then, another answer may be
             await send({"type": "http.response.body", "body": body})
             if evaluates:
-                exchange.predicted, exchange.score = answers.prediction(doc)
+                _evaluate(exchange, answers, doc)
             return
 
         scope[WAITING_TASK] = None  # from here on, a client that goes away is seen by receive
@@ -654,6 +668,12 @@ class ProxyApp:
         if events:
             exchange.usage = stream_usage(bytes(tail[-STREAM_TAIL_BYTES:]))
         await send({"type": "http.response.body", "body": b""})
+
+
+def _evaluate(exchange: Exchange, answers: AnswerReader, doc: dict[str, Any] | None) -> None:
+    """The prediction and score of an answer; a batch's, row by row."""
+    exchange.predicted, exchange.score = answers.prediction(doc)
+    exchange.batch_rows = answers.rows(doc)
 
 
 async def _wait_for_disconnect(receive: Any) -> None:

@@ -33,7 +33,7 @@ from .estimates import (
 from .experiments import Settings, judge, measures, settings_of
 from .paired import paired_accuracy, paired_binary
 from .records import canonical_label
-from .splits import in_experiment, label_coverage, sample_ratio_over_time
+from .splits import in_experiment, is_prediction, is_request, label_coverage, sample_ratio_over_time
 
 
 def _latency(latencies: Sequence[float]) -> dict[str, float | None]:
@@ -210,24 +210,27 @@ def _summary(
     name: str,
 ) -> dict[str, Any]:
     """Requests, versions, errors, latency and quality of one variant's (or shadow's) rows;
-    the quality with its internals (for the comparisons) is kept in ``internals[name]``."""
-    errors = sum(1 for r in rows if r["status"] >= 500)
+    the quality with its internals (for the comparisons) is kept in ``internals[name]``.
+    Requests, errors and latency count requests (a batch once); quality counts predictions
+    (each row of a batch)."""
+    requests = [r for r in rows if is_request(r)]
+    errors = sum(1 for r in requests if r["status"] >= 500)
     # quality and the comparisons: the experiment's predictions only (a shadow's rows are
     # copies of live ones, all of them predictions)
-    measured = [
-        r for r in rows if (r.get("shadow") and r.get("inference", True)) or in_experiment(r)
-    ]
+    chosen = [r for r in rows if (r.get("shadow") and r.get("inference", True)) or in_experiment(r)]
+    measured = [r for r in chosen if is_prediction(r)]
     quality = _variant_quality(measured, evaluation) if route.evaluation else {"labelled": 0}
+    experiment_requests = [r for r in chosen if is_request(r)]
     internals[name] = {
         **quality,
-        "experiment_requests": len(measured),
-        "experiment_errors": sum(1 for r in measured if r["status"] >= 500),
+        "experiment_requests": len(experiment_requests),
+        "experiment_errors": sum(1 for r in experiment_requests if r["status"] >= 500),
     }
     return {
-        "requests": len(rows),
-        "model_versions": sorted({r["model_version"] for r in rows}),
-        "error_ratio": wilson(errors, len(rows)),
-        "latency_ms": _latency([r["latency_ms"] for r in rows]),
+        "requests": len(requests),
+        "model_versions": sorted({r["model_version"] for r in requests}),
+        "error_ratio": wilson(errors, len(requests)),
+        "latency_ms": _latency([r["latency_ms"] for r in requests]),
         **{k: v for k, v in quality.items() if k not in ("absolute_errors", "auc_se", "mae_se")},
     }
 

@@ -78,8 +78,16 @@ class PredictionRecord:
     served_model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: a row of a batch: the prediction id of its request's record (whose id it extends with
+    #: ``/<row>``)
+    batch_of: str | None = None
+    #: a batch request's record: how many rows (each a prediction of its own); None for one
+    batch_size: int | None = None
     #: the spool segment holding this record until the store has it (0: none); not a column
     spool_segment: int = 0
+    #: a batch request's rows, (prediction, score) each, written as records of their own by
+    #: :meth:`as_rows`; not a column
+    batch_rows: list[tuple[str | None, float | None]] | None = None
 
     # Written out, not generated: the generated __init__ of a dataclass runs as plain Python
     # even in a compiled module, and a record is built for every request.
@@ -120,7 +128,10 @@ class PredictionRecord:
         served_model: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        batch_of: str | None = None,
+        batch_size: int | None = None,
         spool_segment: int = 0,
+        batch_rows: list[tuple[str | None, float | None]] | None = None,
     ) -> None:
         self.prediction_id = prediction_id
         self.request_id = request_id
@@ -156,7 +167,10 @@ class PredictionRecord:
         self.served_model = served_model
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.batch_of = batch_of
+        self.batch_size = batch_size
         self.spool_segment = spool_segment
+        self.batch_rows = batch_rows
 
     def as_row(self) -> tuple[Any, ...]:
         return (
@@ -194,12 +208,69 @@ class PredictionRecord:
             self.served_model,
             self.prompt_tokens,
             self.completion_tokens,
+            self.batch_of,
+            self.batch_size,
         )
+
+    def as_rows(self) -> list[tuple[Any, ...]]:
+        """The store's rows of this record: its own, and one per row of a batch, each a
+        prediction of its own (id ``<id>/<row>``, request id ``<request id>/<row>``, a
+        shadow's copy naming the same row of the live request), without the bodies."""
+        own = self.as_row()
+        if not self.batch_rows:
+            return [own]
+        out = [own]
+        for row, (predicted, score) in enumerate(self.batch_rows):
+            out.append(
+                PredictionRecord(
+                    prediction_id=f"{self.prediction_id}/{row}",
+                    request_id=None if self.request_id is None else f"{self.request_id}/{row}",
+                    route=self.route,
+                    variant=self.variant,
+                    model_name=self.model_name,
+                    configured_version=self.configured_version,
+                    reported_version=self.reported_version,
+                    assignment=self.assignment,
+                    routing_key=self.routing_key,
+                    config_version=self.config_version,
+                    method=self.method,
+                    path=self.path,
+                    request_time=self.request_time,
+                    response_time=self.response_time,
+                    latency_ms=self.latency_ms,
+                    status=self.status,
+                    error=self.error,
+                    request_body=None,
+                    response_body=None,
+                    request_truncated=False,
+                    response_truncated=False,
+                    shadow=self.shadow,
+                    predicted=_storable_or_none(predicted),
+                    score=score,
+                    shadow_of=None if self.shadow_of is None else f"{self.shadow_of}/{row}",
+                    escaped=self.escaped or predicted != _storable_or_none(predicted),
+                    inference=self.inference,
+                    first_byte_ms=self.first_byte_ms,
+                    streamed=self.streamed,
+                    served_model=self.served_model,
+                    batch_of=self.prediction_id,
+                ).as_row()
+            )
+        return out
+
+    def spool_row(self) -> tuple[Any, ...]:
+        """What the spool keeps of the record: its row, and a batch's rows after it."""
+        row = self.as_row()
+        return row if not self.batch_rows else (*row, self.batch_rows)
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> PredictionRecord:
-        """The record of a row in :data:`COLUMNS` order (as :meth:`as_row` makes it); a row
-        of an earlier release, without the columns added since, takes their defaults."""
+        """The record of a row in :data:`COLUMNS` order (as :meth:`as_row` or
+        :meth:`spool_row` makes it); a row of an earlier release, without the columns added
+        since, takes their defaults."""
+        batch_rows = None
+        if len(row) == len(COLUMNS) + 1:
+            row, batch_rows = row[:-1], [(p, s) for p, s in row[-1]]
         (
             prediction_id, request_id, route, variant, model_name, configured_version,
             reported_version, assignment, routing_key, config_version, method, path,
@@ -207,6 +278,7 @@ class PredictionRecord:
             response_body, request_truncated, response_truncated, request_headers,
             response_headers, shadow, predicted, score, shadow_of, escaped, inference,
             first_byte_ms, streamed, served_model, prompt_tokens, completion_tokens,
+            batch_of, batch_size,
         ) = (*row, *_ADDED_COLUMN_DEFAULTS[len(row) - _COLUMNS_BEFORE_USAGE :])  # fmt: skip
         return cls(
             prediction_id=prediction_id,
@@ -243,6 +315,9 @@ class PredictionRecord:
             served_model=served_model,
             prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
             completion_tokens=None if completion_tokens is None else int(completion_tokens),
+            batch_of=batch_of,
+            batch_size=None if batch_size is None else int(batch_size),
+            batch_rows=batch_rows,
         )
 
     def make_storable(self) -> bool:
@@ -287,11 +362,15 @@ class PredictionRecord:
 
 
 #: the store's columns, in the order of :meth:`PredictionRecord.as_row`
-COLUMNS = tuple(name for name in PredictionRecord.__dataclass_fields__ if name != "spool_segment")
+COLUMNS = tuple(
+    name
+    for name in PredictionRecord.__dataclass_fields__
+    if name not in ("spool_segment", "batch_rows")
+)
 #: the columns a spooled row of the release before streams and token usage has, and the
 #: defaults of the columns added since, so that a spool left by it is still replayed
 _COLUMNS_BEFORE_USAGE = 29
-_ADDED_COLUMN_DEFAULTS: tuple[Any, ...] = (None, 0, None, None, None)
+_ADDED_COLUMN_DEFAULTS: tuple[Any, ...] = (None, 0, None, None, None, None, None)
 
 
 def unstorable(text: str | None) -> bool:
@@ -355,6 +434,43 @@ def _resolve_tokens(doc: Any, tokens: Pointer) -> Any:
         else:
             return None
     return doc
+
+
+def _batch_of(doc: dict[str, Any], tokens: Pointer) -> tuple[int, int, int] | None:
+    """(position, rows, stride) of the batch a pointer reads in ``doc``: which of its tokens
+    moves from row to row, how many rows, and by how much; None for an answer of one row (see
+    :meth:`AnswerReader.rows`)."""
+    if len(tokens) == 4 and tokens[0][0] == "outputs" and tokens[2][0] == "data":
+        within = tokens[3][1]
+        output = _resolve_tokens(doc, tokens[:2])
+        if within is None or not isinstance(output, dict):
+            return None
+        shape, data = output.get("shape"), output.get("data")
+        if not (isinstance(shape, list) and shape and isinstance(data, list)):
+            return None
+        n = shape[0]
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 1 or len(data) % n:
+            return None
+        stride = len(data) // n
+        return (3, n, stride) if within < stride else None
+    for position, (_, index) in enumerate(tokens):
+        if index == 0:
+            parent = _resolve_tokens(doc, tokens[:position])
+            if isinstance(parent, list) and len(parent) > 1:
+                return position, len(parent), 1
+            return None
+    return None
+
+
+def _row_pointer(doc: dict[str, Any], tokens: Pointer, row: int, rows: int) -> Pointer | None:
+    """``tokens`` moved to row ``row`` of a batch of ``rows``; None when it reads no batch
+    of that many rows."""
+    found = _batch_of(doc, tokens)
+    if found is None or found[1] != rows:
+        return tokens if row == 0 else None
+    position, _, stride = found
+    index = row * stride + (tokens[position][1] or 0)
+    return (*tokens[:position], (str(index), index), *tokens[position + 1 :])
 
 
 @functools.lru_cache(maxsize=256)
@@ -483,13 +599,51 @@ class AnswerReader:
         """(prediction as canonical text, score) from a parsed answer; ``None`` where absent."""
         if doc is None or not self.evaluates:
             return None, None
+        return self._read(doc, self.prediction_pointers, self.score_pointer)
+
+    def rows(self, doc: dict[str, Any] | None) -> list[tuple[str | None, float | None]] | None:
+        """(prediction, score) of each row of a batch answer; None for an answer of one row.
+
+        A pointer reads a batch in a V2 output (``/outputs/K/data/J``) whose ``shape`` starts
+        with N > 1: element ``J`` of each of the N rows of its flattened data; elsewhere,
+        where its first index 0 picks the first of a list of N > 1 (``/predictions/0``). The
+        route's prediction pointer (else its score pointer) says how many rows there are.
+        """
+        if doc is None or not self.evaluates:
+            return None
+        n = 0
+        for tokens in (*self.prediction_pointers, self.score_pointer):
+            found = None if tokens is None else _batch_of(doc, tokens)
+            if found is not None:
+                n = found[1]
+                break
+        if n <= 1:
+            return None
+        rows = []
+        for row in range(n):
+            predicted = tuple(
+                moved
+                for tokens in self.prediction_pointers
+                if (moved := _row_pointer(doc, tokens, row, n)) is not None
+            )
+            score = (
+                None
+                if self.score_pointer is None
+                else _row_pointer(doc, self.score_pointer, row, n)
+            )
+            rows.append(self._read(doc, predicted, score))
+        return rows
+
+    def _read(
+        self, doc: dict[str, Any], predictions: tuple[Pointer, ...], score_pointer: Pointer | None
+    ) -> tuple[str | None, float | None]:
         score = None
-        if self.score_pointer is not None:
-            raw = _resolve_tokens(doc, self.score_pointer)
+        if score_pointer is not None:
+            raw = _resolve_tokens(doc, score_pointer)
             if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
                 score = float(raw)
         predicted = None
-        for tokens in self.prediction_pointers:
+        for tokens in predictions:
             predicted = canonical_label(_resolve_tokens(doc, tokens))
             if predicted is not None:
                 break

@@ -112,6 +112,7 @@ class ShadowMirror:
         version: str | None = None
         predicted: str | None = None
         score: float | None = None
+        rows: list[tuple[str | None, float | None]] | None = None
         truncated = False
         try:
             with UpstreamErrors(shadow.name):
@@ -135,6 +136,9 @@ class ShadowMirror:
             inference = live.method not in NOT_INFERENCE_METHODS
             if route.answers.evaluates and 200 <= status < 300 and inference:
                 predicted, score = route.answers.prediction(doc)
+                rows = route.answers.rows(doc)
+                if rows is not None:  # a batch: each row is a prediction of its own
+                    predicted, score = None, None
         except GatewayError as failure:
             status = status or failure.status
             error = failure.log_text()
@@ -173,6 +177,8 @@ class ShadowMirror:
             score=score,
             shadow_of=live.prediction_id,
             inference=live.method not in NOT_INFERENCE_METHODS,
+            batch_size=None if rows is None else len(rows),
+            batch_rows=rows,
         )
 
 

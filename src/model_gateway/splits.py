@@ -17,6 +17,17 @@ SRM_ALPHA = 0.001
 RANDOMISED = frozenset({"random", "sticky"})
 
 
+def is_request(row: dict[str, Any]) -> bool:
+    """Whether a row is a request's own record, not one of the rows of a batch request."""
+    return row.get("batch_of") is None
+
+
+def is_prediction(row: dict[str, Any]) -> bool:
+    """Whether a row is one prediction: a request of one row, or one row of a batch (whose
+    request's own record holds none)."""
+    return row.get("batch_size") is None
+
+
 def in_experiment(row: dict[str, Any]) -> bool:
     """Whether a live row is part of the experiment: an inference call whose variant the
     weights chose (at random or by its routing key); not one forced by the client, moved by
@@ -38,6 +49,8 @@ def sample_ratio_over_time(
     expected: dict[str, float] = {}
     excluded = 0
     for row in rows:
+        if not is_request(row):
+            continue  # a batch is one request, however many rows it has
         if not in_experiment(row):
             excluded += 1
             continue
@@ -79,7 +92,7 @@ def label_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     predictions: dict[str, int] = {}
     labelled: dict[str, int] = {}
     for row in rows:
-        if row.get("shadow") or not in_experiment(row):
+        if row.get("shadow") or not in_experiment(row) or not is_prediction(row):
             continue
         name = row["variant"]
         predictions[name] = predictions.get(name, 0) + 1

@@ -25,7 +25,7 @@ SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
        l.label, p.shadow, live.predicted AS live_predicted, live.score AS live_score,
        p.config_version, p.assignment,
-       p.inference
+       p.inference, p.batch_of, p.batch_size
 FROM predictions p
 LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
 LEFT JOIN (
@@ -44,7 +44,7 @@ SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
        p.configured_version, p.reported_version, p.config_version, p.assignment, p.inference,
        p.request_time, p.latency_ms, p.first_byte_ms, p.streamed, p.status, p.error,
        p.predicted, p.score, p.served_model, p.prompt_tokens, p.completion_tokens, p.shadow,
-       p.shadow_of, l.label, l.label_time
+       p.shadow_of, p.batch_of, p.batch_size, l.label, l.label_time
 FROM predictions p
 LEFT JOIN (
     SELECT joined_prediction_id, label, label_time,

@@ -98,6 +98,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE predictions ADD COLUMN prompt_tokens INTEGER",
         "ALTER TABLE predictions ADD COLUMN completion_tokens INTEGER",
     ),
+    (
+        # a batch request is a record of its own, and each of its rows a prediction of its own
+        "ALTER TABLE predictions ADD COLUMN batch_of TEXT",
+        "ALTER TABLE predictions ADD COLUMN batch_size INTEGER",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

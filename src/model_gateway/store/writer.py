@@ -268,7 +268,8 @@ class RecordWriter:
         if escaped:
             self._metrics.log_escaped.inc(escaped)
         lost: set[str] = set()
-        await self._write_rows([record.as_row() for record in batch], replay=replay, lost=lost)
+        rows = [row for record in batch for row in record.as_rows()]
+        await self._write_rows(rows, replay=replay, lost=lost)
         return lost
 
     async def replay(self, rows: Sequence[tuple[Any, ...]]) -> None:
