@@ -122,3 +122,44 @@ def test_a_score_without_a_prediction_pointer_is_refused_beyond_binary(tmp_path:
             f"routes[0].evaluation.prediction: required with a score on a {task} route"
             " (only a binary label can be derived from a score and the threshold)"
         ]
+
+
+def test_the_rows_of_a_batch_are_read_where_the_pointers_point() -> None:
+    """A V2 predict_proba of 3 rows (shape [3, 2], flattened): P(class 1) of each row, at
+    1, 3 and 5; a label output of shape [3] beside it; a V1 list of predictions."""
+    answers = answers_for(
+        {"task": "binary", "prediction": "/outputs/1/data/0", "score": "/outputs/0/data/1"}
+    )
+    doc = {
+        "outputs": [
+            {"name": "proba", "shape": [3, 2], "data": [0.9, 0.1, 0.3, 0.7, 0.4, 0.6]},
+            {"name": "label", "shape": [3], "data": [0, 1, 1]},
+        ]
+    }
+    assert answers.rows(doc) == [("0", 0.1), ("1", 0.7), ("1", 0.6)]
+    one = {"outputs": [{"shape": [1, 2], "data": [0.9, 0.1]}, {"shape": [1], "data": [0]}]}
+    assert answers.rows(one) is None
+    assert answers.prediction(one) == ("0", 0.1)
+    v1 = answers_for({"task": "binary"})
+    assert v1.rows({"predictions": [1, 0, True]}) == [("1", None), ("0", None), ("1", None)]
+    assert v1.rows({"predictions": [1]}) is None
+
+
+@given(json_doc, st.sampled_from(["/outputs/0/data/0", "/predictions/0", "/a/0/b"]))
+def test_any_answer_gives_rows_or_none(doc: Any, where: str) -> None:
+    """Whatever a model server answers, reading its rows never fails: a batch of two or
+    more, or none."""
+    answers = answers_for({"task": "binary", "prediction": where, "score": where})
+    rows = answers.rows(doc if isinstance(doc, dict) else {"outputs": doc, "predictions": doc})
+    assert rows is None or len(rows) >= 2
+
+
+@given(
+    shape=st.lists(st.integers(-3, 2**70) | st.booleans() | st.none(), max_size=3),
+    data=st.lists(st.integers(0, 1) | st.floats() | st.text(max_size=2), max_size=12),
+    within=st.integers(0, 3),
+)
+def test_any_v2_output_gives_rows_or_none(shape: list[Any], data: list[Any], within: int) -> None:
+    answers = answers_for({"task": "binary", "prediction": f"/outputs/0/data/{within}"})
+    rows = answers.rows({"outputs": [{"shape": shape, "data": data}]})
+    assert rows is None or len(rows) == shape[0] >= 2
