@@ -51,10 +51,9 @@ FOLD_SECONDS = 0.05
 SCRAPE_SETTLE_SECONDS = 3 * FOLD_SECONDS
 
 # (route, variant, model version, status, seconds, upstream seconds or None, score or None)
-Observation = tuple[str, str, str, int, float, float | None, float | None]
-#: route, variant, seconds to the first byte, streamed, served model, prompt and completion tokens
-AnswerObservation = tuple[str, str, float, bool, str | None, int | None, int | None]
-
+#: route, variant, model version, status, seconds, upstream seconds, score, seconds to the
+#: answer's first byte (None: no answer of the model server's), streamed
+Observation = tuple[str, str, str, int, float, float | None, float | None, float | None, bool]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # The *_created series double the exposition for no use here; multiprocess mode has none.
@@ -339,7 +338,7 @@ class Metrics:
         #: requests being proxied now; the in-flight gauge is set from it at each fold
         self.requests_in_flight = 0
         self._pending: list[Observation] = []
-        self._answers: list[AnswerObservation] = []
+        self._tokens: list[tuple[str, str, str, int | None, int | None]] = []
         #: scores of the rows of batches past their first (which rides with its request)
         self._row_scores: list[tuple[str, str, str, float]] = []
         self._folder: asyncio.Task[None] | None = None
@@ -375,27 +374,21 @@ class Metrics:
         seconds: float,
         upstream_seconds: float | None = None,
         score: float | None = None,
+        first_byte_seconds: float | None = None,
+        streamed: bool = False,
     ) -> None:
         """One answered request: counted, its durations and score observed at the next fold."""
         self._pending.append(
-            (route, variant, model_version, status, seconds, upstream_seconds, score)
-        )
-
-    def observe_answer(
-        self,
-        route: str,
-        variant: str,
-        first_byte_seconds: float,
-        streamed: bool,
-        served_model: str | None,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-    ) -> None:
-        """A model server's answer begun for the client: observed at the next fold."""
-        self._answers.append(
-            (route, variant, first_byte_seconds, streamed, served_model, prompt_tokens,
-             completion_tokens)
+            (route, variant, model_version, status, seconds, upstream_seconds, score,
+             first_byte_seconds, streamed)
         )  # fmt: skip
+
+    def observe_tokens(
+        self, route: str, variant: str, served_model: str | None, prompt: int | None,
+        completion: int | None,
+    ) -> None:  # fmt: skip
+        """The tokens an OpenAI-style answer reports, counted at the next fold."""
+        self._tokens.append((route, variant, served_model or "", prompt, completion))
 
     def observe_row_scores(
         self, route: str, variant: str, model_version: str, scores: list[float]
@@ -403,32 +396,22 @@ class Metrics:
         """The scores of a batch's rows after its first, observed at the next fold."""
         self._row_scores.extend((route, variant, model_version, s) for s in scores)
 
-    def _fold_answers(self) -> None:
-        answers, self._answers = self._answers, []
-        first_bytes: dict[tuple[str, str], list[float]] = {}
-        streamed: dict[tuple[str, str], int] = {}
-        tokens: dict[tuple[str, str, str, str], int] = {}
-        for route, variant, seconds, stream, model, prompt, completion in answers:
-            pair = (route, variant)
-            first_bytes.setdefault(pair, []).append(seconds)
-            if stream:
-                streamed[pair] = streamed.get(pair, 0) + 1
+    def _fold_tokens(self) -> None:
+        tokens, self._tokens = self._tokens, []
+        totals: dict[tuple[str, str, str, str], int] = {}
+        for route, variant, model, prompt, completion in tokens:
             for kind, count in (("prompt", prompt), ("completion", completion)):
                 if count is not None:
-                    key = (route, variant, model or "", kind)
-                    tokens[key] = tokens.get(key, 0) + count
-        for pair, values in first_bytes.items():
-            add_observations(self._child(self.time_to_first_byte, *pair), values)
-        for pair, count in streamed.items():
-            self._child(self.streamed_answers, *pair).inc(count)  # type: ignore[attr-defined]
-        for labels, count in tokens.items():
+                    key = (route, variant, model, kind)
+                    totals[key] = totals.get(key, 0) + count
+        for labels, count in totals.items():
             self._child(self.tokens, *labels).inc(count)  # type: ignore[attr-defined]
 
     def fold(self) -> None:
         """Add the requests observed since the last fold to the collectors."""
         self.in_flight.set(self.requests_in_flight)
-        if self._answers:
-            self._fold_answers()
+        if self._tokens:
+            self._fold_tokens()
         pending = self._pending
         if not pending:
             return
@@ -436,17 +419,26 @@ class Metrics:
         counts: dict[tuple[str, str, str, int], int] = {}
         durations: dict[tuple[str, str], list[float]] = {}
         upstream: dict[tuple[str, str], list[float]] = {}
+        first_bytes: dict[tuple[str, str], list[float]] = {}
+        streams: dict[tuple[str, str], int] = {}
         scores: dict[tuple[str, str, str], list[float]] = {}
         row_scores, self._row_scores = self._row_scores, []
         for route, variant, version, row_score in row_scores:
             scores.setdefault((route, variant, version), []).append(row_score)
-        for route, variant, version, status, seconds, upstream_seconds, score in pending:
+        for (
+            route, variant, version, status, seconds, upstream_seconds, score, first_byte,
+            streamed,
+        ) in pending:  # fmt: skip
             key = (route, variant, version, status // 100)
             counts[key] = counts.get(key, 0) + 1
             pair = (route, variant)
             durations.setdefault(pair, []).append(seconds)
             if upstream_seconds is not None:
                 upstream.setdefault(pair, []).append(upstream_seconds)
+            if first_byte is not None:
+                first_bytes.setdefault(pair, []).append(first_byte)
+                if streamed:
+                    streams[pair] = streams.get(pair, 0) + 1
             if score is not None:
                 scores.setdefault((route, variant, version), []).append(score)
         for (route, variant, version, status_class), count in counts.items():
@@ -456,6 +448,10 @@ class Metrics:
             add_observations(self._child(self.request_duration, *pair), values)
         for pair, values in upstream.items():
             add_observations(self._child(self.upstream_duration, *pair), values)
+        for pair, values in first_bytes.items():
+            add_observations(self._child(self.time_to_first_byte, *pair), values)
+        for pair, count in streams.items():
+            self._child(self.streamed_answers, *pair).inc(count)  # type: ignore[attr-defined]
         for labels, values in scores.items():
             add_observations(self._child(self.prediction_score, *labels), values)
 

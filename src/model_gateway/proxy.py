@@ -305,13 +305,11 @@ class ProxyApp:
                     version,
                     [s for _, s in exchange.batch_rows[1:] if s is not None],
                 )
-            if exchange.first_byte is not None:
-                usage = exchange.usage
-                metrics.observe_answer(
+            usage = exchange.usage
+            if usage is not NO_USAGE:
+                metrics.observe_tokens(
                     route.name,
                     variant.name,
-                    exchange.first_byte,
-                    exchange.streamed,
                     usage.served_model,
                     usage.prompt_tokens,
                     usage.completion_tokens,
@@ -324,6 +322,8 @@ class ProxyApp:
                 elapsed,
                 exchange.upstream_seconds,
                 exchange.score,
+                exchange.first_byte,
+                exchange.streamed,
             )
             record = self._record(
                 scope,

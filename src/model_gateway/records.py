@@ -441,9 +441,12 @@ def _batch_of(doc: dict[str, Any], tokens: Pointer) -> tuple[int, int, int] | No
     moves from row to row, how many rows, and by how much; None for an answer of one row (see
     :meth:`AnswerReader.rows`)."""
     if len(tokens) == 4 and tokens[0][0] == "outputs" and tokens[2][0] == "data":
-        within = tokens[3][1]
-        output = _resolve_tokens(doc, tokens[:2])
-        if within is None or not isinstance(output, dict):
+        within, which = tokens[3][1], tokens[1][1]
+        outputs = doc.get("outputs")
+        if within is None or which is None or not isinstance(outputs, list):
+            return None
+        output = outputs[which] if which < len(outputs) else None
+        if not isinstance(output, dict):
             return None
         shape, data = output.get("shape"), output.get("data")
         if not (isinstance(shape, list) and shape and isinstance(data, list)):
@@ -563,6 +566,10 @@ class AnswerReader:
             self.positive = canonical_label(evaluation.positive_label)
             self.negative = "0" if self.positive == "1" else f"not {self.positive}"
         self.reads_body = self.version_pointer is not None or self.evaluates
+        #: the pointers that may read a batch, in the order that says how many rows it has
+        self._batch_pointers = tuple(
+            p for p in (*self.prediction_pointers, self.score_pointer) if p is not None
+        )
 
     def document(
         self, body: bytes, headers: Mapping[str, str], plain: bool
@@ -612,8 +619,8 @@ class AnswerReader:
         if doc is None or not self.evaluates:
             return None
         n = 0
-        for tokens in (*self.prediction_pointers, self.score_pointer):
-            found = None if tokens is None else _batch_of(doc, tokens)
+        for tokens in self._batch_pointers:
+            found = _batch_of(doc, tokens)
             if found is not None:
                 n = found[1]
                 break

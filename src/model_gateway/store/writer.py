@@ -268,7 +268,12 @@ class RecordWriter:
         if escaped:
             self._metrics.log_escaped.inc(escaped)
         lost: set[str] = set()
-        rows = [row for record in batch for row in record.as_rows()]
+        rows: list[tuple[Any, ...]] = []
+        for record in batch:
+            if record.batch_rows:
+                rows.extend(record.as_rows())  # a batch: its rows are records of their own
+            else:
+                rows.append(record.as_row())
         await self._write_rows(rows, replay=replay, lost=lost)
         return lost
 
