@@ -578,7 +578,7 @@ class ProxyApp:
         ):
             body = await upstream.read()
             scope[WAITING_TASK] = None
-            doc = answers.document(body, upstream.headers, plain=not encoded)
+            doc = answers.document(body, content_type, upstream.headers, plain=not encoded)
             if doc is not None:
                 # a V2 answer repeats the request's "id": the client's own id for the
                 # prediction, when it sent no X-Request-Id (tritonclient sends none)

@@ -436,6 +436,25 @@ def _resolve_tokens(doc: Any, tokens: Pointer) -> Any:
     return doc
 
 
+def _rows_read(doc: dict[str, Any], tokens: Pointer) -> int:
+    """How many rows a pointer reads in ``doc``: 1 for an answer of one row, 0 when it
+    cannot tell (its output or list is missing); see :meth:`AnswerReader.rows`."""
+    if len(tokens) == 4 and tokens[0][0] == "outputs" and tokens[2][0] == "data":
+        outputs = doc.get("outputs")
+        which = tokens[1][1]
+        if not isinstance(outputs, list) or which is None or which >= len(outputs):
+            return 0
+        output = outputs[which]
+        shape = output.get("shape") if isinstance(output, dict) else None
+        if not isinstance(shape, list) or not shape:
+            return 0
+        n = shape[0]
+        if n == 1:
+            return 1  # the usual answer: decided at once
+    found = _batch_of(doc, tokens)
+    return 0 if found is None else found[1]
+
+
 def _batch_of(doc: dict[str, Any], tokens: Pointer) -> tuple[int, int, int] | None:
     """(position, rows, stride) of the batch a pointer reads in ``doc``: which of its tokens
     moves from row to row, how many rows, and by how much; None for an answer of one row (see
@@ -572,18 +591,21 @@ class AnswerReader:
         )
 
     def document(
-        self, body: bytes, headers: Mapping[str, str], plain: bool
+        self, body: bytes, content_type: str | None, headers: Mapping[str, str], plain: bool
     ) -> dict[str, Any] | None:
         """The answer as a JSON object, when this route reads anything from the body and
         ``plain`` (the whole body, not compressed); else None. A V2 answer with binary
-        tensors (``Inference-Header-Content-Length``) is its JSON part with the tensors'
-        values in their ``data``. ``headers`` looks names up case-insensitively."""
+        tensors (not JSON, with ``Inference-Header-Content-Length``) is its JSON part with
+        the tensors' values in their ``data``. ``headers`` looks names up
+        case-insensitively."""
         if not plain or not self.reads_body:
             return None
+        if content_type is not None and "json" in content_type:
+            return parse_json_object(body, content_type)
         header_length = headers.get(HEADER_LENGTH)
-        if header_length is not None:
-            return read_binary_body(body, int(header_length)) if header_length.isdigit() else None
-        return parse_json_object(body, headers.get("Content-Type"))
+        if header_length is not None and header_length.isdigit():
+            return read_binary_body(body, int(header_length))
+        return None
 
     def version(self, headers: Mapping[str, str], doc: dict[str, Any] | None) -> str | None:
         """The model version the server says it served: a header first, then the body.
@@ -620,9 +642,8 @@ class AnswerReader:
             return None
         n = 0
         for tokens in self._batch_pointers:
-            found = _batch_of(doc, tokens)
-            if found is not None:
-                n = found[1]
+            n = _rows_read(doc, tokens)
+            if n:  # the first pointer that can tell says how many rows
                 break
         if n <= 1:
             return None

@@ -131,7 +131,8 @@ class ShadowMirror:
                 finally:
                     response.close()  # a no-op once the answer was read to the end
             plain = not truncated and "Content-Encoding" not in response.headers
-            doc = route.answers.document(body, response.headers, plain)
+            content_type = response.headers.get("Content-Type")
+            doc = route.answers.document(body, content_type, response.headers, plain)
             version = route.answers.version(response.headers, doc)
             inference = live.method not in NOT_INFERENCE_METHODS
             if route.answers.evaluates and 200 <= status < 300 and inference:

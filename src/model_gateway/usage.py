@@ -30,13 +30,12 @@ NO_USAGE = Usage(None, None, None)
 
 
 def usage_of(doc: dict[str, Any]) -> Usage:
-    """The served model and token usage of a whole answer (NO_USAGE for another kind)."""
-    model = doc.get("model")
+    """The served model and token usage of a whole answer (NO_USAGE for one that reports no
+    usage: an OpenAI-style answer always does, so other kinds cost one lookup)."""
     usage = doc.get("usage")
-    if not isinstance(model, str) and not isinstance(usage, dict):
-        return NO_USAGE
     if not isinstance(usage, dict):
-        return Usage(model if isinstance(model, str) else None, None, None)
+        return NO_USAGE
+    model = doc.get("model")
     return Usage(
         model if isinstance(model, str) else None,
         _count(usage.get("prompt_tokens")),
@@ -59,7 +58,8 @@ def stream_usage(tail: bytes) -> Usage:
         if not isinstance(doc, dict):
             continue
         found = usage_of(doc)
-        model = model or found.served_model
+        named = doc.get("model")
+        model = model or found.served_model or (named if isinstance(named, str) else None)
         if found.prompt_tokens is not None or found.completion_tokens is not None:
             return Usage(model, found.prompt_tokens, found.completion_tokens)
         if model is not None:
