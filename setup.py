@@ -18,6 +18,7 @@ from setuptools import setup
 # code extend or patch at run time (a compiled class takes neither), the SQLite log process's
 # script (run by its path), and the configuration's pydantic models.
 COMPILED = (
+    "active",
     "app",
     "headers",
     "health",
@@ -26,7 +27,7 @@ COMPILED = (
     "records",
     "redaction",
     "routing",
-    "runtime",
+    "state",
     "store/writer",
     "upstream",
     "usage",

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from . import heap
+from .active import ActiveConfig
 from .admin import ROUTER_CODES, control_routes, router_error, store_unavailable
 from .client_limits import ClientLimits
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
@@ -24,8 +25,8 @@ from .metrics import Metrics
 from .proxy import ProxyApp
 from .redaction import REDACTED, url_secrets
 from .reload import ConfigReloader
-from .runtime import ActiveConfig, GatewayState
 from .shadow import ShadowMirror
+from .state import GatewayState
 from .store import Store, open_store
 from .store.base import STORE_ERRORS
 from .store.spool import Spool

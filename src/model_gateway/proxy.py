@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from .active import ActiveConfig
 from .errors import (
     CLIENT_CLOSED_REQUEST,
     ERROR_CODE_HEADER,
@@ -49,8 +50,8 @@ from .routing import (
     choose_variant,
     shadows_for,
 )
-from .runtime import ActiveConfig, GatewayState
 from .shadow import LiveRequest
+from .state import GatewayState
 from .upstream import UpstreamErrors, UpstreamResponse
 from .usage import NO_USAGE, STREAM_TAIL_BYTES, stream_usage, usage_of
 

@@ -28,7 +28,7 @@ from .store.writer import RecordWriter
 from .upstream import UpstreamClient, UpstreamErrors, UpstreamResponse
 
 if TYPE_CHECKING:
-    from .runtime import ActiveConfig
+    from .active import ActiveConfig
 
 log = logging.getLogger("model_gateway.shadow")
 

@@ -121,19 +121,6 @@ class Store(Protocol):
     async def schema_version(self) -> int: ...
 
 
-def open_store(url: str) -> Store:
-    """The store for a ``storage.url``; call :meth:`Store.open` before use."""
-    if url.startswith("sqlite://"):
-        from .sqlite import SQLiteStore
-
-        return SQLiteStore(sqlite_path(url))
-    if url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresStore
-
-        return PostgresStore(url)
-    raise ValueError(f"unsupported storage url {url!r}: use sqlite:// or postgresql://")
-
-
 def store_location(url: str) -> str:
     """Where a ``storage.url`` points, fit to print: a SQLite file's path, or a PostgreSQL
     server's host, port and database without the credentials, which the user part or the

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
-
 from .config import LoadedConfig
-from .health import HealthMonitor
-from .metrics import Metrics
 from .routing import RoutingTable
-from .shadow import ShadowMirror
-from .store.spool import Spool
-from .store.writer import RecordWriter
-from .upstream import Deadlines, UpstreamClient
+from .upstream import Deadlines
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,20 +33,3 @@ class ActiveConfig:
             version=loaded.version,
             client_body_timeout=loaded.config.server.client_body_timeout,
         )
-
-
-@dataclass(slots=True)
-class GatewayState:
-    """Everything long-lived the request handlers need; built and closed by the lifespan."""
-
-    active: ActiveConfig
-    session: aiohttp.ClientSession
-    upstream: UpstreamClient
-    writer: RecordWriter
-    metrics: Metrics
-    health: HealthMonitor
-    mirror: ShadowMirror
-    #: durability answered: where each answered request's record is made durable first
-    spool: Spool | None = None
-    #: the gateway's own release, as its V2 server metadata names it
-    version: str = ""
