@@ -11,6 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,10 @@ from .quality import build_report
 from .redaction import redact_url
 
 if TYPE_CHECKING:
-    from .app import GatewayApp
+    from .feedback import FeedbackJoiner
+    from .live import LiveConfig
+    from .metrics import Metrics
+    from .reload import ConfigReloader
     from .store.base import Store
 
 DAY = 86_400.0
@@ -85,10 +89,21 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
     return error_response(503, "store_unavailable", "the prediction store is not available")
 
 
-def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
+@dataclass(frozen=True, slots=True)
+class ControlPlane:
+    """What the control plane's endpoints work with, given to them explicitly."""
+
+    store: Store
+    live: LiveConfig
+    metrics: Metrics
+    reloader: ConfigReloader
+    joiner: FeedbackJoiner
+
+
+def control_routes(plane: ControlPlane) -> list[BaseRoute]:
     def guarded(handler: Handler) -> Handler:
         async def check_token(request: Request) -> Response:
-            token = gateway.loaded.config.admin.effective_token()
+            token = plane.live.loaded.config.admin.effective_token()
             if token and not _bearer_matches(request, token):
                 return error_response(401, "unauthorized", "a valid bearer token is required")
             return await handler(request)
@@ -96,7 +111,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         return check_token
 
     async def feedback(request: Request) -> Response:
-        admin = gateway.loaded.config.admin
+        admin = plane.live.loaded.config.admin
         tokens = [t for t in (admin.feedback_token, admin.effective_token()) if t]
         if tokens and not any(_bearer_matches(request, t) for t in tokens):
             return error_response(401, "unauthorized", "a valid bearer token is required")
@@ -126,13 +141,13 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             else:
                 valid.append((index, result))
         # each label is judged against the task of its prediction's route, when stored
-        routes = {r.name: r for r in gateway.loaded.config.routes}
-        kept, unfit, waiting = await judge_labels(gateway.store, routes, valid)
+        routes = {r.name: r for r in plane.live.loaded.config.routes}
+        kept, unfit, waiting = await judge_labels(plane.store, routes, valid)
         errors = [{"index": i, "reason": r} for i, r in sorted([*refused, *unfit])]
         if kept:
-            await gateway.store.insert_feedback([item.as_row(now) for _, item in kept])
-            await gateway.joiner.join_pending()
-        metrics = gateway.state.metrics
+            await plane.store.insert_feedback([item.as_row(now) for _, item in kept])
+            await plane.joiner.join_pending()
+        metrics = plane.metrics
         metrics.feedback_received.labels("accepted").inc(len(kept))
         metrics.feedback_received.labels("rejected").inc(len(errors))
         return json_response(
@@ -147,34 +162,34 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         )
 
     async def healthz(request: Request) -> Response:
-        return json_response({"status": "ok", "config_version": gateway.state.active.version})
+        return json_response({"status": "ok", "config_version": plane.live.loaded.version})
 
     async def metrics(request: Request) -> Response:
-        return Response(await gateway.state.metrics.scrape(), media_type=CONTENT_TYPE)
+        return Response(await plane.metrics.scrape(), media_type=CONTENT_TYPE)
 
     async def predictions(request: Request) -> Response:
         request_id = request.query_params.get("request_id")
         if not request_id:
             return error_response(400, "bad_request", "request_id: the client's request id")
-        found = await gateway.store.predictions_of_request(request_id, 1000)
+        found = await plane.store.predictions_of_request(request_id, 1000)
         return json_response({"request_id": request_id, "predictions": found})
 
     async def prediction(request: Request) -> Response:
         wanted = request.path_params["prediction_id"]
         if not wanted:
             raise HTTPException(404)  # /admin/predictions/: no endpoint, as for any other
-        record = await gateway.store.get_prediction(wanted)
+        record = await plane.store.get_prediction(wanted)
         if record is None:
             # the client's own id (X-Request-Id, or the id of a V2 request): its latest
-            latest = await gateway.store.predictions_of_request(wanted, 1)
-            record = await gateway.store.get_prediction(latest[0]) if latest else None
+            latest = await plane.store.predictions_of_request(wanted, 1)
+            record = await plane.store.get_prediction(latest[0]) if latest else None
         if record is None:
             return error_response(
                 404, "not_found", f"no prediction or client request id {wanted!r}"
             )
         prediction_id = record["prediction_id"]
         out = _jsonable(record)
-        labels = await gateway.store.feedback_for(prediction_id)
+        labels = await plane.store.feedback_for(prediction_id)
         out["feedback"] = [
             {
                 **f,
@@ -185,11 +200,11 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         ]
         out["label"] = labels[-1]["label"] if labels else None
         # the shadows' answers to the same request (a shadow's own record has shadow_of)
-        out["shadows"] = [_jsonable(copy) for copy in await gateway.store.shadows_of(prediction_id)]
+        out["shadows"] = [_jsonable(copy) for copy in await plane.store.shadows_of(prediction_id)]
         return json_response(out)
 
     async def reload(request: Request) -> Response:
-        result = await gateway.reloader.reload("POST /admin/reload")
+        result = await plane.reloader.reload("POST /admin/reload")
         if result.outcome == "failed":
             return json_response(
                 {
@@ -213,7 +228,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
                 at = parse_rfc3339(raw)
             except ValueError as exc:
                 return error_response(400, "bad_request", f"at: {exc}")
-        found = await gateway.store.config_at(at)
+        found = await plane.store.config_at(at)
         if found is None:
             return error_response(
                 404, "not_found", f"no configuration was active at {format_rfc3339(at)}"
@@ -230,7 +245,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
 
     async def report(request: Request) -> Response:
         params = request.query_params
-        routes = {r.name: r for r in gateway.loaded.config.routes}
+        routes = {r.name: r for r in plane.live.loaded.config.routes}
         name = params.get("route")
         if name is None and len(routes) == 1:
             name = next(iter(routes))
@@ -249,7 +264,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
         since = bounds.get("since", until - DAY)
         if since >= until:
             return error_response(400, "bad_request", "since must be before until")
-        result = await route_report(gateway.store, routes[name], since, until)
+        result = await route_report(plane.store, routes[name], since, until)
         return json_response(presented(result))
 
     async def experiments(request: Request) -> Response:
@@ -263,7 +278,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
                         "champion": r.experiment.champion,
                         "primary_metric": r.experiment.primary_metric,
                     }
-                    for r in gateway.loaded.config.routes
+                    for r in plane.live.loaded.config.routes
                     if r.experiment is not None
                 ]
             }
@@ -271,7 +286,7 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
 
     async def experiment(request: Request) -> Response:
         wanted = request.path_params["experiment_id"]
-        route = find_experiment(gateway.loaded.config.routes, wanted)
+        route = find_experiment(plane.live.loaded.config.routes, wanted)
         if route is None or route.experiment is None:
             return error_response(
                 404, "not_found", "no experiment of the live configuration has that id"
@@ -283,14 +298,14 @@ def control_routes(gateway: GatewayApp) -> list[BaseRoute]:
             except ValueError as exc:
                 return error_response(400, "bad_request", f"until: {exc}")
         since, until = experiment_window(route, route.experiment, until)
-        result = await route_report(gateway.store, route, since, until)
+        result = await route_report(plane.store, route, since, until)
         return json_response(presented(result))
 
     async def dead_letters(request: Request) -> Response:
         raw = request.query_params.get("limit", "100")
         if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
             return error_response(400, "bad_request", "limit: a whole number from 1 to 10000")
-        letters = await gateway.store.list_dead_letters(int(raw))
+        letters = await plane.store.list_dead_letters(int(raw))
         for letter in letters:
             # the record stays JSON text: it may hold escapes of what JSON cannot carry
             letter["failed_at"] = format_rfc3339(letter["failed_at"])

@@ -15,11 +15,12 @@ from starlette.applications import Starlette
 
 from . import heap
 from .active import ActiveConfig
-from .admin import ROUTER_CODES, control_routes, router_error, store_unavailable
+from .admin import ROUTER_CODES, ControlPlane, control_routes, router_error, store_unavailable
 from .client_limits import ClientLimits
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
+from .live import LiveConfig
 from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
@@ -43,22 +44,31 @@ class GatewayApp:
     """The gateway as one ASGI callable; nothing is opened until the lifespan starts."""
 
     def __init__(self, loaded: LoadedConfig, *, settle_heap: bool = False) -> None:
-        self.loaded = loaded
+        #: the one live configuration; a reload replaces it through :meth:`activate`
+        self.live = LiveConfig(loaded)
+        self.live.activate_with(self.activate)
         # only a process that is the gateway (serve) tunes the collector; tests embed the app
         self._settle_heap = settle_heap
         self._state: GatewayState | None = None
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
+        self.metrics = Metrics(build_version=_package_version())
+        #: read by the gateway's uvicorn protocol (http.py) for each new connection
+        self.client_limits = ClientLimits(loaded.config.server)
+        self.reloader = ConfigReloader(self.live, self.metrics)
+        self.joiner = FeedbackJoiner(self._store, self.live, self.metrics)
+        plane = ControlPlane(self._store, self.live, self.metrics, self.reloader, self.joiner)
         handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
         handlers.update(dict.fromkeys(ROUTER_CODES, router_error))  # by status code
-        self._control = Starlette(routes=control_routes(self), exception_handlers=handlers)
+        self._control = Starlette(routes=control_routes(plane), exception_handlers=handlers)
         # no redirect of /admin/x/ to /admin/x: Starlette builds it from the client's Host
         # header, an open redirect; such a path is answered 404 like any other unknown one
         self._control.router.redirect_slashes = False
-        #: read by the gateway's uvicorn protocol (http.py) for each new connection
-        self.client_limits = ClientLimits(loaded.config.server)
-        self.reloader = ConfigReloader(self)
-        self.joiner = FeedbackJoiner(self)
+
+    @property
+    def loaded(self) -> LoadedConfig:
+        """The live configuration."""
+        return self.live.loaded
 
     @property
     def state(self) -> GatewayState:
@@ -98,8 +108,7 @@ class GatewayApp:
 
     async def startup(self) -> None:
         storage = self.loaded.config.storage
-        version = _package_version()
-        metrics = Metrics(build_version=version)
+        metrics = self.metrics
         metrics.start()
         await self._store.open()
         spool = Spool(storage.spool_path) if storage.durability == "answered" else None
@@ -135,10 +144,11 @@ class GatewayApp:
             health=HealthMonitor(metrics, session),
             mirror=ShadowMirror(upstream, writer, metrics),
             spool=spool,
-            version=version,
+            version=metrics.build_version,
         )
         self.client_limits.on_close = metrics.client_connection_closed
-        await self.activate(self.loaded, time.time(), self._state.active)
+        loaded = self.loaded
+        await self.activate(loaded, time.time(), self._state.active)
         self._proxy = ProxyApp(self._state)
         self.reloader.start()
         if self._settle_heap:
@@ -154,7 +164,6 @@ class GatewayApp:
         """Make ``loaded`` the live configuration and add it to the history; ``active`` is
         its routing tables when the caller has already built them."""
         await self._store.record_config(loaded.version, at, loaded.source, _history_text(loaded))
-        self.loaded = loaded
         self.state.active = active or ActiveConfig.build(loaded)
         self.state.health.configure(self.state.active.table.routes)
         self.state.metrics.set_config_version(loaded.version)

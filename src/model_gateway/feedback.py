@@ -27,8 +27,9 @@ from .records import MAX_REQUEST_ID_LENGTH, canonical_label, new_prediction_id, 
 from .store.base import STORE_ERRORS
 
 if TYPE_CHECKING:
-    from .app import GatewayApp
     from .config import EvaluationConfig, RouteConfig
+    from .live import LiveConfig
+    from .metrics import Metrics
     from .store.base import Store
 
 log = logging.getLogger("model_gateway.feedback")
@@ -242,8 +243,10 @@ def outcome(positive: str, predicted: str, actual: str) -> str:
 class FeedbackJoiner:
     """Joins waiting labels to predictions now in the store, and counts the outcomes."""
 
-    def __init__(self, gateway: GatewayApp) -> None:
-        self._gateway = gateway
+    def __init__(self, store: Store, live: LiveConfig, metrics: Metrics) -> None:
+        self._store = store
+        self._live = live
+        self._metrics = metrics
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -259,7 +262,7 @@ class FeedbackJoiner:
             try:
                 await self.join_pending()
             except Exception as exc:
-                self._gateway.state.metrics.background_errors.labels("feedback-join").inc()
+                self._metrics.background_errors.labels("feedback-join").inc()
                 if isinstance(exc, STORE_ERRORS):
                     # one line per failure, not a traceback a second while a store is down
                     log.warning("joining feedback failed, retrying: %s", exc)
@@ -268,9 +271,9 @@ class FeedbackJoiner:
 
     async def join_pending(self) -> int:
         async with self._lock:
-            joined = await self._gateway.store.join_feedback(time.time())
-        metrics = self._gateway.state.metrics
-        routes = {r.name: r for r in self._gateway.loaded.config.routes}
+            joined = await self._store.join_feedback(time.time())
+        metrics = self._metrics
+        routes = {r.name: r for r in self._live.loaded.config.routes}
         for row in joined:
             labels = (row["route"], row["variant"], row["model_version"])
             metrics.feedback_joined.labels(*labels).inc()
@@ -295,7 +298,7 @@ class FeedbackJoiner:
         """One labelled prediction into the confusion counters of its variant and version."""
         if predicted is None:
             return
-        metrics = self._gateway.state.metrics
+        metrics = self._metrics
         if evaluation.task == "binary":
             positive = canonical_label(evaluation.positive_label) or ""
             result = outcome(positive, predicted, actual)

@@ -333,6 +333,8 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.build_info.labels(build_version, platform.python_version()).set(1)
+        #: the gateway's own release
+        self.build_version = build_version
         self._config_version: str | None = None
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
         #: requests being proxied now; the in-flight gauge is set from it at each fold

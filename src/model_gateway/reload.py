@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Literal
 from .background import cancel_and_wait
 from .config import LoadedConfig, load_config
 from .errors import ConfigError
+from .live import LiveConfig
 from .store.base import STORE_ERRORS
 
 if TYPE_CHECKING:
-    from .app import GatewayApp
+    from .metrics import Metrics
 
 log = logging.getLogger("model_gateway.reload")
 
@@ -48,13 +49,14 @@ def restart_only_changes(old: LoadedConfig, new: LoadedConfig) -> list[str]:
 
 
 class ConfigReloader:
-    def __init__(self, gateway: GatewayApp) -> None:
-        self._gateway = gateway
+    def __init__(self, live: LiveConfig, metrics: Metrics) -> None:
+        self._live = live
+        self._metrics = metrics
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._signal_installed = False
         self._pending: set[asyncio.Future[bool]] = set()
-        self._file_state = _file_state(gateway.loaded.source)
+        self._file_state = _file_state(live.loaded.source)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,7 +66,7 @@ class ConfigReloader:
         except (NotImplementedError, RuntimeError, ValueError):
             # not the main thread (tests, embedding): reload by API and file watch only
             log.debug("SIGHUP handler not installed")
-        interval = self._gateway.loaded.config.server.config_poll_interval
+        interval = self._live.loaded.config.server.config_poll_interval
         if interval > 0:
             self._poller = asyncio.create_task(self._poll(interval), name="config-file-watch")
 
@@ -87,8 +89,8 @@ class ConfigReloader:
         try:
             await self.reload(trigger)
         except Exception as exc:
-            self._gateway.state.metrics.background_errors.labels("config-reload").inc()
-            self._gateway.state.metrics.config_reload_failures.inc()
+            self._metrics.background_errors.labels("config-reload").inc()
+            self._metrics.config_reload_failures.inc()
             if isinstance(exc, STORE_ERRORS):
                 log.error("config reload on %s failed, to be tried again: %s", trigger, exc)
             else:
@@ -101,15 +103,14 @@ class ConfigReloader:
         # uses to update a mounted ConfigMap, which inotify on the file misses.
         while True:
             await asyncio.sleep(interval)
-            state = _file_state(self._gateway.loaded.source)
+            state = _file_state(self._live.loaded.source)
             if state != self._file_state and await self._reload_in_background("file change"):
                 # only a change that was read is done with: a failed one is tried next time
                 self._file_state = state
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
-            gateway = self._gateway
-            current = gateway.loaded
+            current = self._live.loaded
             try:
                 new = load_config(current.source)
             except ConfigError as exc:
@@ -119,13 +120,13 @@ class ConfigReloader:
             problems = restart_only_changes(current, new)
             if problems:
                 return self._failed(trigger, current.version, problems)
-            await gateway.activate(new, time.time())
-            gateway.state.metrics.config_reloads.inc()
+            await self._live.replace(new, time.time())
+            self._metrics.config_reloads.inc()
             log.info("config reloaded on %s: %s -> %s", trigger, current.version, new.version)
             return ReloadResult("reloaded", new.version)
 
     def _failed(self, trigger: str, version: str, problems: list[str]) -> ReloadResult:
-        self._gateway.state.metrics.config_reload_failures.inc()
+        self._metrics.config_reload_failures.inc()
         log.error(
             "config reload on %s failed; version %s stays live:\n  %s",
             trigger,
