@@ -130,3 +130,34 @@ def test_a_batch_survives_the_spool() -> None:
     single = record(2)
     assert PredictionRecord.from_row(single.spool_row()).as_rows() == single.as_rows()
     assert len(single.as_rows()) == 1
+
+
+def test_labels_that_name_no_row_of_a_batch_are_refused_with_a_reason(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A label for a batch request itself (by its prediction id, or by the request id a
+    tritonclient user knows) counts nowhere: refused, naming the rows to label. A row the
+    batch does not have is refused too, rather than waiting forever. A request id at its
+    256-character limit still labels its rows (``<id>/<row>`` is longer)."""
+    gw = gateway([route("fraud", "/v1/models/fraud", [("a", upstreams["a"].url, 1)],
+                        evaluation={"task": "binary"})])  # fmt: skip
+    long_id = "R" * 256
+    answer = httpx.post(
+        f"{gw.url}/v1/models/fraud:predict",
+        json={"instances": ROWS[:3].tolist()},
+        headers={"x-request-id": long_id},
+    )
+    request_id = answer.headers["x-prediction-id"]
+    wait_until(lambda: len(gw.records()) == 4, "the request and its 3 rows written")
+    items = [
+        {"prediction_id": request_id, "label": 1},
+        {"request_id": long_id, "label": 1},
+        {"prediction_id": f"{request_id}/7", "label": 1},
+        {"request_id": f"{long_id}/1", "label": 1},
+    ]
+    result = httpx.post(f"{gw.url}/feedback", json=items).json()
+    assert result["accepted"] == 1 and result["waiting"] == 0
+    reasons = {e["index"]: e["reason"] for e in result["errors"]}
+    assert reasons[0].startswith("names a batch request of 3 rows: label its rows")
+    assert reasons[1].startswith("names a batch request of 3 rows")
+    assert reasons[2] == "names no logged row of a batch request of 3 rows"

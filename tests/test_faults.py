@@ -421,6 +421,7 @@ def test_a_head_too_large_is_answered_431_before_it_is_read_whole(
         "code": "request_header_too_large",
         "message": "the request's head is over 16384 bytes",
     }
+    assert b"\r\nx-gateway-error: request_header_too_large" in head.lower()
     assert sent < 64 * 1024 * 1024
     assert a.control.requests == 1  # the first request only
     wait_until(lambda: connections_closed(gw, "header_too_large") == 1, "the count")

@@ -138,7 +138,7 @@ def test_bad_items_get_reasons_and_bad_bodies_get_4xx(
         {"index": 5, "reason": "timestamp must be RFC 3339 with an offset, or Unix seconds"},
         {
             "index": 6,
-            "reason": "prediction_id must be a non-empty string of at most 256 characters",
+            "reason": "prediction_id must be a non-empty string of at most 262 characters",
         },
         {"index": 7, "reason": "an item must be a JSON object"},
     ]

@@ -14,11 +14,22 @@ import pytest
 import sklearn.metrics as sk
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route as StarletteRoute
 
 from model_gateway.config import RouteConfig
 from model_gateway.routing import Route, shadows_for
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, route, wait_until
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Upstream,
+    dead_url,
+    route,
+    running,
+    wait_until,
+)
 from .test_feedback import EVALUATION, features, wait_for_label
 from .test_metrics import scrape, series
 
@@ -340,3 +351,27 @@ def _joined(db_path: Any) -> list[dict[str, Any]]:
         ]
     finally:
         db.close()
+
+
+def test_a_shadow_that_answers_other_rows_is_not_compared(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """The live answer has one row and the shadow's two: no row of one is a row of the
+    other. The shadow's record says so, and no row of it names a live row that does not
+    exist (before: rows ``<live id>/0`` and ``/1``, never measured)."""
+
+    async def two_rows(request: Any) -> Any:
+        return JSONResponse({"predictions": [1, 0]})
+
+    other = Starlette(routes=[StarletteRoute("/v1/models/fraud:predict", two_rows,
+                                             methods=["POST"])])  # fmt: skip
+    with running(other) as shadow:
+        copy_to = [{"name": "s", "url": shadow.url, "model_version": "9"}]
+        gw = gateway([route("fraud", "/v1/models/fraud", [("a", upstreams["a"].url, 1)],
+                            evaluation={"task": "binary"}, shadows=copy_to)])  # fmt: skip
+        httpx.post(f"{gw.url}/v1/models/fraud:predict", json={"instances": [[1, 2, 3, 4]]})
+        wait_until(lambda: len(gw.records()) == 2, "the live record and the shadow's")
+        gw.stop()
+    copy = next(r for r in gw.records() if r["shadow"])
+    assert copy["batch_size"] == 2 and copy["predicted"] is None
+    assert "answered 2 row(s) to the live answer's 1: not compared" in copy["error"]

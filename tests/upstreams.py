@@ -49,6 +49,8 @@ def chat_completions(model: str) -> Any:
         pause = float(doc.get("pause", 0))
 
         async def events() -> AsyncIterator[bytes]:
+            # a model's first token comes after the answer's head, which goes at once
+            await asyncio.sleep(float(doc.get("first_pause", 0)))
             for i, word in enumerate(words):
                 if i and pause:
                     await asyncio.sleep(pause)
@@ -65,7 +67,12 @@ def chat_completions(model: str) -> Any:
             if (doc.get("stream_options") or {}).get("include_usage"):
                 chunk = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                 yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            if doc.get("split_done"):  # the last event in two writes
+                yield b"data: [DO"
+                await asyncio.sleep(0.05)
+                yield b"NE]\n\n"
+            else:
+                yield b"data: [DONE]\n\n"
             # a server may take a moment to end its answer after its last event
             await asyncio.sleep(float(doc.get("linger", 0)))
 

@@ -257,6 +257,9 @@ class EvaluationConfig(_Strict):
     #: seconds labels take to arrive (chargebacks: weeks): a report's default window ends
     #: this long before now, so that recent predictions, not labelled yet, are left out
     label_horizon: float = Field(default=0.0, ge=0)
+    #: a batch answer's rows logged as predictions, at most; the rows past it are counted
+    #: (``model_gateway_batch_rows_unlogged_total``), not logged
+    max_batch_rows: int = Field(default=1000, ge=1, le=100_000)
 
     @field_validator("prediction", "score")
     @classmethod

@@ -36,7 +36,8 @@ log = logging.getLogger("model_gateway.feedback")
 
 MAX_ITEMS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_KEY_LENGTH = MAX_REQUEST_ID_LENGTH
+#: a stored id: a request id as kept (cut at its limit), and a batch row's "/<row>" after it
+MAX_KEY_LENGTH = MAX_REQUEST_ID_LENGTH + len("/99999")
 JOIN_INTERVAL_SECONDS = 1.0
 # Times the gateway can write back as RFC 3339 (years 1 to 9999 in UTC); anything outside
 # would be stored and then fail every answer that shows it.
@@ -198,19 +199,39 @@ async def judge_labels(
     """The items whose label fits the task of their prediction's route; (position, reason)
     for the others; and how many name no prediction stored yet (kept: they wait for it,
     and a label that does not fit is then left out of the quality figures)."""
-    found = await store.routes_of(
-        [i.prediction_id for _, i in items if i.prediction_id is not None],
-        [i.request_id for _, i in items if i.request_id is not None],
+    by_id = [i.prediction_id for _, i in items if i.prediction_id is not None]
+    by_request = [i.request_id for _, i in items if i.request_id is not None]
+    found = await store.routes_of(by_id, by_request)
+    # an id of a row of a batch that is not stored: is its batch?
+    batches = await store.routes_of(
+        [_batch_of(key) for key in by_id if key not in found and "/" in key],
+        [_batch_of(key) for key in by_request if key not in found and "/" in key],
     )
     kept: list[tuple[int, FeedbackItem]] = []
     refused: list[tuple[int, str]] = []
     waiting = 0
     for position, item in items:
-        key = item.prediction_id if item.prediction_id is not None else item.request_id
-        route_name = found.get(key or "")
-        if route_name is None:
+        key = (item.prediction_id if item.prediction_id is not None else item.request_id) or ""
+        stored = found.get(key)
+        if stored is None:
+            batch = batches.get(_batch_of(key)) if "/" in key else None
+            if batch is not None and batch[1] is not None:
+                refused.append(
+                    (position, f"names no logged row of a batch request of {batch[1]} rows")
+                )
+                continue
             waiting += 1
             kept.append((position, item))
+            continue
+        route_name, batch_size = stored
+        if batch_size is not None:
+            refused.append(
+                (
+                    position,
+                    f"names a batch request of {batch_size} rows: label its rows, as"
+                    f" {key}/<row> (from 0)",
+                )
+            )
             continue
         route = routes.get(route_name)
         problem = None
@@ -221,6 +242,11 @@ async def judge_labels(
         else:
             refused.append((position, f"{problem} (route {route_name})"))
     return kept, refused, waiting
+
+
+def _batch_of(key: str) -> str:
+    """The id of the batch request a row's id (``<id>/<row>``) names."""
+    return key.rsplit("/", 1)[0]
 
 
 def _timestamp(value: Any) -> float | None:

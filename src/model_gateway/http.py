@@ -48,7 +48,7 @@ from typing import Any, cast
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .client_limits import HEADER_TOO_LARGE, ClientLimits
-from .errors import GatewayError, HeaderTooLargeError, RequestTimeoutError
+from .errors import ERROR_CODE_HEADER, GatewayError, HeaderTooLargeError, RequestTimeoutError
 from .proxy import BODY_COMPLETE, CLIENT_GONE, SEND_TIMED_OUT, WAITING_TASK
 
 #: how often a :class:`LoadWatch` looks at the process's CPU time
@@ -368,11 +368,15 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, error: GatewayError) -> None:
         """Answer a request whose head never came whole with ``error``, as uvicorn answers
-        its own 400, and let the connection go (``LingeringClose``)."""
-        body = error.body()
+        its own 400, and let the connection go (``LingeringClose``). The body is in the
+        shape of the path's protocol when the path was read before the head stopped."""
+        # the target as far as uvicorn's parser read it (its on_url), for the protocol's shape
+        target: bytes = getattr(self, "url", b"") or b""
+        body = error.body(target.split(b"?", 1)[0].decode("latin-1"))
         # uvicorn's own table of status lines, as its other answers are written
         head = [name + b": " + value for name, value in self.server_state.default_headers]
         head += [
+            ERROR_CODE_HEADER + b": " + error.code.encode(),
             b"content-type: application/json",
             b"content-length: " + str(len(body)).encode(),
             b"connection: close",

@@ -123,11 +123,18 @@ class Metrics:
             ["route", "variant"],
             registry=r,
         )
+        self.batch_rows_unlogged = Counter(
+            f"{PREFIX}_batch_rows_unlogged",
+            "Rows of batch answers past the route's evaluation.max_batch_rows: counted, not"
+            " logged as predictions.",
+            ["route"],
+            registry=r,
+        )
         self.tokens = Counter(
             f"{PREFIX}_tokens",
-            "Tokens OpenAI-style answers report (usage), by the model they name and kind"
-            " (prompt, completion).",
-            ["route", "variant", "model", "kind"],
+            "Tokens OpenAI-style answers report (usage), by kind (prompt, completion). The"
+            " model an answer names is in its record, not a label: a server may name any.",
+            ["route", "variant", "kind"],
             registry=r,
         )
         self.upstream_duration = Histogram(
@@ -340,7 +347,7 @@ class Metrics:
         #: requests being proxied now; the in-flight gauge is set from it at each fold
         self.requests_in_flight = 0
         self._pending: list[Observation] = []
-        self._tokens: list[tuple[str, str, str, int | None, int | None]] = []
+        self._tokens: list[tuple[str, str, int | None, int | None]] = []
         #: scores of the rows of batches past their first (which rides with its request)
         self._row_scores: list[tuple[str, str, str, float]] = []
         self._folder: asyncio.Task[None] | None = None
@@ -386,11 +393,10 @@ class Metrics:
         )  # fmt: skip
 
     def observe_tokens(
-        self, route: str, variant: str, served_model: str | None, prompt: int | None,
-        completion: int | None,
-    ) -> None:  # fmt: skip
+        self, route: str, variant: str, prompt: int | None, completion: int | None
+    ) -> None:
         """The tokens an OpenAI-style answer reports, counted at the next fold."""
-        self._tokens.append((route, variant, served_model or "", prompt, completion))
+        self._tokens.append((route, variant, prompt, completion))
 
     def observe_row_scores(
         self, route: str, variant: str, model_version: str, scores: list[float]
@@ -400,11 +406,11 @@ class Metrics:
 
     def _fold_tokens(self) -> None:
         tokens, self._tokens = self._tokens, []
-        totals: dict[tuple[str, str, str, str], int] = {}
-        for route, variant, model, prompt, completion in tokens:
+        totals: dict[tuple[str, str, str], int] = {}
+        for route, variant, prompt, completion in tokens:
             for kind, count in (("prompt", prompt), ("completion", completion)):
                 if count is not None:
-                    key = (route, variant, model, kind)
+                    key = (route, variant, kind)
                     totals[key] = totals.get(key, 0) + count
         for labels, count in totals.items():
             self._child(self.tokens, *labels).inc(count)  # type: ignore[attr-defined]

@@ -91,6 +91,7 @@ class Exchange:
     __slots__ = (
         "answer_id",
         "batch_rows",
+        "batch_size",
         "durable",
         "error",
         "fell_back",
@@ -136,7 +137,8 @@ class Exchange:
         self.streamed = False
         #: what an OpenAI-style answer says of its model and tokens
         self.usage = NO_USAGE
-        #: a batch answer's rows: (prediction, score) each
+        #: a batch answer's rows, and the (prediction, score) of those logged
+        self.batch_size = 0
         self.batch_rows: list[tuple[str | None, float | None]] | None = None
         #: the headers sent upstream; set once the whole request body has been read
         self.forwarded_headers: list[tuple[bytes, bytes]] | None = None
@@ -300,6 +302,10 @@ class ProxyApp:
             elapsed = time.perf_counter() - started
             version = exchange.reported_version or variant.model_version
             if exchange.batch_rows is not None:
+                if exchange.batch_size > len(exchange.batch_rows):
+                    metrics.batch_rows_unlogged.labels(route.name).inc(
+                        exchange.batch_size - len(exchange.batch_rows)
+                    )
                 metrics.observe_row_scores(
                     route.name,
                     variant.name,
@@ -307,13 +313,9 @@ class ProxyApp:
                     [s for _, s in exchange.batch_rows[1:] if s is not None],
                 )
             usage = exchange.usage
-            if usage is not NO_USAGE:
+            if usage.prompt_tokens is not None or usage.completion_tokens is not None:
                 metrics.observe_tokens(
-                    route.name,
-                    variant.name,
-                    usage.served_model,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
+                    route.name, variant.name, usage.prompt_tokens, usage.completion_tokens
                 )
             metrics.observe_request(
                 route.name,
@@ -355,6 +357,7 @@ class ProxyApp:
                     target=exchange.target,
                     headers=exchange.forwarded_headers,
                     body=exchange.request_body,
+                    batch_size=exchange.batch_size,
                 )
                 self.state.mirror.send(active, route, shadows, live)
 
@@ -413,7 +416,7 @@ class ProxyApp:
             served_model=exchange.usage.served_model,
             prompt_tokens=exchange.usage.prompt_tokens,
             completion_tokens=exchange.usage.completion_tokens,
-            batch_size=None if rows is None else len(rows),
+            batch_size=None if rows is None else exchange.batch_size,
             batch_rows=rows,
         )
 
@@ -579,7 +582,13 @@ class ProxyApp:
         ):
             body = await upstream.read()
             scope[WAITING_TASK] = None
-            doc = answers.document(body, content_type, upstream.headers, plain=not encoded)
+            doc = answers.document(
+                body,
+                content_type,
+                upstream.headers,
+                whole=True,
+                encoding=upstream.headers.get("Content-Encoding") if encoded else None,
+            )
             if doc is not None:
                 # a V2 answer repeats the request's "id": the client's own id for the
                 # prediction, when it sent no X-Request-Id (tritonclient sends none)
@@ -620,7 +629,6 @@ class ProxyApp:
         headers.append((b"x-model-version", header_value(version)))
         if exchange.durable is not None:
             await exchange.durable(upstream.status)
-        exchange.first_byte = time.perf_counter() - exchange.started
         exchange.streamed = True
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         exchange.status = upstream.status
@@ -631,13 +639,12 @@ class ProxyApp:
         keep = route.redactor.max_bytes if route.redactor.keep_bodies else 0
         disconnect = asyncio.ensure_future(_wait_for_disconnect(receive))
         read: asyncio.Future[bytes] | None = None
-        last = b""
         try:
             while True:
                 read = asyncio.ensure_future(upstream.readany())
                 await asyncio.wait((read, disconnect), return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():  # the client left while the model had more to say
-                    if last.rstrip().endswith(_SSE_DONE):
+                    if events and tail.rstrip().endswith(_SSE_DONE):
                         # ...or nothing more: it read the stream to its last event, as the
                         # openai SDK does, and closed before the answer's end came
                         upstream.close()
@@ -648,7 +655,6 @@ class ProxyApp:
                     break
                 if disconnect.done():  # it left before this part
                     raise ClientDisconnected("during the stream")
-                last = chunk
                 if events:
                     tail += chunk
                     if len(tail) > 2 * STREAM_TAIL_BYTES:
@@ -657,6 +663,9 @@ class ProxyApp:
                     captured += chunk[: keep - len(captured)]
                 elif keep:
                     exchange.response_truncated = True
+                if exchange.first_byte is None:
+                    # a streaming server sends its head at once, and its first token later
+                    exchange.first_byte = time.perf_counter() - exchange.started
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             disconnect.cancel()
@@ -666,15 +675,17 @@ class ProxyApp:
                     read.exception()  # a failed read left behind by a client gone is seen
             if route.redactor.keep_bodies:
                 exchange.response_body = bytes(captured)
-        if events:
-            exchange.usage = stream_usage(bytes(tail[-STREAM_TAIL_BYTES:]))
+            if events:  # what was relayed says which model, even of a stream cut short
+                exchange.usage = stream_usage(bytes(tail[-STREAM_TAIL_BYTES:]))
         await send({"type": "http.response.body", "body": b""})
 
 
 def _evaluate(exchange: Exchange, answers: AnswerReader, doc: dict[str, Any] | None) -> None:
     """The prediction and score of an answer; a batch's, row by row."""
     exchange.predicted, exchange.score = answers.prediction(doc)
-    exchange.batch_rows = answers.rows(doc)
+    found = answers.rows(doc)
+    if found is not None:
+        exchange.batch_size, exchange.batch_rows = found
 
 
 async def _wait_for_disconnect(receive: Any) -> None:

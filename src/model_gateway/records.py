@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -455,6 +456,36 @@ def _rows_read(doc: dict[str, Any], tokens: Pointer) -> int:
     return 0 if found is None else found[1]
 
 
+#: the most a compressed answer is decompressed to, to be read (a small answer can unpack
+#: to gigabytes: past this it is not read)
+MAX_DECOMPRESSED_BYTES = 8 * 1024 * 1024
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def decompressed(body: bytes, encoding: str) -> bytes | None:
+    """A gzip or deflate body decompressed, when it is whole and unpacks to at most
+    :data:`MAX_DECOMPRESSED_BYTES`; None otherwise (or for another encoding)."""
+    wbits = _WBITS.get(encoding.strip().lower())
+    if wbits is None:
+        return None
+    try:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(body, MAX_DECOMPRESSED_BYTES)
+        if inflater.unconsumed_tail or not inflater.eof:
+            return None  # too large unpacked, or not whole
+    except zlib.error:
+        if wbits != 15:
+            return None
+        try:  # "deflate" as some servers send it: raw, without zlib's header
+            inflater = zlib.decompressobj(-15)
+            out = inflater.decompress(body, MAX_DECOMPRESSED_BYTES)
+            if inflater.unconsumed_tail or not inflater.eof:
+                return None
+        except zlib.error:
+            return None
+    return out
+
+
 def _batch_of(doc: dict[str, Any], tokens: Pointer) -> tuple[int, int, int] | None:
     """(position, rows, stride) of the batch a pointer reads in ``doc``: which of its tokens
     moves from row to row, how many rows, and by how much; None for an answer of one row (see
@@ -524,7 +555,10 @@ def canonical_label(value: Any) -> str | None:
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, int):
-        return str(value)
+        try:
+            return str(value)
+        except ValueError:  # past Python's limit for writing an int (4,300 digits)
+            return None
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
@@ -537,7 +571,10 @@ def canonical_label(value: Any) -> str | None:
         if truth is not None:
             return truth
         if _INTEGER.fullmatch(text):
-            return str(int(text))
+            try:
+                return str(int(text))
+            except ValueError:  # too many digits to read as a number: kept as text
+                return text
         if _DECIMAL.fullmatch(text):
             return canonical_label(float(text))
         return text
@@ -585,25 +622,42 @@ class AnswerReader:
             self.positive = canonical_label(evaluation.positive_label)
             self.negative = "0" if self.positive == "1" else f"not {self.positive}"
         self.reads_body = self.version_pointer is not None or self.evaluates
+        self.max_batch_rows = evaluation.max_batch_rows if evaluation is not None else 1
         #: the pointers that may read a batch, in the order that says how many rows it has
         self._batch_pointers = tuple(
             p for p in (*self.prediction_pointers, self.score_pointer) if p is not None
         )
 
     def document(
-        self, body: bytes, content_type: str | None, headers: Mapping[str, str], plain: bool
+        self,
+        body: bytes,
+        content_type: str | None,
+        headers: Mapping[str, str],
+        whole: bool,
+        encoding: str | None = None,
     ) -> dict[str, Any] | None:
-        """The answer as a JSON object, when this route reads anything from the body and
-        ``plain`` (the whole body, not compressed); else None. A V2 answer with binary
-        tensors (not JSON, with ``Inference-Header-Content-Length``) is its JSON part with
-        the tensors' values in their ``data``. ``headers`` looks names up
+        """The answer as a JSON object, when this route reads anything from the body and it
+        is ``whole`` (not cut short); else None. A gzip or deflate answer is read decompressed
+        (up to :data:`MAX_DECOMPRESSED_BYTES`; the client gets it as it came). A V2 answer
+        with binary tensors (not JSON, with ``Inference-Header-Content-Length``) is its JSON
+        part with the tensors' values in their ``data``. ``headers`` looks names up
         case-insensitively."""
-        if not plain or not self.reads_body:
+        if not whole or not self.reads_body:
             return None
+        if encoding is not None:
+            decoded = decompressed(body, encoding)
+            if decoded is None:
+                return None
+            body = decoded
         if content_type is not None and "json" in content_type:
             return parse_json_object(body, content_type)
         header_length = headers.get(HEADER_LENGTH)
-        if header_length is not None and header_length.isdigit():
+        if (
+            header_length is not None
+            and 0 < len(header_length) <= 10
+            and header_length.isascii()
+            and header_length.isdigit()
+        ):
             return read_binary_body(body, int(header_length))
         return None
 
@@ -630,8 +684,11 @@ class AnswerReader:
             return None, None
         return self._read(doc, self.prediction_pointers, self.score_pointer)
 
-    def rows(self, doc: dict[str, Any] | None) -> list[tuple[str | None, float | None]] | None:
-        """(prediction, score) of each row of a batch answer; None for an answer of one row.
+    def rows(
+        self, doc: dict[str, Any] | None
+    ) -> tuple[int, list[tuple[str | None, float | None]]] | None:
+        """How many rows a batch answer holds, and (prediction, score) of each up to
+        ``max_batch_rows``; None for an answer of one row.
 
         A pointer reads a batch in a V2 output (``/outputs/K/data/J``) whose ``shape`` starts
         with N > 1: element ``J`` of each of the N rows of its flattened data; elsewhere,
@@ -648,7 +705,7 @@ class AnswerReader:
         if n <= 1:
             return None
         rows = []
-        for row in range(n):
+        for row in range(min(n, self.max_batch_rows)):
             predicted = tuple(
                 moved
                 for tokens in self.prediction_pointers
@@ -660,7 +717,7 @@ class AnswerReader:
                 else _row_pointer(doc, self.score_pointer, row, n)
             )
             rows.append(self._read(doc, predicted, score))
-        return rows
+        return n, rows
 
     def _read(
         self, doc: dict[str, Any], predictions: tuple[Pointer, ...], score_pointer: Pointer | None

@@ -50,6 +50,9 @@ class LiveRequest:
     #: the headers forwarded to the live variant, ``X-Prediction-Id`` last
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    #: the rows of the live answer when it was a batch (0: one row); a shadow's rows are
+    #: compared with the live rows only when there are as many
+    batch_size: int = 0
 
 
 class ShadowMirror:
@@ -113,6 +116,7 @@ class ShadowMirror:
         predicted: str | None = None
         score: float | None = None
         rows: list[tuple[str | None, float | None]] | None = None
+        size = 0
         truncated = False
         try:
             with UpstreamErrors(shadow.name):
@@ -130,16 +134,26 @@ class ShadowMirror:
                     body, truncated = await _read_capped(response)
                 finally:
                     response.close()  # a no-op once the answer was read to the end
-            plain = not truncated and "Content-Encoding" not in response.headers
             content_type = response.headers.get("Content-Type")
-            doc = route.answers.document(body, content_type, response.headers, plain)
+            encoding = response.headers.get("Content-Encoding")
+            doc = route.answers.document(
+                body, content_type, response.headers, not truncated, encoding
+            )
             version = route.answers.version(response.headers, doc)
             inference = live.method not in NOT_INFERENCE_METHODS
             if route.answers.evaluates and 200 <= status < 300 and inference:
                 predicted, score = route.answers.prediction(doc)
-                rows = route.answers.rows(doc)
-                if rows is not None:  # a batch: each row is a prediction of its own
-                    predicted, score = None, None
+                found = route.answers.rows(doc)
+                shadow_size = 0 if found is None else found[0]
+                if shadow_size != live.batch_size:
+                    # no row of one answer is a row of the other: nothing to compare
+                    predicted, score, size = None, None, shadow_size
+                    error = (
+                        f"answered {shadow_size or 1} row(s) to the live answer's"
+                        f" {live.batch_size or 1}: not compared"
+                    )
+                elif found is not None:  # a batch: each row is a prediction of its own
+                    (size, rows), predicted, score = found, None, None
         except GatewayError as failure:
             status = status or failure.status
             error = failure.log_text()
@@ -178,7 +192,7 @@ class ShadowMirror:
             score=score,
             shadow_of=live.prediction_id,
             inference=live.method not in NOT_INFERENCE_METHODS,
-            batch_size=None if rows is None else len(rows),
+            batch_size=size or None,
             batch_rows=rows,
         )
 

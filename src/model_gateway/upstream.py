@@ -434,8 +434,10 @@ class UpstreamErrors:
         if isinstance(exc, TimeoutError):  # aiohttp's timeout errors subclass it
             raise UpstreamTimeoutError(f"variant {variant!r} did not answer in time") from exc
         if isinstance(exc, aiohttp.ClientConnectorError):
+            # the client is not told where the model server is: the address goes to the log
             raise UpstreamConnectError(
-                f"variant {variant!r} refused the connection: {exc.os_error.strerror or exc}"
+                f"variant {variant!r} refused the connection",
+                detail=str(exc.os_error.strerror or exc),
             ) from exc
         if isinstance(
             exc,

@@ -93,8 +93,9 @@ class Store(Protocol):
 
     async def routes_of(
         self, prediction_ids: Sequence[str], request_ids: Sequence[str]
-    ) -> dict[str, str]:
-        """The route of each stored prediction named, by prediction id or request id."""
+    ) -> dict[str, tuple[str, int | None]]:
+        """The route of each stored prediction named, by prediction id or request id, and
+        its batch size when it is a batch request's own record."""
 
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
         """Predictions of a route in [since, until), each with its latest label (a shadow's:

@@ -219,14 +219,15 @@ class PostgresStore:
 
     async def routes_of(
         self, prediction_ids: Sequence[str], request_ids: Sequence[str]
-    ) -> dict[str, str]:
-        found: dict[str, str] = {}
+    ) -> dict[str, tuple[str, int | None]]:
+        found: dict[str, tuple[str, int | None]] = {}
         async with self.pool.acquire() as conn:
             for column, keys in (("prediction_id", prediction_ids), ("request_id", request_ids)):
                 if keys:
                     # the column is one of two constants, the keys a parameter
-                    query = f"SELECT {column}, route FROM predictions WHERE {column} = ANY($1)"  # noqa: S608
-                    found.update((r[0], r[1]) for r in await conn.fetch(query, list(set(keys))))
+                    query = f"SELECT {column}, route, batch_size FROM predictions WHERE {column} = ANY($1)"  # noqa: S608, E501
+                    rows = await conn.fetch(query, list(set(keys)))
+                    found.update((r[0], (r[1], r[2])) for r in rows)
         return found
 
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:

@@ -208,17 +208,17 @@ class SQLiteStore:
 
     async def routes_of(
         self, prediction_ids: Sequence[str], request_ids: Sequence[str]
-    ) -> dict[str, str]:
-        found: dict[str, str] = {}
+    ) -> dict[str, tuple[str, int | None]]:
+        found: dict[str, tuple[str, int | None]] = {}
         for column, keys in (("prediction_id", prediction_ids), ("request_id", request_ids)):
             unique = list(dict.fromkeys(keys))
             for start in range(0, len(unique), 500):  # SQLite binds at most 999 (older builds)
                 chunk = unique[start : start + 500]
                 marks = ", ".join("?" * len(chunk))
                 # the column is one of two constants, the keys are parameters
-                query = f"SELECT {column}, route FROM predictions WHERE {column} IN ({marks})"  # noqa: S608
+                query = f"SELECT {column}, route, batch_size FROM predictions WHERE {column} IN ({marks})"  # noqa: S608, E501
                 async with self.db.execute(query, chunk) as cur:
-                    found.update((row[0], row[1]) for row in await cur.fetchall())
+                    found.update((row[0], (row[1], row[2])) for row in await cur.fetchall())
         return found
 
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:

@@ -80,6 +80,10 @@ class RecordWriter:
         self._reserved = 0
         #: records taken for the write in progress, in memory until the store has them
         self._writing = 0
+        #: the rows of the batch requests queued and being written: each is a record of the
+        #: store's, and counts against the bound as one
+        self._rows_waiting = 0
+        self._rows_writing = 0
         #: set when the writer waits for a record
         self._wakeup: asyncio.Future[None] | None = None
         #: requests waiting for room under ``block``, first come first served
@@ -102,8 +106,17 @@ class RecordWriter:
 
     @property
     def in_memory(self) -> int:
-        """Records queued, being written, or reserved: what the bound ``queue_size`` holds."""
-        return len(self._waiting) + self._writing + self._reserved
+        """Records queued, being written, or reserved, and the rows of the batches among
+        them: what the bound ``queue_size`` holds. (A batch's rows count once the batch is
+        queued: the bound can be passed by the rows of the batches answered while the queue
+        was all but full, at most ``max_batch_rows`` each.)"""
+        return (
+            len(self._waiting)
+            + self._writing
+            + self._reserved
+            + self._rows_waiting
+            + self._rows_writing
+        )
 
     async def _sample_depth(self) -> None:
         # A gauge set by a timer rather than a callback, which multiprocess mode cannot read.
@@ -168,6 +181,8 @@ class RecordWriter:
                 self._spool.done([record.spool_segment])
             return True
         self._waiting.append(record)
+        if record.batch_rows:
+            self._rows_waiting += len(record.batch_rows)
         self._wake_writer()
         return True
 
@@ -175,6 +190,8 @@ class RecordWriter:
         """Queue a record past the bound: for a request that a stop running out of time cut
         off while it waited for room. The writer writes it before it closes."""
         self._waiting.append(record)
+        if record.batch_rows:
+            self._rows_waiting += len(record.batch_rows)
         self._wake_writer()
 
     async def submit(self, record: PredictionRecord) -> None:
@@ -209,6 +226,9 @@ class RecordWriter:
             batch = waiting[: self._batch_size]
             del waiting[: self._batch_size]
         self._writing = len(batch)
+        rows = sum(len(r.batch_rows) for r in batch if r.batch_rows)
+        self._rows_waiting -= rows
+        self._rows_writing = rows
         return batch
 
     async def close(self) -> None:
@@ -248,6 +268,7 @@ class RecordWriter:
             finally:
                 # their places are free only once the store has them
                 self._writing = 0
+                self._rows_writing = 0
                 self._give_room()
                 if self._spool is not None and lost is not None:
                     # the spool lets go of what the store has; what was lost stays there,
