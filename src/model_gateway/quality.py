@@ -86,7 +86,7 @@ def build_report(
     predictions they copy, with how often each agreed with the live answer; they take no part
     in the traffic split. Live predictions are also reported by arm, each (variant, served
     model version) apart, and the comparisons are between arms: each against the champion's
-    most recently served version.
+    first version served in the window.
     """
     evaluation = route.evaluation or EvaluationConfig()
     by_variant: dict[str, list[dict[str, Any]]] = {v.name: [] for v in route.variants}
@@ -112,12 +112,12 @@ def build_report(
     # Arms: each (variant, served model version) apart, so that a variant redeployed with
     # another model under the same name is two arms, never one.
     by_arm: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    latest: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, str], int] = {}
     for position, row in enumerate(rows):
         if not row.get("shadow"):
             key = (row["variant"], str(row["model_version"]))
             by_arm.setdefault(key, []).append(row)
-            latest[key] = position
+            first.setdefault(key, position)
     arm_internals: dict[str, dict[str, Any]] = {}
     arms = [
         {
@@ -127,9 +127,11 @@ def build_report(
         }
         for (variant, version), arm_rows in sorted(by_arm.items())
     ]
-    # the champion's arm: its variant's most recently served version
+    # the champion's arm: the version its variant served first in the window, so that the
+    # arm every look compares with only grows (a redeployed champion's new version is a
+    # challenger)
     champion_arms = [key for key in by_arm if key[0] == champion]
-    champion_arm = max(champion_arms, key=lambda key: latest[key]) if champion_arms else None
+    champion_arm = min(champion_arms, key=lambda key: first[key]) if champion_arms else None
     comparisons: list[dict[str, Any]] = []
     if route.evaluation and champion_arm is not None:
         base = arm_internals[f"{champion_arm[0]}@{champion_arm[1]}"]
