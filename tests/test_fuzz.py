@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from model_gateway.store.base import sqlite_path
 from model_gateway.store.postgres import split_schema
 
-from .conftest import GatewayFactory, running
+from .conftest import GatewayFactory, Upstream, route, running
 from .test_store import POSTGRES, store_url
 
 __all__ = ["store_url"]  # a fixture, used by name
@@ -427,3 +427,16 @@ def test_hostile_model_server_answers_are_answered_and_every_one_logged(
     assert registry.get_sample_value("model_gateway_log_write_errors_total") == 0
     assert registry.get_sample_value("model_gateway_log_records_dead_lettered_total") == 0
     assert len(stored_records(store_url)) == sent
+
+
+def test_ids_no_store_can_hold_find_nothing_on_either_store(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream], store_url: str
+) -> None:
+    """A prediction id or request id with NUL or an unpaired surrogate names nothing stored:
+    404, or no predictions, from either store (before, PostgreSQL refused the lookup and the
+    gateway answered 503 store_unavailable; the fuzzer above found it)."""
+    gw = gateway([route("r", "/echo", [("a", upstreams["a"].url, 1)])], storage={"url": store_url})
+    for wanted in ("%00", "a%00b", "%ED%A0%80"):
+        assert httpx.get(f"{gw.url}/admin/predictions/{wanted}").status_code == 404
+        listed = httpx.get(f"{gw.url}/admin/predictions?request_id={wanted}")
+        assert listed.status_code == 200 and listed.json()["predictions"] == []

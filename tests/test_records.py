@@ -136,12 +136,12 @@ def test_the_rows_of_a_batch_are_read_where_the_pointers_point() -> None:
             {"name": "label", "shape": [3], "data": [0, 1, 1]},
         ]
     }
-    assert answers.rows(doc) == [("0", 0.1), ("1", 0.7), ("1", 0.6)]
+    assert answers.rows(doc) == (3, [("0", 0.1), ("1", 0.7), ("1", 0.6)])
     one = {"outputs": [{"shape": [1, 2], "data": [0.9, 0.1]}, {"shape": [1], "data": [0]}]}
     assert answers.rows(one) is None
     assert answers.prediction(one) == ("0", 0.1)
     v1 = answers_for({"task": "binary"})
-    assert v1.rows({"predictions": [1, 0, True]}) == [("1", None), ("0", None), ("1", None)]
+    assert v1.rows({"predictions": [1, 0, True]}) == (3, [("1", None), ("0", None), ("1", None)])
     assert v1.rows({"predictions": [1]}) is None
 
 
@@ -151,7 +151,7 @@ def test_any_answer_gives_rows_or_none(doc: Any, where: str) -> None:
     more, or none."""
     answers = answers_for({"task": "binary", "prediction": where, "score": where})
     rows = answers.rows(doc if isinstance(doc, dict) else {"outputs": doc, "predictions": doc})
-    assert rows is None or len(rows) >= 2
+    assert rows is None or rows[0] == len(rows[1]) >= 2
 
 
 @given(
@@ -162,4 +162,4 @@ def test_any_answer_gives_rows_or_none(doc: Any, where: str) -> None:
 def test_any_v2_output_gives_rows_or_none(shape: list[Any], data: list[Any], within: int) -> None:
     answers = answers_for({"task": "binary", "prediction": f"/outputs/0/data/{within}"})
     rows = answers.rows({"outputs": [{"shape": shape, "data": data}]})
-    assert rows is None or len(rows) == shape[0] >= 2
+    assert rows is None or rows[0] == len(rows[1]) == shape[0] >= 2

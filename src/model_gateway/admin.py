@@ -36,6 +36,7 @@ from .feedback import (
 )
 from .metrics import CONTENT_TYPE
 from .quality import build_report
+from .records import unstorable
 from .redaction import redact_url
 
 if TYPE_CHECKING:
@@ -171,6 +172,8 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
         request_id = request.query_params.get("request_id")
         if not request_id:
             return error_response(400, "bad_request", "request_id: the client's request id")
+        if unstorable(request_id):  # no stored id holds these, and a store would refuse them
+            return json_response({"request_id": request_id, "predictions": []})
         found = await plane.store.predictions_of_request(request_id, 1000)
         return json_response({"request_id": request_id, "predictions": found})
 
@@ -178,6 +181,10 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
         wanted = request.path_params["prediction_id"]
         if not wanted:
             raise HTTPException(404)  # /admin/predictions/: no endpoint, as for any other
+        if unstorable(wanted):  # no stored id holds NUL or an unpaired surrogate
+            return error_response(
+                404, "not_found", f"no prediction or client request id {wanted!r}"
+            )
         record = await plane.store.get_prediction(wanted)
         if record is None:
             # the client's own id (X-Request-Id, or the id of a V2 request): its latest
