@@ -19,6 +19,7 @@ from setuptools import setup
 # script (run by its path), and the configuration's pydantic models.
 COMPILED = (
     "active",
+    "answers",
     "app",
     "headers",
     "health",

@@ -10,9 +10,10 @@ import httpx
 import pytest
 from starlette.middleware.gzip import GZipMiddleware
 
+from model_gateway.answers import MAX_DECOMPRESSED_BYTES, decompressed
 from model_gateway.demo import create_model_server
 from model_gateway.metrics import Metrics
-from model_gateway.records import MAX_DECOMPRESSED_BYTES, canonical_label, decompressed
+from model_gateway.records import canonical_label
 from model_gateway.store.writer import RecordWriter
 
 from .conftest import GatewayFactory, Upstream, route, running, wait_until

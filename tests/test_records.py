@@ -10,9 +10,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from model_gateway.answers import AnswerReader, resolve_pointer
 from model_gateway.config import RouteConfig, load_config
 from model_gateway.errors import ConfigError
-from model_gateway.records import AnswerReader, resolve_pointer
 
 json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
 json_doc = st.recursive(

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from .active import ActiveConfig
+from .answers import AnswerReader
 from .errors import (
     CLIENT_CLOSED_REQUEST,
     ERROR_CODE_HEADER,
@@ -41,7 +42,7 @@ from .headers import (
     upstream_target,
 )
 from .protocols import requested_version, server_answer
-from .records import AnswerReader, PredictionRecord, new_prediction_id
+from .records import PredictionRecord, new_prediction_id
 from .routing import (
     NOT_INFERENCE_METHODS,
     Assignment,

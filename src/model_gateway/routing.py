@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Literal
 
+from .answers import AnswerReader
 from .config import GatewayConfig, RouteConfig, ShadowConfig, VariantConfig
 from .errors import NoHealthyVariantError, UnknownVariantError, UnknownVersionError
-from .records import AnswerReader, model_name_from_path
+from .records import model_name_from_path
 from .redaction import Redactor
 
 #: how a request's variant was chosen: by the weights (``random``), by its routing key
