@@ -18,10 +18,10 @@ from .active import ActiveConfig
 from .admin import ROUTER_CODES, ControlPlane, control_routes, router_error, store_unavailable
 from .client_limits import ClientLimits
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
+from .console import configure_logging
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
 from .live import LiveConfig
-from .logs import configure_logging
 from .metrics import Metrics
 from .proxy import ProxyApp
 from .redaction import REDACTED, url_secrets

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import LoadedConfig, RouteConfig, load_config
+from .console import configure_logging
 from .errors import ConfigError
-from .logs import configure_logging
 from .store import Store, open_store
 from .store.base import StoreOpenError, store_location
 

@@ -1,4 +1,5 @@
-"""The gateway's own log lines (not the prediction log): one format for every process."""
+"""The gateway's own log lines on stderr (not the prediction log): one format for every
+process."""
 
 from __future__ import annotations
 
