@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from model_gateway.metrics import Metrics
 from model_gateway.records import PredictionRecord, new_prediction_id
 from model_gateway.store.sqlite import SQLiteStore
-from model_gateway.store.writer import QUEUE_DEPTH_SAMPLE_SECONDS, RecordWriter
+from model_gateway.store.writer import RecordWriter
+
+from .conftest import wait_until_async
 
 
 def record(i: int) -> PredictionRecord:
@@ -137,13 +139,14 @@ def test_drop_policy_counts_what_it_drops(tmp_path: Path) -> None:
         )
         writer.start()
         await writer.submit(record(0))
-        await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
+        await wait_until_async(lambda: store.attempts == 1, "the writer waiting on the store")
         for i in range(1, 20):
             await writer.submit(record(i))  # never waits
         assert writer.offer(record(20))  # dropped and counted: nothing left for the caller
-        await asyncio.sleep(QUEUE_DEPTH_SAMPLE_SECONDS * 2)
         # bounded: the record in the write counts until the store has it, and 4 wait
-        assert sample(metrics, "log_queue_depth") == 5
+        await wait_until_async(
+            lambda: sample(metrics, "log_queue_depth") == 5, "the depth sampled at the bound"
+        )
         store.gate.set()
         await writer.close()
         await store.close()
@@ -167,7 +170,7 @@ async def full_blocking_writer(path: Path, batch_size: int) -> tuple[GatedStore,
     )
     writer.start()
     await writer.submit(record(0))
-    await asyncio.sleep(0.05)  # the writer took record 0 and waits on the store
+    await wait_until_async(lambda: store.attempts == 1, "the writer waiting on the store")
     for i in (1, 2):  # the queue is now full
         await writer.submit(record(i))
     return store, writer
