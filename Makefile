@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install build tools run test test-pure lint bench bench-instructions clean
+.PHONY: install build tools run test test-pure test-lowest lint bench bench-instructions clean
 
 # The package installed editable as plain Python; `build` then compiles the hot path in place.
 $(STAMP): pyproject.toml
@@ -82,6 +82,24 @@ test-pure: $(STAMP) tools
 	cp -r src build/pure/ && find $(PURE_SRC) -name '*.so' -delete
 	PYTHONPATH=$(CURDIR)/$(PURE_SRC) MODEL_GATEWAY_EXPECT_PURE=1 $(BIN)/pytest
 
+## test-lowest: the tests of what leans on its dependencies' internals (uvicorn's protocol and
+## workers, aiohttp's connection, prometheus-client's histograms) against the lowest releases
+## pyproject.toml allows (.ci/lowest.txt), on plain Python; `make test` runs the highest
+LOWEST_VENV := .venv-lowest
+EDGE_TESTS := tests/test_http.py tests/test_client_limits.py tests/test_pipelining.py \
+	tests/test_processes.py tests/test_metrics.py tests/test_upstream.py tests/test_prometheus.py \
+	tests/test_proxy.py tests/test_faults.py tests/test_clients.py tests/test_streams.py
+$(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest.txt
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install --quiet --upgrade pip
+	MODEL_GATEWAY_PURE=1 $(LOWEST_VENV)/bin/pip install --quiet -e '.[dev]' -c .ci/lowest.txt
+	touch $@
+test-lowest: $(LOWEST_VENV)/.installed tools
+	rm -rf build/lowest && mkdir -p build/lowest
+	cp -r src build/lowest/ && find build/lowest/src -name '*.so' -delete
+	PYTHONPATH=$(CURDIR)/build/lowest/src MODEL_GATEWAY_EXPECT_PURE=1 \
+		$(LOWEST_VENV)/bin/pytest $(EDGE_TESTS)
+
 clean:
-	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST_VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
 	find src -name '*.so' -delete
