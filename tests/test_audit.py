@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from model_gateway.store.schema import LATEST_VERSION, MIGRATIONS
 from model_gateway.store.sqlite import SQLiteStore
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, route
+from .conftest import GatewayFactory, RunningGateway, Upstream, route, wait_until
 
 INFER = {
     "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
@@ -57,12 +57,14 @@ def test_older_database_is_upgraded_in_place(tmp_path: Path) -> None:
 
 
 def wait_for_record(gw: RunningGateway, prediction_id: str, **kwargs: object) -> httpx.Response:
-    for _ in range(200):
-        found = httpx.get(f"{gw.url}/admin/predictions/{prediction_id}", **kwargs)  # type: ignore[arg-type]
-        if found.status_code != 404:
-            return found
-        asyncio.run(asyncio.sleep(0.01))
-    raise AssertionError(f"{prediction_id} never became queryable")
+    def found() -> httpx.Response | None:
+        answer = httpx.get(f"{gw.url}/admin/predictions/{prediction_id}", **kwargs)  # type: ignore[arg-type]
+        return answer if answer.status_code != 404 else None
+
+    wait_until(found, f"{prediction_id} to become queryable")
+    answer = found()
+    assert answer is not None
+    return answer
 
 
 def test_full_record_by_prediction_id(

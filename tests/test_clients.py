@@ -25,23 +25,7 @@ from .conftest import (
     wait_until,
 )
 from .test_faults import read_answer
-from .test_feedback import EVALUATION
-
-
-def v2_gateway(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream], **extra: Any
-) -> RunningGateway:
-    return gateway(
-        [
-            route(
-                "fraud",
-                "/v2/models/fraud",
-                [("a", upstreams["a"].url, 1), ("b", upstreams["b"].url, 1)],
-                evaluation=EVALUATION,
-                **extra,
-            )
-        ]
-    )
+from .test_feedback import EVALUATION, fraud_gateway
 
 
 def client_of(gw: RunningGateway) -> triton.InferenceServerClient:
@@ -61,7 +45,7 @@ def test_server_and_model_calls_answer_as_a_v2_server_would(
     """Server live, ready and metadata are the gateway's own answers (before: 404 no_route,
     and the client said the server was not live); model ready and metadata are the model
     server's, through the route, and none of them is a prediction."""
-    gw = v2_gateway(gateway, upstreams)
+    gw = fraud_gateway(gateway, upstreams)
     client = client_of(gw)
     assert client.is_server_live()
     assert client.is_server_ready()
@@ -109,7 +93,7 @@ def test_a_versioned_path_reaches_the_variant_serving_that_version(
     """``model_version="2"`` always reaches b (before: half the calls went to a's server,
     which answered 404); a version no variant serves gets the gateway's 404 naming those it
     has, which the client prints."""
-    gw = v2_gateway(gateway, upstreams)
+    gw = fraud_gateway(gateway, upstreams)
     client = client_of(gw)
     for _ in range(12):
         result = client.infer("fraud", features(True), model_version="2")
@@ -129,7 +113,7 @@ def test_the_gateways_own_errors_take_the_protocols_shape(
     """On V2 and V1 paths an error of the gateway's own is ``{"error": "<text>"}``, its code
     in ``X-Gateway-Error``; tritonclient prints it (before: TypeError in ``str(exc)``).
     Elsewhere the body keeps the code beside the message."""
-    gw = v2_gateway(gateway, upstreams)
+    gw = fraud_gateway(gateway, upstreams)
     client = client_of(gw)
     with pytest.raises(InferenceServerException) as info:
         client.infer("nope", features(False))
@@ -177,7 +161,7 @@ def test_the_clients_own_request_id_finds_its_prediction(
     """tritonclient cannot read the answer's headers, so a user knows the V2 request ``id``
     only. The answer repeats it; the log keeps it as the request id, and
     ``/admin/predictions/{id}`` and ``/feedback`` find the prediction by it (before: 404)."""
-    gw = v2_gateway(gateway, upstreams)
+    gw = fraud_gateway(gateway, upstreams)
     client = client_of(gw)
     client.infer("fraud", features(True), request_id="order-7781")
     client.infer("fraud", features(True), request_id="order-7781")  # a retry: the latest counts

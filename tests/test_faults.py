@@ -649,8 +649,8 @@ def test_locked_sqlite_store_delays_records_but_not_requests(
     3. Once the lock is gone, every record is written.
     """
     gw = gateway([route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])])
-    httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)  # the file and tables exist
-    time.sleep(0.2)
+    httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)
+    wait_until(lambda: len(gw.records()) == 1, "the file, its tables and a first record")
     locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:

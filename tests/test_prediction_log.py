@@ -13,7 +13,7 @@ import pytest
 
 from model_gateway.config import parse_config
 
-from .conftest import GatewayFactory, Upstream, route
+from .conftest import GatewayFactory, Upstream, route, wait_until
 
 INFER = {
     "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
@@ -188,11 +188,11 @@ def test_admin_prediction_lookup(gateway: GatewayFactory, upstreams: dict[str, U
     gw = gateway([route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)])])
     r = httpx.post(f"{gw.url}/v2/models/fraud/infer", json=INFER)
     pid = r.headers["x-prediction-id"]
-    for _ in range(100):  # written within the writer's next batch
-        found = httpx.get(f"{gw.url}/admin/predictions/{pid}")
-        if found.status_code == 200:
-            break
-        asyncio.run(asyncio.sleep(0.02))
+    wait_until(  # written within the writer's next batch
+        lambda: httpx.get(f"{gw.url}/admin/predictions/{pid}").status_code == 200,
+        "the record written",
+    )
+    found = httpx.get(f"{gw.url}/admin/predictions/{pid}")
     assert found.status_code == 200
     assert found.json()["variant"] == "a"
     assert httpx.get(f"{gw.url}/admin/predictions/nope").status_code == 404

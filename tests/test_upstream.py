@@ -29,7 +29,14 @@ from model_gateway.upstream import (
     _request_head,
 )
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, error_code, route
+from .conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Upstream,
+    error_code,
+    route,
+    wait_until_async,
+)
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -483,7 +490,8 @@ async def test_idle_connections_are_reused_newest_first_and_closed_past_the_keep
         assert newest is not None and first._protocol is not None
         idle = [connection.protocol for connection, _ in client._origins[url].idle]
         assert idle == [first._protocol, newest]  # oldest first
-        await asyncio.sleep(0.8)  # past the keep-alive: the sweep closes both
+        # past the keep-alive, the sweep closes both
+        await wait_until_async(lambda: client._origins[url].idle == [], "the idle sweep")
         assert client._origins[url].idle == []
         assert not newest.is_connected() and not first._protocol.is_connected()
         late = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
@@ -514,7 +522,9 @@ async def test_a_connection_the_server_closed_or_said_it_would_close_is_not_reus
         # out on it
         idle = client._origins[url].idle
         assert [connection.protocol for connection, _ in idle] == [kept._protocol]
-        await asyncio.sleep(0.2)  # the close reaches the client
+        await wait_until_async(
+            lambda: not kept._protocol.is_connected(), "the server's close to reach the client"
+        )
         fresh = await client.request("POST", url, b"/", [], b"{}", DEADLINES)
         assert await fresh.read() == b"{}"
         assert fresh._protocol is not kept._protocol

@@ -212,6 +212,7 @@ class PredictionRecord:
             return [own]
         out = [own]
         for row, (predicted, score) in enumerate(self.batch_rows):
+            kept = _storable_or_none(predicted)
             out.append(
                 PredictionRecord(
                     prediction_id=f"{self.prediction_id}/{row}",
@@ -236,10 +237,10 @@ class PredictionRecord:
                     request_truncated=False,
                     response_truncated=False,
                     shadow=self.shadow,
-                    predicted=_storable_or_none(predicted),
+                    predicted=kept,
                     score=score,
                     shadow_of=None if self.shadow_of is None else f"{self.shadow_of}/{row}",
-                    escaped=self.escaped or predicted != _storable_or_none(predicted),
+                    escaped=self.escaped or predicted != kept,
                     inference=self.inference,
                     first_byte_ms=self.first_byte_ms,
                     streamed=self.streamed,
