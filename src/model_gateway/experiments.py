@@ -260,8 +260,9 @@ def _test(
 def _null_variance(arm: Measure, base: Measure) -> float:
     """The difference's variance were there none: two proportions pool their counts (the
     two-proportion test's), which keeps the test at its level when one arm is small and
-    its rate near 0 or 1, where its own variance is too small a guess (a canary of 5 %
-    at a 2 % error rate "was better" in 7 % of A/A experiments); else the arms' own."""
+    its rate near 0 or 1, where its own variance is too small a guess and a small canary
+    would be found "better" far more often than alpha (tests/test_sequential.py measures
+    the case); else the arms' own."""
     if arm.successes is None or base.successes is None:
         return arm.variance + base.variance
     pooled = (arm.successes + base.successes + 1) / (arm.units + base.units + 2)

@@ -8,9 +8,8 @@ idle list (:class:`UpstreamClient`). What the gateway leaves out is the
 middlewares, the ``ClientRequest`` and ``ClientResponse`` objects built and validated per
 request. A proxy has no use for any of it — the request it forwards is already parsed and
 its body already read — and on a fast model server that layer was nearly half of a bare
-uvicorn + aiohttp proxy's instructions per request (475 k on the session, 265 k on this
-client; benchmarks/README.md). The session stays for the health checks, on the same
-connector.
+uvicorn + aiohttp proxy's instructions per request (docs/design.md). The session stays for
+the health checks, on the same connector.
 
 ``set_response_params``, ``_parser`` and ``read`` of the connection's protocol are aiohttp's
 internals, not its documented API, so ``pyproject.toml`` bounds aiohttp to the releases
@@ -363,8 +362,8 @@ class UpstreamClient:
 def _prepare_parser(protocol: ResponseHandler, method: str) -> None:
     """A response parser for the exchange about to start on ``protocol``.
 
-    aiohttp builds a new C parser per request (``set_response_params``: ~2 µs, 2 to 3 % of the
-    event loop's samples under load). A parser that read the last answer on this connection to
+    aiohttp builds a new C parser per request (``set_response_params``, a visible share of a
+    busy event loop's samples). A parser that read the last answer on this connection to
     its end is ready for the next one, as on a server's keep-alive connection, so the one this
     client built for a body-bearing request is kept: a connection is pooled only once its
     last answer was read to the end. A parser someone else built (the health checks' session,

@@ -3,10 +3,10 @@
 Everything else the SQLite store does goes through aiosqlite's thread; the log's batches do
 not. Each batch written on that thread held the GIL while binding its rows and handed work
 to the thread and back once per statement and once per commit: every hand-over is a GIL
-switch the event loop waits through. Measured with one worker at 32 connections, the SQLite
-write cost the event loop ~50 µs per request, though the thread itself spent ~21 µs on it
-(benchmarks/README.md, eighth round). A process has a GIL of its own: the event loop pays
-one ``marshal.dumps`` and one pipe write per batch, and waits for the answer without the GIL.
+switch the event loop waits through: the event loop lost more time per request to the write
+than the thread spent on it (docs/design.md). A process has a GIL of its own: the event loop
+pays one ``marshal.dumps`` and one pipe write per batch, and waits for the answer without
+the GIL.
 
 The process (:mod:`.log_child`) is started when the store opens, started again by the next
 write if it died, and closed with the store after the last batch. A batch counts as written
