@@ -28,6 +28,7 @@ COMPILED = (
     "records",
     "redaction",
     "routing",
+    "serving/signals",
     "state",
     "store/writer",
     "upstream",

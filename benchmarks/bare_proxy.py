@@ -163,7 +163,8 @@ if __name__ == "__main__":
     if workers > 1:
         # the gateway's worker sockets (one per worker, SO_REUSEPORT), so that the floor
         # spreads connections over its workers as the gateway does
-        from model_gateway.server import Supervisor, bind_one_per_worker
+        from model_gateway.serving.server import Supervisor
+        from model_gateway.serving.sockets import bind_one_per_worker
 
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # the workers import from here
         sockets, _ = bind_one_per_worker(config, workers)

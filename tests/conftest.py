@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sqlite3
 import threading
@@ -22,8 +23,10 @@ import model_gateway
 from model_gateway.app import GatewayApp
 from model_gateway.config import load_config
 from model_gateway.server import gateway_server_config
+from model_gateway.serving import EDGE_ENV
 
 from .compiled import SRC, stale_extensions
+from .inprocess import InProcessGateway
 from .upstreams import UpstreamControl, create_upstream
 
 
@@ -143,11 +146,14 @@ class RunningGateway:
         config = gateway_server_config(self.app, "127.0.0.1", 0, shutdown_timeout=grace)
         self.server = ServerThread(config).start()
         self.url = self.server.url
+        #: httpx's client on this gateway's address, as ``InProcessGateway.http``
+        self.http = httpx.Client(base_url=self.url)
         self.stopped = False
 
     def stop(self) -> None:
         if not self.stopped:
             self.stopped = True
+            self.http.close()
             self.server.stop()
 
     def records(self) -> list[dict[str, Any]]:
@@ -162,17 +168,42 @@ class RunningGateway:
 GatewayFactory = Callable[..., RunningGateway]
 
 
+def write_config(
+    tmp_path: Path, n: int, routes: list[dict[str, Any]], sections: dict[str, Any]
+) -> tuple[Path, Path]:
+    """The ``n``-th gateway's configuration file in ``tmp_path``, and its SQLite log."""
+    db = tmp_path / f"log{n}.db"
+    storage = {"url": f"sqlite:///{db}", **sections.pop("storage", {})}
+    config = tmp_path / f"gateway{n}.yaml"
+    config.write_text(yaml.safe_dump({"storage": storage, "routes": routes, **sections}))
+    return config, db
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     """Start a real gateway for a list of routes; stopped gracefully at the end of the test."""
     started: list[RunningGateway] = []
 
     def start(routes: list[dict[str, Any]], **sections: Any) -> RunningGateway:
-        db = tmp_path / f"log{len(started)}.db"
-        storage = {"url": f"sqlite:///{db}", **sections.pop("storage", {})}
-        config = tmp_path / f"gateway{len(started)}.yaml"
-        config.write_text(yaml.safe_dump({"storage": storage, "routes": routes, **sections}))
-        gw = RunningGateway(config, db)
+        gw = RunningGateway(*write_config(tmp_path, len(started), routes, sections))
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+InProcessFactory = Callable[..., InProcessGateway]
+
+
+@pytest.fixture
+def in_process(tmp_path: Path) -> Iterator[InProcessFactory]:
+    """Start a gateway for a list of routes with no server in front (``inprocess.py``)."""
+    started: list[InProcessGateway] = []
+
+    def start(routes: list[dict[str, Any]], **sections: Any) -> InProcessGateway:
+        gw = InProcessGateway(*write_config(tmp_path, 100 + len(started), routes, sections))
         started.append(gw)
         return gw
 
@@ -194,6 +225,23 @@ def route(
         ],
         **extra,
     }
+
+
+#: the suite's server edge (``make test-stock`` runs it on the stock one)
+EDGE = os.environ.get(EDGE_ENV) or "tuned"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The long tests first, so that a parallel run (pytest -n) does not end waiting on one
+    # that started last.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # What only the tuned edge does (a head's limits, the drain, one write per answer) is not
+    # asked of the stock one: docs/operations.md says what the stock edge leaves out.
+    if EDGE == "stock":
+        skip = pytest.mark.skip(reason="the tuned server edge's own (MODEL_GATEWAY_EDGE=stock)")
+        for item in items:
+            if item.get_closest_marker("tuned_edge"):
+                item.add_marker(skip)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

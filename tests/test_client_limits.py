@@ -13,8 +13,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_gateway.client_limits import ClientLimits
 from model_gateway.config import ServerConfig
+from model_gateway.serving.limits import ClientLimits
 
 # float sums of sweep intervals drift by far less than this
 SLACK = 1e-6

@@ -244,6 +244,7 @@ def test_openai_errors_reach_the_client_as_the_api_would_send_them(
     assert missing.value.response.headers["x-gateway-error"] == "no_route"
 
 
+@pytest.mark.tuned_edge
 def test_a_head_refused_on_a_v2_path_is_answered_in_its_shape(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

@@ -34,9 +34,11 @@ from .conftest import (
     wait_until,
 )
 from .test_health import gauge
-from .test_http import in_flight
 from .test_processes import INFER, GatewayProcess
+from .test_protocol import in_flight
 from .test_store import POSTGRES
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @contextmanager
@@ -295,6 +297,7 @@ def connections_closed(gw: RunningGateway, reason: str) -> float:
     return gauge(gw, "model_gateway_client_connections_closed_total", reason=reason) or 0.0
 
 
+@pytest.mark.tuned_edge
 def test_a_request_head_that_stops_coming_is_answered_408_and_its_connection_closed(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
@@ -333,6 +336,7 @@ def test_a_request_head_that_stops_coming_is_answered_408_and_its_connection_clo
     assert len(gw.records()) == 1
 
 
+@pytest.mark.tuned_edge
 def test_a_head_must_arrive_whole_within_the_limit_and_a_silent_connection_is_closed(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
@@ -358,6 +362,7 @@ def test_a_head_must_arrive_whole_within_the_limit_and_a_silent_connection_is_cl
     assert connections_closed(gw, "header_timeout") == 1
 
 
+@pytest.mark.tuned_edge
 def test_a_half_head_behind_a_request_waits_for_the_header_timeout_not_the_keep_alive(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
@@ -381,6 +386,7 @@ def test_a_half_head_behind_a_request_waits_for_the_header_timeout_not_the_keep_
     assert connections_closed(gw, "header_timeout") == 1
 
 
+@pytest.mark.tuned_edge
 def test_a_head_too_large_is_answered_431_before_it_is_read_whole(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
@@ -482,6 +488,7 @@ def test_a_client_that_stops_reading_a_streamed_answer_is_let_go_and_logged(
         assert received < 32_000_000
 
 
+@pytest.mark.tuned_edge
 def test_a_client_that_reads_slowly_is_not_let_go_until_it_stops(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

@@ -52,3 +52,21 @@ def test_no_import_cycles() -> None:
 
     loops = [loop for name in sorted(graph) if (loop := reaches(name, name))]
     assert not loops, " ; ".join(" -> ".join(loop) for loop in loops)
+
+
+def test_the_server_edge_meets_the_gateway_only_at_its_interface() -> None:
+    """serving/ is built on uvicorn's internals; the rest of the gateway sees it only through
+    its interface (the package, its signals and limits), and it sees nothing of the gateway
+    but the configuration and the errors it answers with."""
+    paths = sorted(SRC.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    interface = {"serving", "serving.signals", "serving.limits"}
+    for path in paths:
+        name = module_name(path)
+        imported = imports_of(path, modules)
+        if name.startswith("serving"):
+            outside = {m for m in imported if not m.startswith("serving")}
+            assert outside <= {"config", "errors"}, (name, outside)
+        else:
+            edge = {m for m in imported if m.startswith("serving")}
+            assert edge <= interface, (name, edge)

@@ -72,6 +72,7 @@ def answers_in(stream: bytes) -> list[tuple[int, bytes]]:
     return answers
 
 
+@pytest.mark.tuned_edge
 def test_pipelined_requests_are_answered_in_order_and_a_head_too_large_refused_once(
     gateway: GatewayFactory, upstreams: dict[str, Upstream], caplog: pytest.LogCaptureFixture
 ) -> None:

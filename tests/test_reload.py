@@ -146,6 +146,7 @@ def test_a_new_shutdown_timeout_needs_a_restart(
     ]
 
 
+@pytest.mark.tuned_edge
 def test_the_client_limits_change_with_a_reload(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

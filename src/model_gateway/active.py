@@ -22,6 +22,9 @@ class ActiveConfig:
     version: str
     #: seconds a request body may go without a byte arriving
     client_body_timeout: float
+    #: seconds a client may read nothing of a stream (applied by the proxy only where the
+    #: server edge does not apply it to the connection)
+    send_timeout: float
 
     @classmethod
     def build(cls, loaded: LoadedConfig) -> ActiveConfig:
@@ -32,4 +35,5 @@ class ActiveConfig:
             timeouts={r.name: Deadlines(r.config.timeouts) for r in table.routes},
             version=loaded.version,
             client_body_timeout=loaded.config.server.client_body_timeout,
+            send_timeout=loaded.config.server.send_timeout,
         )

@@ -16,7 +16,6 @@ from starlette.applications import Starlette
 from . import heap
 from .active import ActiveConfig
 from .admin import ROUTER_CODES, ControlPlane, control_routes, router_error, store_unavailable
-from .client_limits import ClientLimits
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .console import configure_logging
 from .feedback import FeedbackJoiner
@@ -26,6 +25,8 @@ from .metrics import Metrics
 from .proxy import ProxyApp
 from .redaction import REDACTED, url_secrets
 from .reload import ConfigReloader
+from .serving.limits import ClientLimits
+from .serving.signals import LIMITS_STATE
 from .shadow import ShadowMirror
 from .state import GatewayState
 from .store import Store, open_store
@@ -53,7 +54,7 @@ class GatewayApp:
         self._proxy: ProxyApp | None = None
         self._store = open_store(loaded.config.storage.url)
         self.metrics = Metrics(build_version=_package_version())
-        #: read by the gateway's uvicorn protocol (http.py) for each new connection
+        #: offered to the server edge in the lifespan state (serving/signals.py)
         self.client_limits = ClientLimits(loaded.config.server)
         self.reloader = ConfigReloader(self.live, self.metrics)
         self.joiner = FeedbackJoiner(self._store, self.live, self.metrics)
@@ -89,11 +90,11 @@ class GatewayApp:
                 assert self._proxy is not None
                 await self._proxy(scope, receive, send)
         elif kind == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
         else:  # websockets are not proxied
             await send({"type": "websocket.close", "code": 1003})
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
+    async def _lifespan(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()  # lifespan.startup
         try:
             await self.startup()
@@ -101,6 +102,9 @@ class GatewayApp:
             log.exception("gateway failed to start")
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        state = scope.get("state")
+        if state is not None:  # a server with no lifespan state applies no client limits
+            state[LIMITS_STATE] = self.client_limits
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         await self.shutdown()

@@ -35,15 +35,13 @@ DEFAULT_CAPTURE_MAX_BYTES = 64 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
 DEFAULT_DRAIN_TIME = 1.0
 # A power of two: the SQLite log process writes a batch in power-of-two statements, so a
-# full batch (the usual one under load) is a single statement. 500 (256 + 128 + 64 + 32 +
-# 16 + 4) served 3-8 % fewer requests at 32 connections when the statements ran on a thread
-# of the gateway's own (benchmarks/README, seventh round).
+# full batch (the usual one under load) is a single statement, where a size made of several
+# powers of two would be as many statements per batch.
 DEFAULT_BATCH_SIZE = 512
 # Each write costs the event loop a fixed price whatever its size, so fewer and fuller
-# batches: at one connection a commit per request cost ~9 % of the gateway's CPU, and at 32
-# connections batches of ~175 rows (a 5 ms linger) against 500 (50 ms) cost 6-10 % of the
-# throughput. A record waits at most this long for company; under load a full batch ends
-# the wait sooner.
+# batches: a commit per request, or batches cut short by a short linger, cost a visible share
+# of the throughput (docs/design.md). A record waits at most this long for company; under
+# load a full batch ends the wait sooner.
 DEFAULT_LINGER = 0.05
 DEFAULT_STORAGE_URL = "sqlite:///model-gateway.db"
 DEFAULT_CONFIG_POLL_INTERVAL = 2.0
@@ -92,6 +90,12 @@ class ServerConfig(_Strict):
     #: bytes a request's head may hold while still incomplete (as h11's
     #: max_incomplete_event_size); past it the connection is answered 431
     max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
+    #: the server edge (read at start): ``tuned`` writes each answer in one system call and
+    #: applies the client limits, drain and a client's going while the model server works
+    #: (built on uvicorn's internals, so only on the releases tested); ``stock`` is uvicorn's
+    #: own protocol, slower and without the head limits and drain (docs/operations.md). An
+    #: uvicorn outside the tested range runs ``stock`` whatever this says.
+    edge: Literal["tuned", "stock"] = "tuned"
 
 
 class StorageConfig(_Strict):

@@ -6,8 +6,8 @@ several apps in one process do not collide. Label children are cached per label 
 The hot path does not touch a collector. Each answered request appends one tuple to a list,
 and every ``FOLD_SECONDS`` (and before every scrape) the list is folded into the collectors:
 one ``inc`` per counter series and one per histogram bucket touched, instead of prometheus-
-client's two locked updates and a bucket scan per observation, per request (measured: the
-metrics cost ~63 k instructions per request observed one by one).
+client's two locked updates and a bucket scan per observation, per request, which made the
+metrics a large share of a request's instructions (docs/design.md).
 
 With ``serve --workers N`` each worker writes its values to files in
 ``$PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, set up by the parent
@@ -33,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from .background import cancel_and_wait
-from .client_limits import CLIENT_CLOSE_REASONS
+from .serving.limits import CLIENT_CLOSE_REASONS
 
 PREFIX = "model_gateway"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
 from .active import ActiveConfig
 from .answers import AnswerReader
@@ -41,6 +41,7 @@ from .headers import (
     header_value,
     upstream_target,
 )
+from .metrics import Metrics
 from .protocols import requested_version, server_answer
 from .records import PredictionRecord, new_prediction_id
 from .routing import (
@@ -51,6 +52,8 @@ from .routing import (
     choose_variant,
     shadows_for,
 )
+from .serving.limits import SEND_TIMEOUT
+from .serving.signals import RequestSignals, request_signals
 from .shadow import LiveRequest
 from .state import GatewayState
 from .upstream import UpstreamErrors, UpstreamResponse
@@ -66,20 +69,6 @@ _DOT_SEGMENTS = frozenset({".", ".."})
 _JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
 #: how an OpenAI-style event stream ends (the last event; then the answer's end)
 _SSE_DONE = b"data: [DONE]"
-# While a request waits on the model server, its task is in its scope under WAITING_TASK. The
-# gateway's uvicorn protocol (``http.py``) cancels that task when the client goes away, and
-# sets CLIENT_GONE: the gateway stops waiting and logs 499, as nginx does. The task is there
-# only while it waits on the model server, never while it writes to the client or the log.
-WAITING_TASK: Final = "model_gateway.waiting_task"
-CLIENT_GONE: Final = "model_gateway.client_gone"
-# Set in the scope by the gateway's uvicorn protocol once the request's last byte has arrived:
-# reading the body then cannot wait, and needs no timeout (a loop timer per request). Without
-# it (another server) every read of the body is timed.
-BODY_COMPLETE: Final = "model_gateway.body_complete"
-# Set in the scope by the gateway's uvicorn protocol, to the record's error, when it closed a
-# connection whose client stopped reading the answer (server.send_timeout): the request's task
-# then sees a client gone, and records why.
-SEND_TIMED_OUT: Final = "model_gateway.send_timed_out"
 
 
 class ClientDisconnected(Exception):
@@ -107,6 +96,7 @@ class Exchange:
         "response_headers",
         "response_truncated",
         "score",
+        "signals",
         "spool_failed",
         "spool_segment",
         "started",
@@ -117,6 +107,7 @@ class Exchange:
         "usage",
         "variant",
         "version",
+        "watcher",
     )
 
     def __init__(
@@ -148,6 +139,11 @@ class Exchange:
         self.status = 0
         self.error: str | None = None
         self.reported_version: str | None = None
+        #: what the server edge tells of the connection (serving/signals.py); under an edge
+        #: that tells nothing, the proxy's own, with ``watcher`` reading ``receive`` for the
+        #: client's going while the request waits on the model server
+        self.signals: RequestSignals | None = None
+        self.watcher: asyncio.Future[None] | None = None
         self.request_body = b""
         self.response_body: bytes | None = None
         self.response_headers: list[tuple[bytes, bytes]] = []
@@ -269,7 +265,8 @@ class ProxyApp:
                     exchange,
                 )
             except ClientDisconnected as gone:
-                stalled: str | None = scope.get(SEND_TIMED_OUT)
+                signals = exchange.signals
+                stalled = None if signals is None else signals.send_timed_out
                 if stalled is None:
                     exchange.status = CLIENT_CLOSED_REQUEST
                     exchange.error = f"client disconnected {gone}"
@@ -294,6 +291,7 @@ class ProxyApp:
                         await _send_error(send, internal, ids, path)
             finally:
                 metrics.requests_in_flight -= 1
+                _stop_waiting(exchange)
             variant = exchange.variant
             # Neither the gateway's own stop nor a request that never reached the model server
             # (its body refused, too large, or not sent in time) says anything of the model server.
@@ -434,23 +432,31 @@ class ProxyApp:
         exchange: Exchange,
     ) -> None:
         variant = exchange.variant
+        # none until the body is whole (the tuned edge), or at all (the stock edge)
+        signals = request_signals(scope)
         try:
             path: str = scope["path"]
             # a "." or ".." segment follows a "/": most paths are cleared without a split
             if "/." in path and not _DOT_SEGMENTS.isdisjoint(path.split("/")):
                 raise BadRequestError("path segments '.' and '..' are not forwarded")
             exchange.request_body = await _read_body(
-                scope,
+                signals,
                 receive,
                 route.max_body_bytes,
                 client.content_length,
                 active.client_body_timeout,
             )
+            signals = exchange.signals = request_signals(scope)
             headers = exchange.forwarded_headers = forward_headers(scope, client, prediction_id)
             target = exchange.target = upstream_target(scope)
             retries_left = route.connect_retries if assignment != "forced" else 0
             tried: set[str] | None = None  # built only on a retry
-            scope[WAITING_TASK] = asyncio.current_task()
+            if signals is None:
+                # an edge that tells nothing of the connection (the stock one): the client's
+                # going is watched for here, as any ASGI app would
+                signals = exchange.signals = RequestSignals()
+                exchange.watcher = asyncio.ensure_future(_watch_for_disconnect(receive, signals))
+            signals.waiting = asyncio.current_task()
             while True:
                 sent = time.perf_counter()
                 upstream_errors = UpstreamErrors(variant.name)
@@ -483,7 +489,7 @@ class ProxyApp:
             try:
                 with upstream_errors:
                     await self._relay(
-                        scope, send, receive, route, variant, upstream, ours, exchange
+                        scope, send, receive, active, route, variant, upstream, ours, exchange
                     )
                 complete = True
                 exchange.upstream_seconds = time.perf_counter() - sent
@@ -493,13 +499,13 @@ class ProxyApp:
                 if not complete:
                     upstream.close()
         except asyncio.CancelledError:
-            if not scope.get(CLIENT_GONE):
+            if signals is None or not signals.client_gone:
                 raise
-            scope[WAITING_TASK] = None
+            _stop_waiting(exchange)
             _answer_cancel()  # the protocol's cancel becomes this exception
             raise ClientDisconnected("before the answer") from None
         except GatewayError as error:
-            scope[WAITING_TASK] = None
+            _stop_waiting(exchange)
             exchange.error = error.log_text()
             if isinstance(error, LogUnavailableError):
                 exchange.spool_failed = True
@@ -561,6 +567,7 @@ class ProxyApp:
         scope: Scope,
         send: Any,
         receive: Any,
+        active: ActiveConfig,
         route: Route,
         variant: Variant,
         upstream: UpstreamResponse,
@@ -582,7 +589,7 @@ class ProxyApp:
             and "event-stream" not in (content_type or "")
         ):
             body = await upstream.read()
-            scope[WAITING_TASK] = None
+            _stop_waiting(exchange)
             doc = answers.document(
                 body,
                 content_type,
@@ -623,7 +630,9 @@ class ProxyApp:
                 _evaluate(exchange, answers, doc)
             return
 
-        scope[WAITING_TASK] = None  # from here on, a client that goes away is seen by receive
+        _stop_waiting(exchange)  # from here on, a client that goes away is seen by receive
+        # the stream's own bound on a client that reads nothing, where the edge has none
+        send_timeout = active.send_timeout if exchange.watcher is not None else None
         exchange.reported_version = answers.version(upstream.headers, None)
         version = exchange.reported_version or variant.model_version
         headers.extend(ours)
@@ -667,7 +676,11 @@ class ProxyApp:
                 if exchange.first_byte is None:
                     # a streaming server sends its head at once, and its first token later
                     exchange.first_byte = time.perf_counter() - exchange.started
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                part = {"type": "http.response.body", "body": chunk, "more_body": True}
+                if send_timeout is None:
+                    await send(part)
+                else:
+                    await _send_within(send, part, send_timeout, exchange, self.state.metrics)
         finally:
             disconnect.cancel()
             if read is not None:
@@ -694,8 +707,49 @@ async def _wait_for_disconnect(receive: Any) -> None:
         pass
 
 
+async def _watch_for_disconnect(receive: Any, signals: RequestSignals) -> None:
+    """What the tuned edge does for a request: cancel its wait on the model server when its
+    client goes."""
+    await _wait_for_disconnect(receive)
+    waiting = signals.waiting
+    if waiting is not None:
+        signals.client_gone = True
+        waiting.cancel()
+
+
+def _stop_waiting(exchange: Exchange) -> None:
+    """The request no longer waits on the model server: a client's going is not its cancel."""
+    signals = exchange.signals
+    if signals is not None:
+        signals.waiting = None
+    watcher = exchange.watcher
+    if watcher is not None:
+        watcher.cancel()
+
+
+async def _send_within(
+    send: Any, message: Message, seconds: float, exchange: Exchange, metrics: Metrics
+) -> None:
+    """Send a part of a stream, as long as the client takes it within ``seconds``: what the
+    tuned edge's send_timeout does, for an edge that has none. Without the connection's
+    transport in sight, a part still waiting counts as unread, so a client that reads too
+    slowly for one part to leave within the limit is let go too."""
+    try:
+        async with asyncio.timeout(seconds):
+            await send(message)
+    except TimeoutError:
+        assert exchange.signals is not None
+        exchange.signals.send_timed_out = f"send_timeout: the client read nothing for {seconds:g} s"
+        metrics.client_connection_closed(SEND_TIMEOUT)
+        raise ClientDisconnected("during the stream") from None
+
+
 async def _read_body(
-    scope: Scope, receive: Any, limit: int, content_length: int, pause_limit: float
+    signals: RequestSignals | None,
+    receive: Any,
+    limit: int,
+    content_length: int,
+    pause_limit: float,
 ) -> bytes:
     """The whole request body; ``pause_limit``: the longest wait for its next part."""
     if content_length > limit:
@@ -703,7 +757,7 @@ async def _read_body(
     chunks: list[bytes] = []
     size = 0
     while True:
-        if scope.get(BODY_COMPLETE):
+        if signals is not None and signals.body_complete:
             message = await receive()
         else:
             message = await _receive_within(receive, pause_limit)

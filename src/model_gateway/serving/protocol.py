@@ -1,38 +1,38 @@
-"""uvicorn's httptools protocol, with each response written in one system call.
+"""uvicorn's httptools protocol, with each response written in one system call, the gateway's
+client limits applied, and each request told what happens to its connection.
 
 An ASGI response is two messages, ``http.response.start`` and ``http.response.body``, and
-uvicorn writes each to the socket as it comes: two ``send`` system calls per response. Under
-load those writes were the largest single share of the event loop's time (py-spy: 14 % of the
-samples holding the GIL). Writes are held instead, and go out together:
+uvicorn writes each to the socket as it comes: two ``send`` system calls per response, the
+largest single share of a busy event loop's time. Writes are held instead, and go out
+together:
 
 - while other requests are being served, at the end of the loop turn, so that the responses
-  of a turn leave back to back and the next turn finds their clients' next requests together.
-  Alternating wrk runs at 32 connections: faster in 6 of 7 pairs with one worker (median
-  +9 %) and 3 of 3 with two, with less CPU per request;
+  of a turn leave back to back and the next turn finds their clients' next requests together;
 - when a request is the only one in progress, as soon as its response is complete, in the
-  same step: one system call instead of two, and no loop turn of latency (at one connection
-  faster in 11 of 16 alternating pairs, CPU per request 465 → 439 µs).
+  same step: one system call instead of two, and no loop turn of latency.
 
 A response that streams is never held past the end of the loop turn it was written in.
 
 Holding pays only when the process is busy: it turns a stream of requests into batches, which
 a saturated loop serves with fewer wakeups, and which a loop with time to spare would only
 make wait. So responses are held to the end of the turn only while the process has kept a
-core busy (:class:`LoadWatch`: its CPU time over the last 50 ms or so); otherwise each goes
-as soon as it is complete. Against a 20 ms model at 64 connections, which keeps one worker some 40 %
-busy, that took the rate from 0.914 to 0.937 of the direct one (alternating runs; always
-writing at completion gave 0.940 with one worker and 0.948 → 0.960 with two). At 32
-connections on a fast model the worker is saturated and holds, as before: always writing at
-completion would have cost 14 % (15.8 k req/s against 18.4 k).
+core busy (:class:`LoadWatch`: its CPU time over the last few tens of milliseconds);
+otherwise each goes as soon as it is complete. benchmarks/README.md has what each choice
+measured.
 
-It also tells a request that its client has gone while the request waits on the model
-server, which an ASGI app could learn only from a task of its own per request reading
-``receive``: the connection's loss cancels the task the proxy left in the scope
-(:data:`~model_gateway.proxy.WAITING_TASK`).
+It tells a request that its client has gone while the request waits on the model server,
+which an ASGI app could learn only from a task of its own per request reading ``receive``:
+the connection's loss cancels the task the request left in its signals
+(:class:`~model_gateway.serving.signals.RequestSignals`).
 
-And it holds its clients to the gateway's limits (``client_limits.py``): it shows a sweep
-whether it waits for a request's head, notes when the transport pauses its writes, and counts
-the bytes of a head that is still incomplete after a read.
+And it holds its clients to the gateway's limits (``limits.py``), which the app offers in its
+lifespan state: it shows a sweep whether it waits for a request's head, notes when the
+transport pauses its writes, and counts the bytes of a head that is still incomplete after a
+read.
+
+This module is built on uvicorn's internals (``HttpToolsProtocol``, its cycle and flow
+control), so pyproject.toml bounds uvicorn to the releases CI tests it against; with any
+other, or with ``server.edge: stock``, the gateway runs on uvicorn's own protocol.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .client_limits import HEADER_TOO_LARGE, ClientLimits
-from .errors import ERROR_CODE_HEADER, GatewayError, HeaderTooLargeError, RequestTimeoutError
-from .proxy import BODY_COMPLETE, CLIENT_GONE, SEND_TIMED_OUT, WAITING_TASK
+from ..errors import ERROR_CODE_HEADER, GatewayError, HeaderTooLargeError, RequestTimeoutError
+from .limits import HEADER_TOO_LARGE, ClientLimits
+from .signals import EXTENSION, LIMITS_STATE, RequestSignals
 
 #: how often a :class:`LoadWatch` looks at the process's CPU time
 LOAD_INTERVAL = 0.05
@@ -100,6 +100,8 @@ KERNEL_SEND_QUEUE: int | None = getattr(termios, "TIOCOUTQ", None)
 PROCESS_LOAD = LoadWatch()
 #: during a drain, how long a connection with no request yet is left open for its first
 FIRST_REQUEST_GRACE = 1.0
+#: how soon a connection the grace found with a request unread is looked at again
+UNREAD_RECHECK = 0.05
 
 
 class CoalescingTransport:
@@ -202,7 +204,8 @@ class LingeringClose(asyncio.Protocol):
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a `CoalescingTransport`; ``Config(http=...)``.
 
-    With an app that has ``client_limits`` (the gateway), its connections are held to them.
+    With an app that offers client limits in its lifespan state (the gateway), its
+    connections are held to them.
     """
 
     transport: CoalescingTransport  # type: ignore[assignment]
@@ -220,7 +223,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing = CoalescingTransport(transport, self.loop, self.tasks, PROCESS_LOAD)
         super().connection_made(coalescing)  # type: ignore[arg-type]
-        limits = getattr(self.app, "client_limits", None)
+        limits = self.app_state.get(LIMITS_STATE)
         if isinstance(limits, ClientLimits):
             self._limits = limits
             # a new connection waits for its first head from now, as nginx's does
@@ -276,8 +279,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        # the request's last byte is in: reading its body cannot wait (see BODY_COMPLETE)
-        self.scope[BODY_COMPLETE] = True  # type: ignore[typeddict-unknown-key]
+        # The request's last byte is in: reading its body cannot wait. Its signals begin
+        # here, since a request needs them only once its body is whole (it waits on the model
+        # server, or its answer stalls, after that); a body still arriving is read with a
+        # timer, as under a server that gives none.
+        signals = RequestSignals()
+        signals.body_complete = True
+        self.scope["extensions"] = {EXTENSION: signals}  # type: ignore[dict-item]
         limits = self._limits
         if limits is not None and limits.draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with Connection: close, then closed
@@ -295,6 +303,12 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def _close_if_idle(self) -> None:
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
+            if _unread(self.transport) > 0:
+                # A request came that the loop has not read yet: a loop held up past the
+                # grace runs its due timers before it reads. It is read and answered first;
+                # uvicorn's shutdown_timeout still bounds the wait.
+                self.loop.call_later(UNREAD_RECHECK, self._close_if_idle)
+                return
             self.transport.close()
         else:
             cycle.keep_alive = False
@@ -396,11 +410,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         assert self._limits is not None
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            # the request's task learns why its client is gone (see SEND_TIMED_OUT)
-            scope = cast(dict[str, Any], cycle.scope)
-            scope[SEND_TIMED_OUT] = (
-                f"send_timeout: the client read nothing for {self._limits.server.send_timeout:g} s"
-            )
+            # the request's task learns why its client is gone
+            signals = _signals_of(cycle.scope)
+            if signals is not None:
+                timeout = self._limits.server.send_timeout
+                signals.send_timed_out = f"send_timeout: the client read nothing for {timeout:g} s"
         self.transport.abort()  # a close would wait for the unread answer to leave
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -408,9 +422,26 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._limits.forget(self)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            scope = cast(dict[str, Any], cycle.scope)
-            waiting: asyncio.Task[Any] | None = scope.get(WAITING_TASK)
-            if waiting is not None:
-                scope[CLIENT_GONE] = True
-                waiting.cancel()
+            signals = _signals_of(cycle.scope)
+            if signals is not None and signals.waiting is not None:
+                signals.client_gone = True
+                signals.waiting.cancel()
         super().connection_lost(exc)
+
+
+def _unread(transport: Any) -> int:
+    """Bytes the kernel holds for the connection that nobody has read (FIONREAD)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        found = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    unread: int = struct.unpack("i", found)[0]
+    return unread
+
+
+def _signals_of(scope: Any) -> RequestSignals | None:
+    signals: RequestSignals | None = scope.get("extensions", {}).get(EXTENSION)
+    return signals

@@ -5,18 +5,26 @@ write as soon as it is complete; nothing is held past the turn."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from typing import Any
 
 import httpx
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
 
-from model_gateway.http import (
+from model_gateway.config import ServerConfig
+from model_gateway.serving.limits import ClientLimits
+from model_gateway.serving.protocol import (
     HOLD_ABOVE,
     LOAD_INTERVAL,
     RELEASE_BELOW,
+    CoalescingHttpToolsProtocol,
     CoalescingTransport,
     LoadWatch,
 )
+from model_gateway.serving.signals import LIMITS_STATE
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 
@@ -234,6 +242,7 @@ def test_concurrent_responses_and_a_stream_while_busy(
         slow.join()
 
 
+@pytest.mark.tuned_edge
 def test_through_a_real_gateway_a_lone_response_is_one_write_at_its_end(
     gateway: GatewayFactory, upstreams: dict[str, Upstream], monkeypatch: Any
 ) -> None:
@@ -267,3 +276,44 @@ def test_through_a_real_gateway_a_lone_response_is_one_write_at_its_end(
         assert next(chunks) == b"data: first\n\n"  # a write held past the turn times out
         upstreams["a"].control.release.set()
         assert b"".join(chunks) == b"data: second\n\n"
+
+
+def test_a_drained_connection_with_its_request_unread_is_answered_not_closed() -> None:
+    """At a graceful stop, a connection with no request yet is given a grace to send one. A
+    loop busy past that grace runs its due timers before it reads: the grace's end must not
+    close a connection whose request already waits in the kernel's buffer. It is read and
+    answered (with Connection: close) instead."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        config = uvicorn.Config(app, lifespan="off", log_level="warning")
+        config.load()
+        limits = ClientLimits(ServerConfig())
+        limits.draining = True
+        protocol = CoalescingHttpToolsProtocol(
+            config=config, server_state=ServerState(), app_state={LIMITS_STATE: limits}
+        )
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        await loop.connect_accepted_socket(lambda: protocol, ours)
+        theirs.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # the loop has not read it
+        protocol._close_if_idle()  # the grace ends before the loop's next read
+        answer = b""
+        try:
+            async with asyncio.timeout(20):  # a guard, not a timing
+                while chunk := await loop.sock_recv(theirs, 65536):
+                    answer += chunk
+                    if answer.endswith(b"ok"):
+                        break
+        finally:
+            theirs.close()
+            limits.close()
+            protocol.transport.close()
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer

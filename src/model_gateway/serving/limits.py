@@ -8,16 +8,17 @@ server buffer all of it (tens of MB a second, each part copied onto the rest); a
 stops reading an answer larger than the socket's buffers holds its request (and the model
 server connection under it) for good.
 
-The time limits almost never fire. A loop timer per request would cost every request some
-3 µs (see ``wheel.py``), so nothing is done per request: one sweep per gateway, up to once a
-second, looks at each connection. A head still pending at a later sweep is the same head
-(the connection gives the same object for as long as it waits for the same head), so it has
-been pending at least since the sweep that first saw it. A connection's writes note when the
-transport last paused them, which happens only once the client's buffers are full, and a
-sweep that finds less of the answer unsent than the last one saw (in the transport or in
-the kernel's send queue) takes that as the client reading, and starts its time again:
-send_timeout cuts a client that reads nothing, not one that reads slowly. A time limit
-fires between its value and two sweep intervals past the last sign of the client.
+The time limits almost never fire. A loop timer per request would cost every request a
+measurable share of its time (see ``wheel.py``), so nothing is done per request: one sweep
+per gateway, up to once a second, looks at each connection. A head still pending at a later
+sweep is the same head (the connection gives the same object for as long as it waits for the
+same head), so it has been pending at least since the sweep that first saw it. A
+connection's writes note when the transport last paused them, which happens only once the
+client's buffers are full, and a sweep that finds less of the answer unsent than the last
+one saw (in the transport or in the kernel's send queue) takes that as the client reading,
+and starts its time again: send_timeout cuts a client that reads nothing, not one that reads
+slowly. A time limit fires between its value and two sweep intervals past the last sign of
+the client.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from .config import ServerConfig
+from ..config import ServerConfig
 
 #: the longest gap between two sweeps
 LONGEST_SWEEP_INTERVAL = 1.0
@@ -42,7 +43,7 @@ CLIENT_CLOSE_REASONS = (HEADER_TIMEOUT, HEADER_TOO_LARGE, SEND_TIMEOUT)
 
 
 class StallableConnection(Protocol):
-    """What a sweep needs of a connection (the gateway's uvicorn protocol, ``http.py``)."""
+    """What a sweep needs of a connection (the gateway's uvicorn protocol, ``protocol.py``)."""
 
     #: the request head the last sweep saw pending (``waiting_for_head``), and when
     head_seen: object | None
