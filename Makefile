@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install build tools run test test-pure test-lowest lint bench bench-instructions clean
+.PHONY: install build tools run test test-fast test-stock test-pure test-lowest lint bench bench-instructions clean
 
 # The package installed editable as plain Python; `build` then compiles the hot path in place.
 $(STAMP): pyproject.toml
@@ -70,9 +70,23 @@ lint: $(COMPILED)
 	$(BIN)/ruff format --check src tests benchmarks setup.py
 	$(BIN)/mypy --strict src
 
+# The suite runs on several processes: most of its time is spent waiting on servers, so more
+# processes than cores pay; the long tests start first (tests/conftest.py).
+PARALLEL ?= -n 4 --dist worksteal
+
 ## test: lint, then the whole suite, on the compiled build
 test: lint tools
-	MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest
+	MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest $(PARALLEL)
+
+## test-fast: the tests that start no process and run no simulation (under a minute): unit,
+## in-process (tests/inprocess.py) and single-server tests
+test-fast: $(COMPILED)
+	MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest $(PARALLEL) -m "not slow"
+
+## test-stock: the whole suite with the tuned server edge off (uvicorn's own protocol), as
+## the gateway runs on an uvicorn release outside the tested range
+test-stock: $(COMPILED) tools
+	MODEL_GATEWAY_EDGE=stock MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest $(PARALLEL)
 
 ## test-pure: the whole suite on plain Python, as a `MODEL_GATEWAY_PURE=1 pip install .` runs
 ## the gateway: from a copy of src/ without the compiled extensions (slower; not part of `make test`)
@@ -80,13 +94,13 @@ PURE_SRC := build/pure/src
 test-pure: $(STAMP) tools
 	rm -rf build/pure && mkdir -p build/pure
 	cp -r src build/pure/ && find $(PURE_SRC) -name '*.so' -delete
-	PYTHONPATH=$(CURDIR)/$(PURE_SRC) MODEL_GATEWAY_EXPECT_PURE=1 $(BIN)/pytest
+	PYTHONPATH=$(CURDIR)/$(PURE_SRC) MODEL_GATEWAY_EXPECT_PURE=1 $(BIN)/pytest $(PARALLEL)
 
 ## test-lowest: the tests of what leans on its dependencies' internals (uvicorn's protocol and
 ## workers, aiohttp's connection, prometheus-client's histograms) against the lowest releases
 ## pyproject.toml allows (.ci/lowest.txt), on plain Python; `make test` runs the highest
 LOWEST_VENV := .venv-lowest
-EDGE_TESTS := tests/test_http.py tests/test_client_limits.py tests/test_pipelining.py \
+EDGE_TESTS := tests/test_protocol.py tests/test_client_limits.py tests/test_pipelining.py \
 	tests/test_processes.py tests/test_metrics.py tests/test_upstream.py tests/test_prometheus.py \
 	tests/test_proxy.py tests/test_faults.py tests/test_clients.py tests/test_streams.py
 $(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest.txt
@@ -98,7 +112,7 @@ test-lowest: $(LOWEST_VENV)/.installed tools
 	rm -rf build/lowest && mkdir -p build/lowest
 	cp -r src build/lowest/ && find build/lowest/src -name '*.so' -delete
 	PYTHONPATH=$(CURDIR)/build/lowest/src MODEL_GATEWAY_EXPECT_PURE=1 \
-		$(LOWEST_VENV)/bin/pytest $(EDGE_TESTS)
+		$(LOWEST_VENV)/bin/pytest $(PARALLEL) $(EDGE_TESTS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST_VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -24,6 +24,8 @@ from .conftest import Upstream, wait_until_async
 from .test_processes import INFER, GatewayProcess
 from .test_store import POSTGRES, drop_schema, record, with_store
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 INFER_BYTES = orjson.dumps(INFER)
 REQUEST = (
     b"POST /v2/models/fraud/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

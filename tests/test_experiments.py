@@ -26,6 +26,8 @@ from .conftest import GatewayFactory, Upstream, route, wait_until
 from .test_feedback import EVALUATION, features
 from .test_processes import GatewayProcess
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 EXPERIMENT = {
     "id": "fraud-v2",
     "start": "2026-01-01T00:00:00Z",

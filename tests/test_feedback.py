@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from model_gateway.records import canonical_label
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, route, wait_until
+from .conftest import InProcessFactory, Upstream, route, wait_until
+from .inprocess import InProcessGateway
 
 
 def features(i: int) -> dict[str, Any]:
@@ -25,9 +26,9 @@ EVALUATION = {"task": "binary", "prediction": "/outputs/1/data/0", "score": "/ou
 
 
 def fraud_gateway(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream], **extra: Any
-) -> RunningGateway:
-    return gateway(
+    in_process: InProcessFactory, upstreams: dict[str, Upstream], **extra: Any
+) -> InProcessGateway:
+    return in_process(
         [
             route(
                 "fraud",
@@ -40,19 +41,19 @@ def fraud_gateway(
     )
 
 
-def predict(gw: RunningGateway, i: int, request_id: str | None = None) -> httpx.Response:
+def predict(gw: InProcessGateway, i: int, request_id: str | None = None) -> httpx.Response:
     headers = {"X-Request-Id": request_id} if request_id else {}
-    r = httpx.post(f"{gw.url}/v2/models/fraud/infer", json=features(i), headers=headers)
+    r = gw.http.post("/v2/models/fraud/infer", json=features(i), headers=headers)
     assert r.status_code == 200
     return r
 
 
-def wait_for_label(gw: RunningGateway, prediction_id: str, label: str | None) -> dict[str, Any]:
+def wait_for_label(gw: InProcessGateway, prediction_id: str, label: str | None) -> dict[str, Any]:
     """The record once it is in the store with ``label`` as its latest label."""
     found: dict[str, Any] = {}
 
     def labelled() -> bool:
-        answer = httpx.get(f"{gw.url}/admin/predictions/{prediction_id}")
+        answer = gw.http.get(f"/admin/predictions/{prediction_id}")
         found.update(answer.json())
         return answer.status_code == 200 and found["label"] == label
 
@@ -61,19 +62,17 @@ def wait_for_label(gw: RunningGateway, prediction_id: str, label: str | None) ->
 
 
 def test_single_array_and_ndjson_by_prediction_or_request_id(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     r1, r2, r3 = predict(gw, 1), predict(gw, 2, "client-2"), predict(gw, 3, "client-3")
     p1, p2, p3 = (r.headers["x-prediction-id"] for r in (r1, r2, r3))
     wait_for_label(gw, p3, None)  # all three are in the store
 
-    one = httpx.post(
-        f"{gw.url}/feedback", json={"prediction_id": p1, "label": 1, "source": "analyst"}
-    )
+    one = gw.http.post("/feedback", json={"prediction_id": p1, "label": 1, "source": "analyst"})
     assert one.json() == {"accepted": 1, "rejected": 0, "waiting": 0, "errors": []}
-    many = httpx.post(
-        f"{gw.url}/feedback",
+    many = gw.http.post(
+        "/feedback",
         json=[{"request_id": "client-2", "label": "0"}, {"prediction_id": p3, "label": True}],
     )
     assert many.json()["accepted"] == 2
@@ -81,9 +80,7 @@ def test_single_array_and_ndjson_by_prediction_or_request_id(
         b'{"prediction_id": "%s", "label": 0, "timestamp": "2030-01-01T00:00:00Z"}\n\n'
         % p1.encode()
     )
-    nd = httpx.post(
-        f"{gw.url}/feedback", content=ndjson, headers={"Content-Type": "application/x-ndjson"}
-    )
+    nd = gw.http.post("/feedback", content=ndjson, headers={"Content-Type": "application/x-ndjson"})
     assert nd.json()["accepted"] == 1
 
     record = wait_for_label(gw, p1, "0")  # the later label supersedes
@@ -95,14 +92,14 @@ def test_single_array_and_ndjson_by_prediction_or_request_id(
 
 
 def test_timestamps_outside_years_1_to_9999_are_refused(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
     """A time the gateway could not write back as RFC 3339 is refused with a reason rather
     than stored (where it would break every later answer that shows it)."""
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     times = ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+00:01", 1e20, "9999-12-31T23:59:59Z"]
-    answer = httpx.post(
-        f"{gw.url}/feedback",
+    answer = gw.http.post(
+        "/feedback",
         json=[{"prediction_id": f"p{i}", "label": 1, "timestamp": t} for i, t in enumerate(times)],
     ).json()
     assert answer["accepted"] == 1
@@ -111,11 +108,11 @@ def test_timestamps_outside_years_1_to_9999_are_refused(
 
 
 def test_bad_items_get_reasons_and_bad_bodies_get_4xx(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = fraud_gateway(gateway, upstreams)
-    mixed = httpx.post(
-        f"{gw.url}/feedback",
+    gw = fraud_gateway(in_process, upstreams)
+    mixed = gw.http.post(
+        "/feedback",
         json=[
             {"prediction_id": "p", "label": 1},
             {"label": 1},
@@ -142,50 +139,45 @@ def test_bad_items_get_reasons_and_bad_bodies_get_4xx(
         },
         {"index": 7, "reason": "an item must be a JSON object"},
     ]
-    nd = httpx.post(f"{gw.url}/feedback", content=b'{"request_id": "x", "label": 1}\n{oops\n')
+    nd = gw.http.post("/feedback", content=b'{"request_id": "x", "label": 1}\n{oops\n')
     assert nd.json()["errors"] == [{"index": 1, "reason": "line 2: malformed JSON"}]
-    assert httpx.post(f"{gw.url}/feedback", json=[{"label": 1}]).status_code == 422
-    assert httpx.post(f"{gw.url}/feedback", content=b"{not json").status_code == 400
-    assert httpx.post(f"{gw.url}/feedback", content=b"42").status_code == 400
-    assert httpx.post(f"{gw.url}/feedback", json=[]).status_code == 400
-    assert httpx.get(f"{gw.url}/feedback").status_code == 405
+    assert gw.http.post("/feedback", json=[{"label": 1}]).status_code == 422
+    assert gw.http.post("/feedback", content=b"{not json").status_code == 400
+    assert gw.http.post("/feedback", content=b"42").status_code == 400
+    assert gw.http.post("/feedback", json=[]).status_code == 400
+    assert gw.http.get("/feedback").status_code == 405
 
 
 def test_feedback_before_its_prediction_is_kept_and_joined_later(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = fraud_gateway(gateway, upstreams)
-    early = httpx.post(f"{gw.url}/feedback", json={"request_id": "late-1", "label": 1})
+    gw = fraud_gateway(in_process, upstreams)
+    early = gw.http.post("/feedback", json={"request_id": "late-1", "label": 1})
     assert early.json()["accepted"] == 1
     r = predict(gw, 4, "late-1")
     record = wait_for_label(gw, r.headers["x-prediction-id"], "1")
     assert len(record["feedback"]) == 1
 
 
-def test_feedback_token(gateway: GatewayFactory, upstreams: dict[str, Upstream]) -> None:
-    gw = fraud_gateway(gateway, upstreams, admin={"token": "adm", "feedback_token": "lab"})
+def test_feedback_token(in_process: InProcessFactory, upstreams: dict[str, Upstream]) -> None:
+    gw = fraud_gateway(in_process, upstreams, admin={"token": "adm", "feedback_token": "lab"})
     item = {"request_id": "x", "label": 1}
-    assert httpx.post(f"{gw.url}/feedback", json=item).status_code == 401
+    assert gw.http.post("/feedback", json=item).status_code == 401
     for token in ("lab", "adm"):
-        ok = httpx.post(
-            f"{gw.url}/feedback", json=item, headers={"Authorization": f"Bearer {token}"}
-        )
+        ok = gw.http.post("/feedback", json=item, headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200
     # the feedback token does not open /admin
-    assert (
-        httpx.get(f"{gw.url}/admin/routing", headers={"Authorization": "Bearer lab"}).status_code
-        == 401
-    )
+    assert gw.http.get("/admin/routing", headers={"Authorization": "Bearer lab"}).status_code == 401
 
 
 def test_outcome_counters_match_the_labels(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
     """1. 40 predictions through two variants; the answer's label is the prediction.
     2. A label for each (the truth alternates), posted in one batch.
     3. The tp/fp/tn/fn counters per variant equal the confusion counts computed here.
     """
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     expected: Counter[tuple[str, str]] = Counter()
     labels = []
     for i in range(40):
@@ -196,10 +188,10 @@ def test_outcome_counters_match_the_labels(
         expected[(r.headers["x-model-variant"], outcome)] += 1
         labels.append({"prediction_id": r.headers["x-prediction-id"], "label": actual})
     wait_for_label(gw, labels[-1]["prediction_id"], None)
-    assert httpx.post(f"{gw.url}/feedback", json=labels).json()["accepted"] == 40
+    assert gw.http.post("/feedback", json=labels).json()["accepted"] == 40
     # a second, superseding label is kept but not counted twice
-    httpx.post(f"{gw.url}/feedback", json=labels[:5])
-    text = httpx.get(f"{gw.url}/metrics").text
+    gw.http.post("/feedback", json=labels[:5])
+    text = gw.http.get("/metrics").text
     seen: Counter[tuple[str, str]] = Counter()
     for line in text.splitlines():
         if line.startswith("model_gateway_feedback_outcomes_total{"):
@@ -290,11 +282,11 @@ def dumps(value: Any) -> bytes:
 
 
 def test_generated_garbage_never_5xx_and_valid_items_all_kept(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
     """Any mix of valid and invalid items, as a JSON array or NDJSON: every valid item is
     accepted, every invalid one is rejected with its index, and nothing gets a 5xx."""
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
 
     @settings(max_examples=60, deadline=None)
     @given(
@@ -305,12 +297,12 @@ def test_generated_garbage_never_5xx_and_valid_items_all_kept(
         n_valid = sum(kinds)
         if ndjson:
             body = b"\n".join(dumps(item) for item in batch)
-            r = httpx.post(
-                f"{gw.url}/feedback", content=body, headers={"Content-Type": "application/x-ndjson"}
+            r = gw.http.post(
+                "/feedback", content=body, headers={"Content-Type": "application/x-ndjson"}
             )
         else:
-            r = httpx.post(
-                f"{gw.url}/feedback",
+            r = gw.http.post(
+                "/feedback",
                 content=dumps(batch),
                 headers={"Content-Type": "application/json"},
             )
@@ -333,9 +325,9 @@ def test_generated_garbage_never_5xx_and_valid_items_all_kept(
 
 
 def test_arbitrary_bytes_get_4xx_never_5xx(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
 
     @settings(max_examples=80, deadline=None)
     @given(
@@ -343,19 +335,19 @@ def test_arbitrary_bytes_get_4xx_never_5xx(
         content_type=st.sampled_from(["application/json", "application/x-ndjson", "text/plain"]),
     )
     def check(body: bytes, content_type: str) -> None:
-        r = httpx.post(f"{gw.url}/feedback", content=body, headers={"Content-Type": content_type})
+        r = gw.http.post("/feedback", content=body, headers={"Content-Type": content_type})
         assert r.status_code in (200, 400, 413, 422), (body, r.status_code, r.text)
 
     check()
     deep = b"[" * 100_000 + b"]" * 100_000
-    assert httpx.post(f"{gw.url}/feedback", content=deep).status_code == 400
+    assert gw.http.post("/feedback", content=deep).status_code == 400
 
 
 def test_multiclass_counts_per_class(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
     """A multiclass route counts each labelled prediction one-vs-rest, per class."""
-    gw = gateway(
+    gw = in_process(
         [
             route(
                 "fraud",
@@ -378,7 +370,7 @@ def test_multiclass_counts_per_class(
             expected[(predicted, "fp")] += 1
         labels.append({"prediction_id": r.headers["x-prediction-id"], "label": actual})
     wait_for_label(gw, labels[-1]["prediction_id"], None)
-    assert httpx.post(f"{gw.url}/feedback", json=labels).json()["accepted"] == 12
+    assert gw.http.post("/feedback", json=labels).json()["accepted"] == 12
     registry = gw.app.state.metrics.registry
     for (cls, outcome), count in expected.items():
         value = registry.get_sample_value(

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from model_gateway.cli import main
@@ -15,6 +16,8 @@ from model_gateway.cli import main
 from .conftest import Upstream, wait_until
 from .test_processes import INFER, GatewayProcess
 from .test_store import POSTGRES, drop_schema
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_two_replicas_share_log_feedback_history_and_reports(

@@ -24,6 +24,8 @@ from model_gateway.store.postgres import split_schema
 from .conftest import GatewayFactory, Upstream, route, running
 from .test_store import POSTGRES, store_url
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 __all__ = ["store_url"]  # a fixture, used by name
 
 

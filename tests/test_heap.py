@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model_gateway.heap import YOUNG_THRESHOLD
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 STARTUP = """
 import asyncio, gc, json, sys

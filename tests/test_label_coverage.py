@@ -8,13 +8,12 @@ import random
 import time
 from typing import Any
 
-import httpx
 import pytest
 from scipy import stats
 
 from model_gateway.splits import SRM_ALPHA, label_coverage
 
-from .conftest import GatewayFactory, Upstream, route, wait_until
+from .conftest import InProcessFactory, Upstream, route, wait_until
 from .test_feedback import EVALUATION, features
 
 
@@ -60,11 +59,11 @@ def test_equal_coverage_is_flagged_at_the_rate_of_alpha() -> None:
 
 
 def test_the_label_horizon_ends_the_default_window_before_now(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
     """With a label horizon of an hour, a report asked for without ``until`` ends an hour
     ago: predictions made now are not in it; asked up to now, they are."""
-    gw = gateway(
+    gw = in_process(
         [
             route(
                 "fraud",
@@ -76,10 +75,10 @@ def test_the_label_horizon_ends_the_default_window_before_now(
         server={"config_poll_interval": 0},
     )
     for i in range(5):
-        httpx.post(f"{gw.url}/v2/models/fraud/infer", json=features(i))
+        gw.http.post("/v2/models/fraud/infer", json=features(i))
     wait_until(lambda: len(gw.records()) == 5, "the records written")
-    default = httpx.get(f"{gw.url}/admin/report", params={"route": "fraud"}).json()
+    default = gw.http.get("/admin/report", params={"route": "fraud"}).json()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 5))
-    upto_now = httpx.get(f"{gw.url}/admin/report", params={"route": "fraud", "until": now})
+    upto_now = gw.http.get("/admin/report", params={"route": "fraud", "until": now})
     assert default["variants"]["a"]["requests"] == 0
     assert upto_now.json()["variants"]["a"]["requests"] == 5

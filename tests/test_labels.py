@@ -14,14 +14,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sklearn.metrics as sk
 
 from model_gateway.cli import main
 from model_gateway.records import canonical_label
 
-from .conftest import GatewayFactory, Upstream
+from .conftest import InProcessFactory, Upstream
 from .test_feedback import fraud_gateway, predict, wait_for_label
 
 
@@ -64,12 +63,12 @@ def test_one_spelling_per_label(value: Any, label: str | None) -> None:
 
 
 def test_feedback_reads_every_spelling_of_a_binary_label_and_refuses_other_labels(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
     """On a binary route (positive label 1), every spelling of 1 and 0 is stored as 1 or 0;
     ``"yes"``, ``""`` and ``2`` are refused, each with its reason; an item naming a
     prediction not stored yet is kept, and said to be waiting."""
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     ids = [predict(gw, i).headers["x-prediction-id"] for i in range(12)]
     wait_for_label(gw, ids[-1], None)
     spellings: list[Any] = [True, "true", "TRUE", " 1", "1.0", 1.0, False, "false", "0.0", 0]
@@ -82,7 +81,7 @@ def test_feedback_reads_every_spelling_of_a_binary_label_and_refuses_other_label
         {"prediction_id": ids[11], "label": 2},
         {"prediction_id": "not-logged-yet", "label": 1},
     ]
-    answer = httpx.post(f"{gw.url}/feedback", json=items).json()
+    answer = gw.http.post("/feedback", json=items).json()
     assert answer["accepted"] == 11
     assert answer["waiting"] == 1
     reasons = {e["index"]: e["reason"] for e in answer["errors"]}
@@ -96,7 +95,7 @@ def test_feedback_reads_every_spelling_of_a_binary_label_and_refuses_other_label
 
 
 def test_a_csv_pandas_wrote_gives_the_precision_of_the_true_labels(
-    gateway: GatewayFactory,
+    in_process: InProcessFactory,
     upstreams: dict[str, Upstream],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -105,7 +104,7 @@ def test_a_csv_pandas_wrote_gives_the_precision_of_the_true_labels(
     are the labels 1 and 0: each variant's precision and recall equal scikit-learn's on the
     true labels (stored as written, every 1.0 counted as a negative, and precision fell from
     0.9258 to 0.8747 in the run that found it)."""
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     rng = random.Random(11)
     truth: dict[str, tuple[str, int, int]] = {}
     for _ in range(120):
@@ -127,7 +126,7 @@ def test_a_csv_pandas_wrote_gives_the_precision_of_the_true_labels(
     config = str(gw.config_path)
     assert main(["feedback", "import", str(labels), "--config", config]) == 0
     assert "119 labels imported" in capsys.readouterr().err
-    report = httpx.get(f"{gw.url}/admin/report", params={"route": "fraud"}).json()
+    report = gw.http.get("/admin/report", params={"route": "fraud"}).json()
     for variant in ("a", "b"):
         rows = [
             (p, y) for n, (pid, (v, p, y)) in enumerate(truth.items()) if v == variant and n > 0
@@ -145,12 +144,12 @@ def test_a_csv_pandas_wrote_gives_the_precision_of_the_true_labels(
 
 
 def test_feedback_import_refuses_a_file_without_a_label_column(
-    gateway: GatewayFactory,
+    in_process: InProcessFactory,
     upstreams: dict[str, Upstream],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     gw.stop()
     for header, problem in (
         ("prediction_id,labels", "no label column (columns: labels, prediction_id)"),

@@ -30,6 +30,8 @@ from .test_faults import Forwarder
 from .test_processes import INFER, GatewayProcess
 from .test_store import POSTGRES
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 QUEUE_SIZE = 1000
 CLIENTS = 32
 #: each request carries (and its record keeps) a body of this size, so that records held in

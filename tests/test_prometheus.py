@@ -16,6 +16,8 @@ import yaml
 from .conftest import GatewayFactory, Upstream, dead_url, route, wait_until
 from .test_processes import INFER, GatewayProcess, write_config
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
 ROOT = Path(__file__).parent.parent
 RULES = ROOT / "config" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "config" / "grafana" / "model-gateway.json"

@@ -10,7 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +20,7 @@ from model_gateway.cli import main
 from model_gateway.estimates import binary_quality, multiclass_quality, regression_quality, wilson
 from model_gateway.splits import sample_ratio_over_time
 
-from .conftest import GatewayFactory, Upstream
+from .conftest import InProcessFactory, Upstream
 from .test_feedback import fraud_gateway, predict, wait_for_label
 
 labels_st = st.lists(
@@ -109,7 +108,7 @@ def test_wilson_interval_and_sample_ratio_mismatch() -> None:
 
 
 def test_report_from_a_real_gateway_equals_sklearn(
-    gateway: GatewayFactory,
+    in_process: InProcessFactory,
     upstreams: dict[str, Upstream],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -120,7 +119,7 @@ def test_report_from_a_real_gateway_equals_sklearn(
        precision, recall, F1, accuracy and AUC that scikit-learn computes from the same data.
     """
     since = time.time() - 1
-    gw = fraud_gateway(gateway, upstreams)
+    gw = fraud_gateway(in_process, upstreams)
     rng = random.Random(7)
     seen: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     feedback = []
@@ -138,17 +137,17 @@ def test_report_from_a_real_gateway_equals_sklearn(
         feedback.append({"prediction_id": r.headers["x-prediction-id"], "label": 1 - truth})
         last = r.headers["x-prediction-id"]
     wait_for_label(gw, last, None)
-    assert httpx.post(f"{gw.url}/feedback", json=feedback).json()["accepted"] == 120
+    assert gw.http.post("/feedback", json=feedback).json()["accepted"] == 120
     # every label was wrong at first; the corrections supersede them
     corrected = [{**f, "label": 1 - f["label"]} for f in feedback]
-    assert httpx.post(f"{gw.url}/feedback", json=corrected).json()["accepted"] == 120
+    assert gw.http.post("/feedback", json=corrected).json()["accepted"] == 120
     until = time.time() + 1
 
     def rfc(t: float) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
-    report = httpx.get(
-        f"{gw.url}/admin/report",
+    report = gw.http.get(
+        "/admin/report",
         params={"route": "fraud", "since": rfc(since), "until": rfc(until)},
     ).json()
     assert report["champion"] == "a" and report["task"] == "binary"
@@ -202,16 +201,16 @@ def test_report_from_a_real_gateway_equals_sklearn(
 
 
 def test_report_rejects_bad_parameters(
-    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = fraud_gateway(gateway, upstreams)
-    assert httpx.get(f"{gw.url}/admin/report", params={"route": "nope"}).status_code == 400
+    gw = fraud_gateway(in_process, upstreams)
+    assert gw.http.get("/admin/report", params={"route": "nope"}).status_code == 400
     for bound in ("since", "until"):
-        answer = httpx.get(f"{gw.url}/admin/report", params={bound: "soon"})
+        answer = gw.http.get("/admin/report", params={bound: "soon"})
         assert answer.status_code == 400
         # the message names the parameter that is wrong
         assert answer.json()["error"]["message"].startswith(f"{bound}: 'soon'")
     bad_order = {"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}
-    assert httpx.get(f"{gw.url}/admin/report", params=bad_order).status_code == 400
-    empty = httpx.get(f"{gw.url}/admin/report").json()
+    assert gw.http.get("/admin/report", params=bad_order).status_code == 400
+    empty = gw.http.get("/admin/report").json()
     assert empty["variants"]["a"]["requests"] == 0 and empty["variants"]["a"]["labelled"] == 0

@@ -35,6 +35,8 @@ from model_gateway.sequential import (
     samples_needed,
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 
 def settings(
     primary: str, guardrails: tuple[str, ...] = (), effect: Any = None, alpha: float = 0.05

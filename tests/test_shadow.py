@@ -33,6 +33,8 @@ from .conftest import (
 from .test_feedback import EVALUATION, features, wait_for_label
 from .test_metrics import scrape, series
 
+pytestmark = pytest.mark.slow
+
 
 def shadow(name: str, url: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "url": url, "model_version": {"b": "2"}.get(name, "9"), **extra}

@@ -21,6 +21,8 @@ from model_gateway.splits import SRM_ALPHA, sample_ratio_over_time
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 HALF = {"a": 50.0, "b": 50.0}
 NINETY = {"a": 90.0, "b": 10.0}
 

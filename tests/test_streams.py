@@ -9,8 +9,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+import pytest
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 STREAMS = 10_000
 
