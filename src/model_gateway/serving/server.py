@@ -67,6 +67,7 @@ class GatewayServer(uvicorn.Server):
         # Closing a listener resets the connections the kernel completed but nobody has
         # accepted yet, each with a request on its way. New ones are refused first, and
         # those queued are taken and answered; then uvicorn closes the listeners.
+        log.info("drained: refusing new connections, then closing the listeners")
         listeners = [sock for server in self.servers for sock in server.sockets]
         if all(refuse_new_connections(sock) for sock in listeners):
             give_up = time.monotonic() + ACCEPT_QUEUE_SECONDS
