@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections import Counter
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from model_gateway.records import canonical_label
 
-from .conftest import InProcessFactory, Upstream, route, wait_until
+from .conftest import GatewayFactory, InProcessFactory, Upstream, route, wait_until
 from .inprocess import InProcessGateway
 
 
@@ -384,3 +385,33 @@ def test_multiclass_counts_per_class(
             },
         )
         assert value == count, (cls, outcome)
+
+
+def test_labels_posted_concurrently_are_all_kept(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """600 labels posted 60 at a time while the joiner joins them: each is answered 200 and
+    kept. Transactions interleaved on the store's one SQLite connection used to fail some
+    with a 503 (sqlite3: API misuse), and could roll back labels already answered as kept."""
+    gw = gateway(
+        [route("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)], evaluation=EVALUATION)]
+    )
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+
+            async def one(i: int) -> int:
+                answer = await client.post("/v2/models/fraud/infer", json=features(i))
+                item = {"prediction_id": answer.headers["x-prediction-id"], "label": i % 2}
+                return (await client.post("/feedback", json=item)).status_code
+
+            codes: list[int] = []
+            for batch in range(10):
+                codes += await asyncio.gather(*(one(batch * 60 + i) for i in range(60)))
+            return codes
+
+    assert asyncio.run(run()) == [200] * 600
+    gw.stop()
+    db = sqlite3.connect(gw.db_path)
+    assert db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 600
+    db.close()

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_gateway.records import PredictionRecord, new_prediction_id
+from model_gateway.rollouts import RolloutState
 from model_gateway.store import Store, open_store
 from model_gateway.store.base import (
     STORE_ERRORS,
@@ -249,6 +250,9 @@ def test_feedback_join_report_and_export(store_url: str) -> None:
             row for row in rows if 1003.0 <= 1000.0 + row["latency_ms"] - 10.0 < 1005.0
         ]
         assert await store.count_rows("r", 0.0, 1e12) == 6
+        assert await store.latest_rows("r", 0.0, 1e12, 2) == rows[-2:]
+        labelled = await store.labelled_rows("r", 0.0, 1e12)
+        assert labelled == [row for row in rows if row["label"] is not None]
         batches = [batch async for batch in store.iter_export("r", 0.0, 1e12, batch=4)]
         assert [len(b) for b in batches] == [4, 2]
         exported = [row["prediction_id"] for b in batches for row in b]
@@ -505,3 +509,28 @@ def test_a_store_location_is_printed_without_credentials() -> None:
         "postgres://mg@db.internal:5432/gateway?password=s3cret&schema=blue",
     ):
         assert store_location(url) == "db.internal:5432/gateway"
+
+
+def test_a_rollout_has_one_decider_until_its_lease_runs_out(store_url: str) -> None:
+    """The lease goes to one holder at a time, renewed by it, taken by another once it ran
+    out; a decision is stored only by the holder, and only on the state it judged; an
+    operator's action is stored whoever holds the lease."""
+    row = RolloutState("r1", "fraud", "running", 0, 1.0, 1.0, 1.0, "started").as_row()
+
+    async def work(store: Store) -> None:
+        assert await store.begin_rollout(row) == row
+        assert await store.begin_rollout({**row, "status": "paused"}) == row  # kept as it was
+        assert await store.lease_rollout("r1", "A", 10.0, 20.0)
+        assert not await store.lease_rollout("r1", "B", 15.0, 25.0)  # A's until 20
+        assert await store.lease_rollout("r1", "A", 15.0, 25.0)  # renewed
+        assert await store.lease_rollout("r1", "B", 26.0, 36.0)  # ran out: B's now
+        moved = {**row, "status": "rolled_back", "updated_at": 30.0, "reason": "gate"}
+        assert not await store.save_rollout(moved, "A", 1.0)  # A no longer holds it
+        assert not await store.save_rollout(moved, "B", 2.0)  # not the state stored
+        assert await store.save_rollout(moved, "B", 1.0)
+        assert await store.save_rollout({**moved, "status": "paused", "updated_at": 31.0}, None)
+        [stored] = await store.rollouts()
+        assert (stored["status"], stored["reason"], stored["holder"]) == ("paused", "gate", "B")
+        assert stored["updated_at"] == 31.0
+
+    asyncio.run(with_store(store_url, work))

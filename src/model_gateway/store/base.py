@@ -44,6 +44,19 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, UnicodeError | OverflowError)
 
 
+#: a rollout's state as the store keeps it (rollouts.RolloutState)
+ROLLOUT_COLUMNS = (
+    "id",
+    "route",
+    "status",
+    "step",
+    "started_at",
+    "step_started_at",
+    "updated_at",
+    "reason",
+)
+
+
 class StoreOpenError(Exception):
     """The store could not be opened (unreachable, unreadable, not a database). The message
     names the store, never its credentials; the cause is chained."""
@@ -97,9 +110,34 @@ class Store(Protocol):
         """The route of each stored prediction named, by prediction id or request id, and
         its batch size when it is a batch request's own record."""
 
+    async def rollouts(self) -> list[dict[str, Any]]:
+        """Every rollout's stored state (:data:`ROLLOUT_COLUMNS`, holder and lease_until)."""
+
+    async def begin_rollout(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Store a new rollout's state unless one with its id is stored; the stored state."""
+
+    async def save_rollout(
+        self, row: dict[str, Any], holder: str | None, judged_at: float | None = None
+    ) -> bool:
+        """Store a rollout's new state; with ``holder``, a decision: only while it holds the
+        lease and the stored state is still the one it judged (``judged_at``, that state's
+        ``updated_at``); False otherwise."""
+
+    async def lease_rollout(self, rollout_id: str, holder: str, now: float, until: float) -> bool:
+        """Take or renew the lease of a rollout until ``until``: granted when nobody holds it,
+        ``holder`` does, or the last lease ran out before ``now``."""
+
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
         """Predictions of a route in [since, until), each with its latest label (a shadow's:
         its live prediction's) and, for shadows, the live prediction's answer."""
+
+    async def latest_rows(
+        self, route: str, since: float, until: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """The latest ``limit`` of :meth:`report_rows`, oldest first."""
+
+    async def labelled_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
+        """:meth:`report_rows` that have a label (a shadow's: its live prediction's)."""
 
     async def count_rows(self, route: str, since: float, until: float) -> int: ...
 

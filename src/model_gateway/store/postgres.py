@@ -16,13 +16,28 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from ..records import COLUMNS
-from .base import STORE_ERRORS, StoreOpenError, attach_shadows, store_location
+from .base import (
+    ROLLOUT_COLUMNS,
+    STORE_ERRORS,
+    StoreOpenError,
+    attach_shadows,
+    store_location,
+)
 from .queries import (
+    BEGIN_ROLLOUT,
     COUNT_ROWS,
     EXPORT_ROWS,
+    LABELLED_ROWS,
+    LATEST_ROWS,
+    LEASE_ROLLOUT,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
     REPORT_ROWS,
+    ROLLOUT_BY_ID,
+    ROLLOUT_SAVED,
+    ROLLOUTS,
+    SAVE_HELD_ROLLOUT,
+    SAVE_ROLLOUT,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
 )
@@ -55,6 +70,13 @@ _INSERT_FEEDBACK = _numbered(
 )
 _PENDING_JOINS = _numbered(PENDING_JOINS)
 _REPORT_ROWS = _numbered(REPORT_ROWS)
+_LATEST_ROWS = _numbered(LATEST_ROWS)
+_LABELLED_ROWS = _numbered(LABELLED_ROWS)
+_ROLLOUT_BY_ID = _numbered(ROLLOUT_BY_ID)
+_BEGIN_ROLLOUT = _numbered(BEGIN_ROLLOUT)
+_SAVE_ROLLOUT = _numbered(SAVE_ROLLOUT)
+_SAVE_HELD_ROLLOUT = _numbered(SAVE_HELD_ROLLOUT)
+_LEASE_ROLLOUT = _numbered(LEASE_ROLLOUT)
 _EXPORT_ROWS = _numbered(EXPORT_ROWS)
 _COUNT_ROWS = _numbered(COUNT_ROWS)
 _SHADOWS_OF = _numbered(SHADOWS_OF)
@@ -162,6 +184,33 @@ class PostgresStore:
                 text,
             )
 
+    async def rollouts(self) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(row) for row in await conn.fetch(ROLLOUTS)]
+
+    async def begin_rollout(self, row: dict[str, Any]) -> dict[str, Any]:
+        async with self.pool.acquire() as conn:
+            await conn.execute(_BEGIN_ROLLOUT, *(row[c] for c in ROLLOUT_COLUMNS))
+            stored = await conn.fetchrow(_ROLLOUT_BY_ID, row["id"])
+        assert stored is not None
+        return dict(stored)
+
+    async def save_rollout(
+        self, row: dict[str, Any], holder: str | None, judged_at: float | None = None
+    ) -> bool:
+        values = [row[c] for c in ROLLOUT_SAVED] + [row["id"]]
+        async with self.pool.acquire() as conn:
+            if holder is None:
+                status = await conn.execute(_SAVE_ROLLOUT, *values)
+            else:
+                status = await conn.execute(_SAVE_HELD_ROLLOUT, *values, holder, judged_at)
+        return bool(status == "UPDATE 1")
+
+    async def lease_rollout(self, rollout_id: str, holder: str, now: float, until: float) -> bool:
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(_LEASE_ROLLOUT, holder, until, rollout_id, holder, now)
+        return bool(status == "UPDATE 1")
+
     async def config_at(self, at: float) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
@@ -233,6 +282,17 @@ class PostgresStore:
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
             return [dict(r) for r in await conn.fetch(_REPORT_ROWS, route, since, until)]
+
+    async def latest_rows(
+        self, route: str, since: float, until: float, limit: int
+    ) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_LATEST_ROWS, route, since, until, limit)
+        return [dict(row) for row in reversed(rows)]
+
+    async def labelled_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(_LABELLED_ROWS, route, since, until)]
 
     async def count_rows(self, route: str, since: float, until: float) -> int:
         async with self.pool.acquire() as conn:

@@ -20,10 +20,11 @@ ORDER BY f.received_at
 
 # One row per prediction of a route in [since, until), with its latest label. A shadow's row
 # has the label of the live prediction it copies, and that prediction's answer.
-REPORT_ROWS = """
+_ROWS = """
 SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
        l.label, p.shadow, live.predicted AS live_predicted, live.score AS live_score,
+       live.variant AS live_variant, p.request_time,
        p.config_version, p.assignment,
        p.inference, p.batch_of, p.batch_size
 FROM predictions p
@@ -35,8 +36,13 @@ LEFT JOIN (
     FROM feedback WHERE joined_prediction_id IS NOT NULL
 ) l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id) AND l.label_rank = 1
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
-ORDER BY p.request_time
 """
+REPORT_ROWS = _ROWS + "ORDER BY p.request_time\n"
+# A rollout's looks: the latest rows of its step (the operational and label-free gates, at a
+# cost that does not grow with the step), and the labelled ones of the whole rollout (the
+# quality gate's sequential test, which needs them all).
+LATEST_ROWS = _ROWS + "ORDER BY p.request_time DESC LIMIT %s\n"
+LABELLED_ROWS = _ROWS + "AND l.label IS NOT NULL ORDER BY p.request_time\n"
 
 # Predictions of a route in [since, until) with their latest label, for export and sampling.
 EXPORT_ROWS = """
@@ -82,3 +88,36 @@ SELECT prediction_id, variant, COALESCE(reported_version, configured_version) AS
        status, error, predicted, score, latency_ms
 FROM predictions WHERE shadow_of = %s ORDER BY variant, prediction_id
 """
+
+# A rollout's state and lease (rollout_runner.py). The lease is taken when nobody holds it,
+# the taker already does, or the last one ran out; a decision is saved only while its
+# gateway holds the lease and the state it judged is still the stored one (an operator's
+# action in between stands).
+ROLLOUTS = """
+SELECT id, route, status, step, started_at, step_started_at, updated_at, reason, holder,
+       lease_until
+FROM rollouts ORDER BY id
+"""
+ROLLOUT_BY_ID = """
+SELECT id, route, status, step, started_at, step_started_at, updated_at, reason
+FROM rollouts WHERE id = %s
+"""
+BEGIN_ROLLOUT = """
+INSERT INTO rollouts (id, route, status, step, started_at, step_started_at, updated_at, reason)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (id) DO NOTHING
+"""
+SAVE_ROLLOUT = """
+UPDATE rollouts SET status = %s, step = %s, step_started_at = %s, updated_at = %s, reason = %s
+WHERE id = %s
+"""
+SAVE_HELD_ROLLOUT = """
+UPDATE rollouts SET status = %s, step = %s, step_started_at = %s, updated_at = %s, reason = %s
+WHERE id = %s AND holder = %s AND updated_at = %s
+"""
+LEASE_ROLLOUT = """
+UPDATE rollouts SET holder = %s, lease_until = %s
+WHERE id = %s AND (holder IS NULL OR holder = %s OR lease_until < %s)
+"""
+#: the order of a state's values in BEGIN_ROLLOUT, and of the first five in SAVE_ROLLOUT
+ROLLOUT_SAVED = ("status", "step", "step_started_at", "updated_at", "reason")

@@ -103,6 +103,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE predictions ADD COLUMN batch_of TEXT",
         "ALTER TABLE predictions ADD COLUMN batch_size INTEGER",
     ),
+    (
+        # each rollout's state, and which gateway decides for it until when (its lease)
+        """CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            route TEXT NOT NULL,
+            status TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            step_started_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            reason TEXT NOT NULL,
+            holder TEXT,
+            lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+        )""",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

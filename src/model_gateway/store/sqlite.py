@@ -4,6 +4,7 @@ batches by a process of its own (:mod:`.log_process`), everything else through a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -11,14 +12,23 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
-from .base import STORE_ERRORS, StoreOpenError, attach_shadows
+from .base import ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
 from .log_process import LogProcess
 from .queries import (
+    BEGIN_ROLLOUT,
     COUNT_ROWS,
     EXPORT_ROWS,
+    LABELLED_ROWS,
+    LATEST_ROWS,
+    LEASE_ROLLOUT,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
     REPORT_ROWS,
+    ROLLOUT_BY_ID,
+    ROLLOUT_SAVED,
+    ROLLOUTS,
+    SAVE_HELD_ROLLOUT,
+    SAVE_ROLLOUT,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
 )
@@ -26,8 +36,15 @@ from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
 _REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
+_LATEST_ROWS = LATEST_ROWS.replace("%s", "?")
+_LABELLED_ROWS = LABELLED_ROWS.replace("%s", "?")
 _EXPORT_ROWS = EXPORT_ROWS.replace("%s", "?")
 _COUNT_ROWS = COUNT_ROWS.replace("%s", "?")
+_ROLLOUT_BY_ID = ROLLOUT_BY_ID.replace("%s", "?")
+_BEGIN_ROLLOUT = BEGIN_ROLLOUT.replace("%s", "?")
+_SAVE_ROLLOUT = SAVE_ROLLOUT.replace("%s", "?")
+_SAVE_HELD_ROLLOUT = SAVE_HELD_ROLLOUT.replace("%s", "?")
+_LEASE_ROLLOUT = LEASE_ROLLOUT.replace("%s", "?")
 _SHADOWS_OF = SHADOWS_OF.replace("%s", "?")
 _PREDICTIONS_OF_REQUEST = PREDICTIONS_OF_REQUEST.replace("%s", "?")
 _SHADOWS_OF_JOINED = SHADOWS_OF_JOINED.replace("%s", "?")
@@ -49,12 +66,37 @@ class SQLiteStore:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._log = LogProcess(path, COLUMNS)
+        self._using = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
             raise RuntimeError("store is not open")
         return self._db
+
+    # The connection is used by one coroutine at a time, each use whole (a query executed and
+    # read in one call). Interleaved, a transaction would commit or roll back another's
+    # statements (a failed insert rolling back labels another request was told were kept),
+    # a query left half read would hold a snapshot that makes the next write fail at once
+    # ("database is locked" while the log process writes), and under load sqlite3 refused
+    # the interleaving outright (InterfaceError: API misuse).
+
+    async def _fetch(self, query: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """A query's rows, read whole."""
+        async with self._using:
+            return list(await self.db.execute_fetchall(query, params))
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection for one transaction, committed at the end (rolled back on error);
+        inside it, queries are read with ``execute_fetchall``."""
+        async with self._using:
+            try:
+                yield self.db
+                await self.db.commit()
+            except BaseException:
+                await self.db.rollback()
+                raise
 
     async def open(self) -> None:
         connection = aiosqlite.connect(self.path)
@@ -118,36 +160,60 @@ class SQLiteStore:
         await self._log.write(rows, replay=replay)
 
     async def write_dead_letters(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        try:
-            await self.db.executemany(_INSERT_DEAD_LETTER, rows)
-            await self.db.commit()
-        except BaseException:
-            await self.db.rollback()
-            raise
+        async with self._transaction() as db:
+            await db.executemany(_INSERT_DEAD_LETTER, rows)
 
     async def list_dead_letters(self, limit: int) -> list[dict[str, Any]]:
-        async with self.db.execute(
+        rows = await self._fetch(
             "SELECT * FROM dead_letters ORDER BY failed_at DESC LIMIT ?", (limit,)
-        ) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+        )
+        return [dict(row) for row in rows]
 
     async def record_config(
         self, version: str, activated_at: float, source: str, text: str
     ) -> None:
-        await self.db.execute(
-            "INSERT INTO configs (version, activated_at, source, text) VALUES (?, ?, ?, ?)",
-            (version, activated_at, source, text),
-        )
-        await self.db.commit()
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO configs (version, activated_at, source, text) VALUES (?, ?, ?, ?)",
+                (version, activated_at, source, text),
+            )
+
+    async def rollouts(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._fetch(ROLLOUTS)]
+
+    async def begin_rollout(self, row: dict[str, Any]) -> dict[str, Any]:
+        async with self._transaction() as db:
+            await db.execute(_BEGIN_ROLLOUT, tuple(row[c] for c in ROLLOUT_COLUMNS))
+        stored = await self._fetch(_ROLLOUT_BY_ID, (row["id"],))
+        return dict(stored[0])
+
+    async def save_rollout(
+        self, row: dict[str, Any], holder: str | None, judged_at: float | None = None
+    ) -> bool:
+        values = [row[c] for c in ROLLOUT_SAVED] + [row["id"]]
+        async with self._transaction() as db:
+            if holder is None:
+                cursor = await db.execute(_SAVE_ROLLOUT, values)
+            else:
+                cursor = await db.execute(_SAVE_HELD_ROLLOUT, [*values, holder, judged_at])
+            saved = cursor.rowcount == 1
+            await cursor.close()
+        return saved
+
+    async def lease_rollout(self, rollout_id: str, holder: str, now: float, until: float) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(_LEASE_ROLLOUT, (holder, until, rollout_id, holder, now))
+            leased = cursor.rowcount == 1
+            await cursor.close()
+        return leased
 
     async def config_at(self, at: float) -> dict[str, Any] | None:
-        async with self.db.execute(
+        rows = await self._fetch(
             "SELECT version, activated_at, source, text FROM configs WHERE activated_at <= ? "
             "ORDER BY activated_at DESC LIMIT 1",
             (at,),
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else dict(row)
+        )
+        return dict(rows[0]) if rows else None
 
     async def config_texts(self, versions: Sequence[str]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -156,55 +222,44 @@ class SQLiteStore:
             chunk = unique[start : start + 500]
             marks = ", ".join("?" * len(chunk))
             query = f"SELECT version, text FROM configs WHERE version IN ({marks})"  # noqa: S608
-            async with self.db.execute(query, chunk) as cur:
-                found.update((row[0], row[1]) for row in await cur.fetchall())
+            found.update((row[0], row[1]) for row in await self._fetch(query, chunk))
         return found
 
     async def insert_feedback(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        try:
-            await self.db.executemany(_INSERT_FEEDBACK, rows)
-            await self.db.commit()
-        except BaseException:
-            await self.db.rollback()
-            raise
+        async with self._transaction() as db:
+            await db.executemany(_INSERT_FEEDBACK, rows)
 
     async def join_feedback(self, now: float) -> list[dict[str, Any]]:
         """Join every waiting label whose prediction is now stored; mark it joined."""
-        async with self.db.execute(_PENDING_JOINS) as cur:
-            found = [dict(row) for row in await cur.fetchall()]
         joined = []
-        try:
+        copies = []
+        async with self._transaction() as db:
+            found = [dict(row) for row in await db.execute_fetchall(_PENDING_JOINS)]
             for row in found:
-                async with self.db.execute(
+                earlier = await db.execute_fetchall(
                     "SELECT 1 FROM feedback WHERE joined_prediction_id = ? LIMIT 1",
                     (row["prediction_id"],),
-                ) as cur:
-                    row["first"] = await cur.fetchone() is None
-                cur = await self.db.execute(
+                )
+                row["first"] = not list(earlier)
+                async with db.execute(
                     "UPDATE feedback SET joined_prediction_id = ?, joined_at = ? "
                     "WHERE feedback_id = ? AND joined_at IS NULL",
                     (row["prediction_id"], now, row["feedback_id"]),
-                )
-                if cur.rowcount == 1:
-                    joined.append(row)
-            copies = []
+                ) as cur:
+                    if cur.rowcount == 1:
+                        joined.append(row)
             if joined:
-                async with self.db.execute(_SHADOWS_OF_JOINED, (now,)) as cur:
-                    copies = [dict(r) for r in await cur.fetchall()]
-            await self.db.commit()
-        except BaseException:
-            await self.db.rollback()
-            raise
+                copies = [dict(r) for r in await db.execute_fetchall(_SHADOWS_OF_JOINED, (now,))]
         attach_shadows(joined, copies)
         return joined
 
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:
-        async with self.db.execute(
+        rows = await self._fetch(
             "SELECT feedback_id, label, label_time, received_at, source FROM feedback "
             "WHERE joined_prediction_id = ? ORDER BY label_time, received_at",
             (prediction_id,),
-        ) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+        )
+        return [dict(row) for row in rows]
 
     async def routes_of(
         self, prediction_ids: Sequence[str], request_ids: Sequence[str]
@@ -217,18 +272,25 @@ class SQLiteStore:
                 marks = ", ".join("?" * len(chunk))
                 # the column is one of two constants, the keys are parameters
                 query = f"SELECT {column}, route, batch_size FROM predictions WHERE {column} IN ({marks})"  # noqa: S608, E501
-                async with self.db.execute(query, chunk) as cur:
-                    found.update((row[0], (row[1], row[2])) for row in await cur.fetchall())
+                rows = await self._fetch(query, chunk)
+                found.update((row[0], (row[1], row[2])) for row in rows)
         return found
 
     async def report_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
-        async with self.db.execute(_REPORT_ROWS, (route, since, until)) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+        return [dict(row) for row in await self._fetch(_REPORT_ROWS, (route, since, until))]
+
+    async def latest_rows(
+        self, route: str, since: float, until: float, limit: int
+    ) -> list[dict[str, Any]]:
+        rows = await self._fetch(_LATEST_ROWS, (route, since, until, limit))
+        return [dict(row) for row in reversed(rows)]
+
+    async def labelled_rows(self, route: str, since: float, until: float) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._fetch(_LABELLED_ROWS, (route, since, until))]
 
     async def count_rows(self, route: str, since: float, until: float) -> int:
-        async with self.db.execute(_COUNT_ROWS, (route, since, until)) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._fetch(_COUNT_ROWS, (route, since, until))
+        return int(rows[0][0]) if rows else 0
 
     async def iter_export(
         self, route: str, since: float, until: float, batch: int = 1000
@@ -238,21 +300,17 @@ class SQLiteStore:
                 yield [dict(row) for row in rows]
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
-        async with self.db.execute(
+        rows = await self._fetch(
             "SELECT * FROM predictions WHERE prediction_id = ?", (prediction_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else dict(row)
+        )
+        return dict(rows[0]) if rows else None
 
     async def predictions_of_request(self, request_id: str, limit: int) -> list[str]:
-        async with self.db.execute(_PREDICTIONS_OF_REQUEST, (request_id, limit)) as cur:
-            return [row[0] for row in await cur.fetchall()]
+        return [row[0] for row in await self._fetch(_PREDICTIONS_OF_REQUEST, (request_id, limit))]
 
     async def shadows_of(self, prediction_id: str) -> list[dict[str, Any]]:
-        async with self.db.execute(_SHADOWS_OF, (prediction_id,)) as cur:
-            return [dict(row) for row in await cur.fetchall()]
+        return [dict(row) for row in await self._fetch(_SHADOWS_OF, (prediction_id,))]
 
     async def count_predictions(self) -> int:
-        async with self.db.execute("SELECT COUNT(*) FROM predictions") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._fetch("SELECT COUNT(*) FROM predictions")
+        return int(rows[0][0]) if rows else 0
