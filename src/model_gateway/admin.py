@@ -38,12 +38,14 @@ from .metrics import CONTENT_TYPE
 from .quality import build_report
 from .records import unstorable
 from .redaction import redact_url
+from .rollouts import WEIGHTS_KEY
 
 if TYPE_CHECKING:
     from .feedback import FeedbackJoiner
     from .live import LiveConfig
     from .metrics import Metrics
     from .reload import ConfigReloader
+    from .rollout_runner import RolloutRunner
     from .store.base import Store
 
 DAY = 86_400.0
@@ -99,6 +101,7 @@ class ControlPlane:
     metrics: Metrics
     reloader: ConfigReloader
     joiner: FeedbackJoiner
+    rollouts: RolloutRunner
 
 
 def control_routes(plane: ControlPlane) -> list[BaseRoute]:
@@ -318,6 +321,27 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
             letter["failed_at"] = format_rfc3339(letter["failed_at"])
         return json_response({"dead_letters": letters})
 
+    async def rollouts(request: Request) -> Response:
+        found = plane.rollouts.described(time.time())
+        return json_response({"rollouts": _rollouts_presented(found)})
+
+    async def rollout(request: Request) -> Response:
+        wanted = request.path_params["rollout_id"]
+        for found in plane.rollouts.described(time.time()):
+            if found["id"] == wanted:
+                return json_response(_rollouts_presented([found])[0])
+        return error_response(404, "not_found", f"no rollout {wanted!r} in the configuration")
+
+    async def rollout_action(request: Request) -> Response:
+        wanted, action = request.path_params["rollout_id"], request.path_params["action"]
+        try:
+            found = await plane.rollouts.act(wanted, action, "admin")
+        except KeyError:
+            return error_response(404, "not_found", f"no rollout {wanted!r} in the configuration")
+        except ValueError as refused:
+            return error_response(409, "conflict", str(refused))
+        return json_response(_rollouts_presented([found])[0])
+
     return [
         Route("/healthz", healthz),
         Route("/admin/dead-letters", guarded(dead_letters)),
@@ -331,6 +355,9 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
         Route("/admin/reload", guarded(reload), methods=["POST"]),
         Route("/feedback", feedback, methods=["POST"]),
         Route("/admin/routing", guarded(routing)),
+        Route("/admin/rollouts", guarded(rollouts)),
+        Route("/admin/rollouts/{rollout_id}", guarded(rollout)),
+        Route("/admin/rollouts/{rollout_id}/{action}", guarded(rollout_action), methods=["POST"]),
     ]
 
 
@@ -444,9 +471,13 @@ def routing_snapshot(text: str) -> list[dict[str, Any]]:
     file. A share is given when every weight of the route is written as a number.
     """
     routes = []
-    for raw in yaml.safe_load(text)["routes"]:
+    document = yaml.safe_load(text)
+    moved = document.get(WEIGHTS_KEY) or {}
+    for raw in document["routes"]:
         variants = raw.get("variants") or []
-        weights = [v.get("weight", _DEFAULT_WEIGHT) for v in variants]
+        # a rollout's weights, where one moved them, over the file's
+        overrides = moved.get(raw.get("name")) or {}
+        weights = [overrides.get(v.get("name"), v.get("weight", _DEFAULT_WEIGHT)) for v in variants]
         numeric = all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
         total = sum(weights) if numeric else 0
         routes.append(
@@ -505,3 +536,11 @@ def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
                 value = {"base64": base64.b64encode(value).decode()}
         out[key] = value
     return out
+
+
+def _rollouts_presented(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rollouts as answered: their instants as RFC 3339 text."""
+    for rollout in found:
+        for key in ("started_at", "step_started_at", "updated_at"):
+            rollout[key] = format_rfc3339(rollout[key])
+    return found

@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .proxy import ProxyApp
 from .redaction import REDACTED, url_secrets
 from .reload import ConfigReloader
+from .rollout_runner import RolloutRunner
 from .serving.limits import ClientLimits
 from .serving.signals import LIMITS_STATE
 from .shadow import ShadowMirror
@@ -58,7 +59,10 @@ class GatewayApp:
         self.client_limits = ClientLimits(loaded.config.server)
         self.reloader = ConfigReloader(self.live, self.metrics)
         self.joiner = FeedbackJoiner(self._store, self.live, self.metrics)
-        plane = ControlPlane(self._store, self.live, self.metrics, self.reloader, self.joiner)
+        self.rollouts = RolloutRunner(self._store, self.live, self.metrics)
+        plane = ControlPlane(
+            self._store, self.live, self.metrics, self.reloader, self.joiner, self.rollouts
+        )
         handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
         handlers.update(dict.fromkeys(ROUTER_CODES, router_error))  # by status code
         self._control = Starlette(routes=control_routes(plane), exception_handlers=handlers)
@@ -152,7 +156,9 @@ class GatewayApp:
         )
         self.client_limits.on_close = metrics.client_connection_closed
         loaded = self.loaded
-        await self.activate(loaded, time.time(), self._state.active)
+        await self.activate(loaded, time.time(), loaded.source, self._state.active)
+        # a rollout's weights serve from the first request (its state is in the store)
+        await self.rollouts.start()
         self._proxy = ProxyApp(self._state)
         self.reloader.start()
         if self._settle_heap:
@@ -163,11 +169,12 @@ class GatewayApp:
         )
 
     async def activate(
-        self, loaded: LoadedConfig, at: float, active: ActiveConfig | None = None
+        self, loaded: LoadedConfig, at: float, source: str, active: ActiveConfig | None = None
     ) -> None:
-        """Make ``loaded`` the live configuration and add it to the history; ``active`` is
-        its routing tables when the caller has already built them."""
-        await self._store.record_config(loaded.version, at, loaded.source, _history_text(loaded))
+        """Make ``loaded`` the live configuration and add it to the history with what made it
+        (``source``: the file, or a rollout's move); ``active`` is its routing tables when the
+        caller has already built them."""
+        await self._store.record_config(loaded.version, at, source, _history_text(loaded))
         self.state.active = active or ActiveConfig.build(loaded)
         self.state.health.configure(self.state.active.table.routes)
         self.state.metrics.set_config_version(loaded.version)
@@ -186,6 +193,7 @@ class GatewayApp:
             ("metrics", state.metrics.close),
             ("client limits", self.client_limits.close),
             ("config watch", self.reloader.stop),
+            ("rollouts", self.rollouts.stop),
             ("feedback joiner", self.joiner.stop),
             ("health checks", state.health.close),
             ("prediction log", state.writer.close),

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .config import LoadedConfig, RouteConfig, load_config
 from .console import configure_logging
@@ -126,6 +126,64 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = presented(_with_store(loaded, lambda store: route_report(store, route, since, until)))
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """``rollout status``, or an operator's action on one rollout, through the store: every
+    gateway on it follows within its rollout's interval."""
+    import orjson
+
+    from .rollout_runner import operate, stored_rollouts
+
+    loaded = _load_or_exit(args.config)
+    routes = [r for r in loaded.config.routes if r.rollout is not None]
+    now = time.time()
+    if args.action == "status":
+        found = _with_store(loaded, lambda store: stored_rollouts(store, routes, now))
+        if args.json:
+            sys.stdout.write(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            sys.stdout.write(rollout_table(found))
+        return 0
+    if args.id is None:
+        print(f"rollout {args.action}: the rollout's id is required", file=sys.stderr)
+        return 2
+    try:
+        _with_store(loaded, lambda store: operate(store, routes, args.id, args.action, "cli", now))
+    except KeyError:
+        ids = ", ".join(r.rollout.id for r in routes if r.rollout) or "(none configured)"
+        print(f"no rollout {args.id!r} in the store for this file (one of {ids})", file=sys.stderr)
+        return 1
+    except ValueError as refused:
+        print(f"rollout {args.id}: {refused}", file=sys.stderr)
+        return 1
+    print(f"rollout {args.id}: {args.action} stored; the gateways follow within their interval")
+    return 0
+
+
+def rollout_table(found: list[dict[str, Any]]) -> str:
+    """Rollouts as a table for a terminal."""
+    head = ("ROLLOUT", "ROUTE", "STATUS", "STEP", "CHALLENGER", "IN STEP", "WHY")
+    rows = [
+        (
+            r["id"],
+            r["route"],
+            r["status"],
+            f"{r['step']}/{len(r['steps'])}",
+            f"{r['challenger']} {r['challenger_percent']:g} %",
+            f"{int(r['seconds_in_step'])} s",
+            r["reason"],
+        )
+        for r in found
+    ]
+    if not rows:
+        return "no rollouts in the store for this file\n"
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head) - 1)]
+    lines = []
+    for row in [head, *rows]:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, str(row[-1])]))
+    return "\n".join(lines) + "\n"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -247,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--experiment", help="an experiment's id: its report from its start (default: until now)"
     )
     report.set_defaults(func=cmd_report)
+
+    rollout = commands.add_parser(
+        "rollout", help="rollouts: status as a table, or pause, resume, abort, promote one"
+    )
+    rollout.add_argument("action", choices=["status", "pause", "resume", "abort", "promote"])
+    rollout.add_argument("id", nargs="?", help="the rollout's id (not for status)")
+    rollout.add_argument("--config", required=True)
+    rollout.add_argument("--json", action="store_true", help="status as JSON")
+    rollout.set_defaults(func=cmd_rollout)
 
     export = commands.add_parser("export", help="predictions joined with labels, to a file")
     with_window(export)

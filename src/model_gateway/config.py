@@ -8,6 +8,7 @@ values are replaced from the environment, so secrets need not sit in the file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -309,6 +310,87 @@ class ExperimentConfig(_Strict):
         return effect
 
 
+class ErrorRatioGate(_Strict):
+    """The challenger's share of 5xx answers in the current step."""
+
+    #: at most this share
+    max: float | None = Field(default=None, ge=0, le=1)
+    #: at most the champion's share in the same window plus this
+    max_over_champion: float | None = Field(default=None, ge=0, le=1)
+
+
+class LatencyGate(_Strict):
+    """The challenger's 99th percentile latency in the current step."""
+
+    #: at most this many milliseconds
+    max_ms: float | None = Field(default=None, gt=0)
+    #: at most this many times the champion's in the same window
+    max_ratio: float | None = Field(default=None, gt=0)
+
+
+class ScoreShiftGate(_Strict):
+    """How far the challenger's scores moved from the champion's in the current step: the
+    population stability index over the champion's deciles (0.1: a small shift, 0.25: a
+    large one, by the usual reading)."""
+
+    max_psi: float = Field(default=0.25, gt=0)
+
+
+class DisagreementGate(_Strict):
+    """How often the challenger answers otherwise than the champion in the current step."""
+
+    max: float = Field(gt=0, le=1)
+    #: a shadow of the route that answers as the challenger does: disagreement is then
+    #: counted pair by pair on the same requests; without one, as the distance between the
+    #: two arms' shares of each predicted class
+    shadow: str | None = None
+
+
+class RolloutGates(_Strict):
+    error_ratio: ErrorRatioGate | None = None
+    p99_latency: LatencyGate | None = None
+    #: the experiment's always-valid comparison since the rollout began: a metric found worse
+    #: rolls back; every measured one shown no worse than its minimum detectable effect passes
+    quality: bool = False
+    score_shift: ScoreShiftGate | None = None
+    disagreement: DisagreementGate | None = None
+    #: the challenger's requests in a step before the operational and label-free gates judge
+    min_requests: int = Field(default=50, ge=1)
+
+
+class RolloutConfig(_Strict):
+    """A route's progressive delivery: the challenger's share of traffic raised step by step
+    while every gate passes, and taken back to 0 the moment one fails."""
+
+    #: named in ``/admin/rollouts/{id}`` and ``model-gateway rollout``; a new id starts over
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: the variant the traffic moves to; it moves from the champion (the experiment's, else
+    #: the first other variant)
+    challenger: str
+    #: the challenger's share of the two variants' traffic at each step, in percent
+    steps: list[float] = Field(default=[5, 25, 50, 100], min_length=1)
+    #: the least time a step lasts, in seconds
+    step_seconds: float = Field(default=300, gt=0)
+    #: the least labelled predictions of the challenger made in a step (with labels)
+    min_labelled: int = Field(default=0, ge=0)
+    #: a step still inconclusive after this many seconds pauses the rollout, with an alert
+    max_step_seconds: float = Field(default=3600, gt=0)
+    #: how often the gates are looked at, in seconds
+    interval: float = Field(default=5, gt=0)
+    gates: RolloutGates = RolloutGates()
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_to_all(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s <= 100 for s in steps):
+            raise ValueError("each step must be > 0 and <= 100 (percent)")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError("steps must rise")
+        if steps[-1] != 100:
+            raise ValueError("the last step must be 100")
+        return steps
+
+
 class RouteConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
@@ -333,6 +415,8 @@ class RouteConfig(_Strict):
     evaluation: EvaluationConfig | None = None
     #: an A/B experiment over the variants, judged by always-valid sequential tests
     experiment: ExperimentConfig | None = None
+    #: a progressive delivery of a challenger, judged by gates (docs/rollouts.md)
+    rollout: RolloutConfig | None = None
     variants: list[VariantConfig] = Field(min_length=1)
     #: copies of live traffic (Seldon's shadow, Istio's mirror): logged, never answered
     shadows: list[ShadowConfig] = []
@@ -472,6 +556,7 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
     problems: list[str] = []
     route_names: set[str] = set()
     experiment_ids: set[str] = set()
+    rollout_ids: set[str] = set()
     route_keys: set[tuple[str, str]] = set()
     for i, route in enumerate(config.routes):
         where = f"routes[{i}]"
@@ -515,6 +600,46 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
                 )
             experiment_ids.add(route.experiment.id)
             problems += _experiment_problems(route, route.experiment, where)
+        if route.rollout is not None:
+            if route.rollout.id in rollout_ids:
+                problems.append(
+                    f"{where}.rollout.id: another route's rollout is {route.rollout.id!r}"
+                )
+            rollout_ids.add(route.rollout.id)
+            problems += _rollout_problems(route, route.rollout, where)
+    return problems
+
+
+def _rollout_problems(route: RouteConfig, rollout: RolloutConfig, where: str) -> list[str]:
+    where += ".rollout"
+    problems = []
+    variants = [v.name for v in route.variants]
+    if rollout.challenger not in variants:
+        problems.append(
+            f"{where}.challenger: {rollout.challenger!r} is not a variant of this route"
+            f" (one of {', '.join(variants)})"
+        )
+    elif len(variants) < 2:
+        problems.append(f"{where}: needs a champion beside the challenger")
+    elif route.experiment is not None and route.experiment.champion == rollout.challenger:
+        problems.append(f"{where}.challenger: is the experiment's champion")
+    gates = rollout.gates
+    if gates.quality and route.evaluation is None:
+        problems.append(f"{where}.gates.quality: needs the route's evaluation section")
+    if gates.score_shift is not None and (route.evaluation is None or not route.evaluation.score):
+        problems.append(f"{where}.gates.score_shift: needs the route's evaluation.score")
+    if gates.disagreement is not None:
+        if route.evaluation is None:
+            problems.append(f"{where}.gates.disagreement: needs the route's evaluation section")
+        shadow = gates.disagreement.shadow
+        if shadow is not None and shadow not in [s.name for s in route.shadows]:
+            problems.append(
+                f"{where}.gates.disagreement.shadow: {shadow!r} is no shadow of this route"
+            )
+    if rollout.min_labelled and route.evaluation is None:
+        problems.append(f"{where}.min_labelled: needs the route's evaluation section")
+    if rollout.max_step_seconds < rollout.step_seconds:
+        problems.append(f"{where}.max_step_seconds: must be >= step_seconds")
     return problems
 
 

@@ -36,6 +36,8 @@ from .background import cancel_and_wait
 from .serving.limits import CLIENT_CLOSE_REASONS
 
 PREFIX = "model_gateway"
+#: the states a rollout can be in (rollouts.py)
+ROLLOUT_STATES = ("running", "paused", "rolled_back", "promoted", "aborted")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Boundaries at the usual latency SLOs (0.1, 0.25, 0.5, 1 s) and fine below them, where a
 # healthy model server answers.
@@ -317,6 +319,34 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.rollout_step = Gauge(
+            f"{PREFIX}_rollout_step",
+            "The step a rollout is at (1 is its first).",
+            ["route", "rollout"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_challenger_percent = Gauge(
+            f"{PREFIX}_rollout_challenger_percent",
+            "The challenger's share of the champion's and the challenger's traffic, in percent.",
+            ["route", "rollout"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_state = Gauge(
+            f"{PREFIX}_rollout_state",
+            "1 for the state a rollout is in (running, paused, rolled_back, promoted, aborted).",
+            ["route", "rollout", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_decisions = Counter(
+            f"{PREFIX}_rollout_decisions",
+            "Moves of rollouts (advance, promote, rollback, pause, resume, abort), by the gateway "
+            "that made them.",
+            ["route", "decision"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r
         )
@@ -481,6 +511,14 @@ class Metrics:
 
     def upstream_retry(self, route: str, variant: str, reason: str) -> None:
         self._child(self.upstream_retries, route, variant, reason).inc()  # type: ignore[attr-defined]
+
+    def set_rollout(
+        self, route: str, rollout: str, state: str, step: int, challenger_percent: float
+    ) -> None:
+        self.rollout_step.labels(route, rollout).set(step)
+        self.rollout_challenger_percent.labels(route, rollout).set(challenger_percent)
+        for name in ROLLOUT_STATES:
+            self.rollout_state.labels(route, rollout, name).set(1 if name == state else 0)
 
     def set_config_version(self, version: str) -> None:
         # An earlier version goes to 0 rather than away: multiprocess files cannot drop a series.

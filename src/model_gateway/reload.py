@@ -110,7 +110,7 @@ class ConfigReloader:
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
-            current = self._live.loaded
+            current = self._live.file  # the file as last read, not what a rollout overlays
             try:
                 new = load_config(current.source)
             except ConfigError as exc:
