@@ -310,8 +310,30 @@ def wrk(url: str, connections: int, duration: float) -> tuple[float, float, floa
     return rps, percentile("50"), percentile("99"), requests
 
 
+#: a rollout at its first step that looks at its gates every second (it never advances: the
+#: benchmark's step lasts longer than its runs), to count what its looks cost the gateway
+ROLLOUT = """
+    rollout:
+      id: bench
+      challenger: challenger
+      steps: [10, 100]
+      step_seconds: 3600
+      interval: 1
+      gates:
+        error_ratio: {max: 0.05}
+        p99_latency: {max_ms: 500, max_ratio: 2}
+        score_shift: {max_psi: 0.25}
+        quality: true
+"""
+
+
 def gateway_config(
-    workdir: Path, name: str, fast: int, fast2: int, durability: str = "buffered"
+    workdir: Path,
+    name: str,
+    fast: int,
+    fast2: int,
+    durability: str = "buffered",
+    rollout: bool = False,
 ) -> tuple[Path, Path]:
     db = workdir / f"{name}.db"
     config = workdir / f"{name}.yaml"
@@ -328,6 +350,7 @@ routes:
       - {{name: champion, url: "http://127.0.0.1:{fast}", model_version: "1", weight: 90}}
       - {{name: challenger, url: "http://127.0.0.1:{fast2}", model_version: "2", weight: 10}}
 """
+        + (ROLLOUT if rollout else "")
     )
     return config, db
 
@@ -407,6 +430,12 @@ def main() -> int:
             gateways.append((service, target))
             targets.append(target)
             slow_targets = [Target("direct-20ms", f"http://127.0.0.1:{slow}{PATH}")]
+            # the same gateway with a rollout looking at its gates every second
+            config, db = gateway_config(workdir, "gw1-rollout", fast, fast2, rollout=True)
+            service = start_gateway("gateway x1 (a rollout looking each second)", config, 1)
+            target = Target("gateway-1w-rollout", service.url + PATH, service.proc.pid, db)
+            gateways.append((service, target))
+            targets.append(target)
             # what a proxy in C and a proxy of bare callbacks on the same loop make of the
             # 20 ms case: the stack's share of the gap, apart from the gateway's
             services.append(nginx_proxy(workdir, "proxy-20ms", free_port(), slow, slow))
@@ -586,6 +615,13 @@ def summarise(
         ratios[f"gateway-1w-durable c={c}"] = {
             "rps_vs_buffered": durable["rps"] / buffered["rps"],
             "added_p50_ms_vs_buffered": durable["p50_ms"] - buffered["p50_ms"],
+        }
+    # a rollout looking at its gates every second against none, same run
+    for c in (1, 32):
+        rolling, plain = table[f"gateway-1w-rollout c={c}"], table[f"gateway-1w c={c}"]
+        ratios[f"gateway-1w-rollout c={c}"] = {
+            "rps_vs_none": rolling["rps"] / plain["rps"],
+            "added_p50_ms_vs_none": rolling["p50_ms"] - plain["p50_ms"],
         }
     # How far a second worker carries each on these shared cores, and how far it could: if
     # every request costs the machine as much CPU (gateway, wrk, upstream) as it did with one

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -288,60 +289,87 @@ def test_operators_pause_resume_and_promote_and_a_restart_keeps_the_rollout(
 def test_two_replicas_on_postgresql_have_one_decider_and_hand_over_when_it_stops(
     tmp_path: Path, upstreams: dict[str, Upstream]
 ) -> None:
-    """Two gateways on one PostgreSQL schema run one rollout: exactly one holds its lease and
-    decides; the other serves what it decided within its interval; once the decider stops,
-    the other takes the lease when it runs out, and the rollout goes on."""
-    schema = f"mg_rollout_{int(time.time() * 1000) % 10**9}"
+    """Two gateways on one PostgreSQL schema, two rollouts: a challenger that fails every
+    other request (fraud) and a healthy one (spam). Exactly one gateway decides each; once
+    fraud's is rolled back, both serve its challenger weight 0 within the interval; once
+    spam's decider stops, the other takes its lease when it runs out, and spam goes on."""
+    schema = f"mg_rollout_{uuid.uuid4().hex[:12]}"
     sep = "&" if "?" in POSTGRES else "?"
     url = f"{POSTGRES}{sep}schema={schema}"
-    route = rollout_route(upstreams["a"].url, upstreams["b"].url, step_seconds=1,
-                          gates={"error_ratio": {"max": 0.05}, "min_requests": 5})  # fmt: skip
+    failing = FailingModel(every=2)
     replicas: list[RunningGateway] = []
-    try:
-        for n in range(2):
-            config = tmp_path / f"replica{n}.yaml"
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "storage": {"url": url},
-                        "server": {"config_poll_interval": 0},
-                        "routes": [route],
-                    }
+    with running(failing) as bad:
+        fraud = rollout_route(upstreams["a"].url, bad.url, step_seconds=3600,
+                              gates={"error_ratio": {"max": 0.05}, "min_requests": 5})  # fmt: skip
+        spam = rollout_route(upstreams["a"].url, upstreams["b"].url, step_seconds=1,
+                             gates={"error_ratio": {"max": 0.05}, "min_requests": 5})  # fmt: skip
+        spam.update(name="spam", path="/v2/models/spam")
+        spam["rollout"]["id"] = "r2"
+        try:
+            for n in range(2):
+                config = tmp_path / f"replica{n}.yaml"
+                config.write_text(
+                    yaml.safe_dump(
+                        {
+                            "storage": {"url": url},
+                            "routes": [fraud, spam],
+                            "server": {"config_poll_interval": 0},
+                        }
+                    )
                 )
-            )
-            replicas.append(RunningGateway(config, tmp_path / "unused.db"))
-        first, _second = replicas
+                replicas.append(RunningGateway(config, tmp_path / "unused.db"))
 
-        def decisions(gw: RunningGateway) -> float:
-            total = 0.0
-            for line in gw.http.get("/metrics").text.splitlines():
-                if line.startswith("model_gateway_rollout_decisions_total{"):
-                    total += float(line.rsplit(" ", 1)[1])
-            return total
+            def send(n: int) -> None:
+                for gw in replicas:
+                    for _ in range(0 if gw.stopped else n):
+                        gw.http.post("/v2/models/fraud/infer", json=INFER)
+                        gw.http.post("/v2/models/spam/infer", json=INFER)
 
-        def step_of(gw: RunningGateway) -> int:
-            return int(gw.http.get("/admin/rollouts/r1").json()["step"])
+            def rollout(gw: RunningGateway, rollout_id: str) -> dict[str, Any]:
+                found: dict[str, Any] = gw.http.get(f"/admin/rollouts/{rollout_id}").json()
+                return found
 
-        # traffic to both, so that the gates have requests to judge
-        def send(n: int) -> None:
+            def decided(gw: RunningGateway, route: str) -> float:
+                prefix = "model_gateway_rollout_decisions_total{"
+                return sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in gw.http.get("/metrics").text.splitlines()
+                    if line.startswith(prefix) and f'route="{route}"' in line
+                )
+
+            def serving(gw: RunningGateway) -> dict[str, float]:
+                """fraud's weights as this replica serves them (its own metrics)."""
+                found = {}
+                for line in gw.http.get("/metrics").text.splitlines():
+                    if line.startswith('model_gateway_variant_weight{route="fraud"'):
+                        name = line.split('variant="')[1].split('"')[0]
+                        found[name] = float(line.rsplit(" ", 1)[1])
+                return found
+
+            wait_until(
+                lambda: send(10) or all(rollout(g, "r1")["status"] == "rolled_back"
+                                        for g in replicas),
+                "fraud rolled back on both", 60,
+            )  # fmt: skip
+            for gw in replicas:  # within the interval of the rollback, or the look after
+                assert serving(gw) == {"champion": 100.0, "challenger": 0.0}
+            assert [decided(g, "fraud") > 0 for g in replicas].count(True) == 1
+            wait_until(lambda: send(5) or rollout(replicas[0], "r2")["step"] >= 2,
+                       "spam to advance", 60)  # fmt: skip
+            deciders = [g for g in replicas if decided(g, "spam") > 0]
+            assert len(deciders) == 1
+            decider = deciders[0]
+            follower = next(g for g in replicas if g is not decider)
+            reached = rollout(decider, "r2")["step"]
+            decider.stop()
+            # its lease runs out, and the follower decides from then on
+            wait_until(lambda: send(5) or rollout(follower, "r2")["step"] > reached,
+                       "the follower to take spam over", 60)  # fmt: skip
+            assert decided(follower, "spam") > 0
+        finally:
             for gw in replicas:
-                for _ in range(0 if gw.stopped else n):
-                    gw.http.post("/v2/models/fraud/infer", json=INFER)
-
-        wait_until(lambda: send(10) or step_of(first) >= 2, "the rollout to advance", 60)
-        deciders = [gw for gw in replicas if decisions(gw) > 0]
-        assert len(deciders) == 1
-        decider, follower = deciders[0], next(g for g in replicas if g is not deciders[0])
-        wait_until(lambda: step_of(follower) == step_of(decider), "the follower to follow", 10)
-        reached = step_of(decider)
-        decider.stop()
-        # the lease (three looks) runs out, and the follower decides from then on
-        wait_until(lambda: send(10) or step_of(follower) > reached, "the follower to take over", 60)
-        assert decisions(follower) > 0
-    finally:
-        for gw in replicas:
-            gw.stop()
-        drop_schema(schema)
+                gw.stop()
+            drop_schema(schema)
 
 
 def test_the_shipped_example_rolls_back_a_challenger_that_fails(
@@ -378,3 +406,41 @@ def test_the_shipped_example_rolls_back_a_challenger_that_fails(
     row = capture.stdout.splitlines()[1]
     assert row.split()[:3] == ["fraud-v2-rollout", "fraud", "rolled_back"]
     assert "error_ratio 0." in row and "> 0.05" in row
+
+
+def test_the_file_keeps_everything_but_the_rollouts_split(
+    gateway: GatewayFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """The rule for the file and a rollout: while the rollout runs, a reload takes every
+    setting of the file, and the rollout keeps the split of its two variants (of the total
+    the file now gives them); /admin/routing shows what serves and why. Removing the section
+    gives the weights back to the file."""
+    route = rollout_route(upstreams["a"].url, upstreams["b"].url, steps=[10, 100],
+                          step_seconds=3600)  # fmt: skip
+    gw = gateway([route], server={"config_poll_interval": 0})
+
+    def live() -> dict[str, Any]:
+        found: dict[str, Any] = gw.http.get("/admin/routing").json()
+        return found
+
+    def weights_now() -> dict[str, float]:
+        return {v["name"]: v["weight"] for v in live()["routes"][0]["variants"]}
+
+    assert weights_now() == {"champion": 90.0, "challenger": 10.0}
+    assert live()["source"] == "rollout r1: started"
+    # the operator edits the file: other weights, a smaller body limit
+    doc = yaml.safe_load(gw.config_path.read_text())
+    doc["routes"][0]["variants"][0]["weight"] = 150
+    doc["routes"][0]["variants"][1]["weight"] = 50
+    doc["routes"][0]["max_body_bytes"] = 100
+    gw.config_path.write_text(yaml.safe_dump(doc))
+    assert gw.http.post("/admin/reload").json()["status"] == "reloaded"
+    assert weights_now() == {"champion": 180.0, "challenger": 20.0}  # 10 % of the new 200
+    assert live()["source"] == str(gw.config_path)
+    big = gw.http.post("/v2/models/fraud/infer", content=b"x" * 200)
+    assert big.status_code == 413  # the file's new limit serves
+    # the section removed: the file's own weights
+    del doc["routes"][0]["rollout"]
+    gw.config_path.write_text(yaml.safe_dump(doc))
+    assert gw.http.post("/admin/reload").json()["status"] == "reloaded"
+    assert weights_now() == {"champion": 150.0, "challenger": 50.0}

@@ -41,6 +41,7 @@ from .rollouts import (
     label_free,
     look,
     overlaid,
+    step_figures,
     weights,
 )
 from .store import Store
@@ -48,11 +49,13 @@ from .store.base import STORE_ERRORS
 
 log = logging.getLogger("model_gateway.rollouts")
 
-#: a decider's lease lasts this many of its looks: one missed look does not hand it over
+#: a decider's lease lasts this many of its looks, and at least LEASE_SECONDS: a look or two
+#: held up on a busy machine does not hand the rollout over
 LEASE_LOOKS = 3
+LEASE_SECONDS = 10.0
 #: the operational and label-free gates judge the step's latest requests, at most this many:
 #: a look costs the same however long the step and busy the route
-LATEST_ROWS_JUDGED = 20_000
+LATEST_ROWS_JUDGED = 5_000
 
 
 class RolloutRunner:
@@ -133,10 +136,8 @@ class RolloutRunner:
                     log.info("rollout %s of route %s started", rollout.id, route.name)
                 state = RolloutState.from_row(row)
                 self.states[rollout.id] = state
-                interval = rollout.interval
-                if await self._store.lease_rollout(
-                    rollout.id, self.holder, now, now + LEASE_LOOKS * interval
-                ):
+                lease = max(LEASE_LOOKS * rollout.interval, LEASE_SECONDS)
+                if await self._store.lease_rollout(rollout.id, self.holder, now, now + lease):
                     self.states[rollout.id] = await self._decide(route, state, now)
             await self._serve(now)
 
@@ -256,9 +257,10 @@ def _judge(
     work, off the event loop."""
     rollout = route.rollout
     assert rollout is not None
-    step_report = build_report(step_rows, route, step_since, now)
+    champion = champion_of(route)
+    step_report = step_figures(step_rows, (champion, rollout.challenger))
     shadow = rollout.gates.disagreement.shadow if rollout.gates.disagreement else None
-    step_report.update(label_free(step_rows, champion_of(route), rollout.challenger, shadow))
+    step_report.update(label_free(step_rows, champion, rollout.challenger, shadow))
     whole = build_report(whole_rows, route, since, now) if rollout.gates.quality else {}
     labelled = sum(
         1

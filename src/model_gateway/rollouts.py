@@ -34,6 +34,7 @@ import yaml
 
 from .config import LoadedConfig, RolloutConfig, RouteConfig, config_version
 from .experiments import BETTER, NO_DIFFERENCE, WORSE
+from .splits import is_request
 
 RUNNING = "running"
 PAUSED = "paused"
@@ -257,6 +258,23 @@ def no_worse(metric: dict[str, Any]) -> bool:
     if effect is None or low is None or high is None:
         return False
     return bool(high <= effect) if metric["lower_is_better"] else bool(low >= -effect)
+
+
+def step_figures(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """The operational figures of a step's live requests, per variant in ``names``: requests,
+    the share answered 5xx and the p99 latency, in the shape of a report's ``variants``
+    (:func:`~model_gateway.quality.build_report` computes far more than a look needs)."""
+    variants: dict[str, Any] = {}
+    for name in names:
+        ours = [r for r in rows if r["variant"] == name and not r.get("shadow") and is_request(r)]
+        errors = sum(1 for r in ours if r["status"] >= 500)
+        latencies = np.asarray([r["latency_ms"] for r in ours], dtype=float)
+        variants[name] = {
+            "requests": len(ours),
+            "error_ratio": {"value": errors / len(ours) if ours else None},
+            "latency_ms": {"p99": float(np.percentile(latencies, 99)) if ours else None},
+        }
+    return {"variants": variants}
 
 
 def psi(expected: Sequence[float], actual: Sequence[float]) -> float | None:
