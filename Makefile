@@ -78,8 +78,8 @@ PARALLEL ?= -n 4 --dist worksteal
 test: lint tools
 	MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest $(PARALLEL)
 
-## test-fast: the tests that start no process and run no simulation (under a minute): unit,
-## in-process (tests/inprocess.py) and single-server tests
+## test-fast: the tests not marked slow (under a minute): units, the in-process tier
+## (tests/inprocess.py) and the quick single-server tests
 test-fast: $(COMPILED)
 	MODEL_GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest $(PARALLEL) -m "not slow"
 

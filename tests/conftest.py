@@ -35,7 +35,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def wait_until(condition: Callable[[], object], what: str, seconds: float = 20) -> None:
+def wait_until(condition: Callable[[], object], what: str, seconds: float = 60) -> None:
     """Poll until ``condition()`` is true; fail naming ``what`` if it never becomes true.
 
     A bound on how long a test may hang, not a check of speed: every caller waits for
@@ -48,7 +48,7 @@ def wait_until(condition: Callable[[], object], what: str, seconds: float = 20) 
         time.sleep(0.02)
 
 
-async def wait_until_async(condition: Callable[[], object], what: str, seconds: float = 20) -> None:
+async def wait_until_async(condition: Callable[[], object], what: str, seconds: float = 60) -> None:
     """:func:`wait_until` for a test running on an event loop."""
     give_up = time.monotonic() + seconds
     while not condition():

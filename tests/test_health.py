@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import httpx
+import pytest
 
 from .conftest import (
     GatewayFactory,
@@ -17,6 +18,9 @@ from .conftest import (
     wait_until,
 )
 from .upstreams import create_upstream
+
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
 
 
 def gauge(gw: RunningGateway, name: str, **labels: str) -> float | None:

@@ -16,6 +16,9 @@ from model_gateway.splits import SRM_ALPHA, label_coverage
 from .conftest import InProcessFactory, Upstream, route, wait_until
 from .test_feedback import EVALUATION, features
 
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
+
 
 def rows(rng: random.Random, variant: str, n: int, share: float) -> list[dict[str, Any]]:
     return [

@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 from .conftest import GatewayFactory, Upstream, route, wait_until
 from .test_faults import connections_closed, read_answer
 
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
+
 HEAD_LIMIT = 4096
 #: the most uvloop reads from a socket at once
 LARGEST_READ = 256_000

@@ -15,6 +15,9 @@ from model_gateway.config import parse_config
 
 from .conftest import GatewayFactory, Upstream, route, wait_until
 
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
+
 INFER = {
     "inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]
 }

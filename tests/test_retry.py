@@ -11,12 +11,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from model_gateway.routing import sticky_point
 
 from .conftest import GatewayFactory, RunningGateway, Upstream, dead_url, error_code, route
 from .test_faults import raw_upstream, resets_mid_body
 from .test_metrics import scrape, series
+
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
 
 
 def echo_route(

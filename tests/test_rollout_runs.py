@@ -33,6 +33,11 @@ INFER = {
 }
 
 
+#: a client's idle connections expire well before the gateway's keep-alive timeout closes
+#: them, so that a request is never sent on a connection the server is closing
+CLIENT_LIMITS = httpx.Limits(keepalive_expiry=1.0)
+
+
 class FailingModel:
     """A V2 model server that answers every ``every``-th request 500, and counts them all."""
 
@@ -77,7 +82,7 @@ def rollout_route(champion: str, challenger: str, **rollout: Any) -> dict[str, A
 async def load(url: str, rate: float, until: Any) -> None:
     """``rate`` requests a second to ``url`` until ``until()`` is true (asked four times a
     second)."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=CLIENT_LIMITS) as client:
         started = time.monotonic()
         sent = 0
         pending: set[asyncio.Task[Any]] = set()
@@ -200,7 +205,9 @@ def test_a_less_precise_challenger_is_rolled_back_on_labels_that_come_a_second_l
         async def run() -> None:
             labels: list[asyncio.Task[Any]] = []
             calls = asyncio.Semaphore(32)  # the client's connections, not a pace
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            async with httpx.AsyncClient(
+                base_url=gw.url, timeout=60, limits=CLIENT_LIMITS
+            ) as client:
 
                 async def one() -> None:
                     async with calls:

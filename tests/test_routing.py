@@ -18,6 +18,9 @@ from model_gateway.errors import NoHealthyVariantError, UnknownVariantError
 from model_gateway.records import model_name_from_path
 from model_gateway.routing import Route, RoutingTable, choose_variant, sticky_point
 
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
+
 weights_st = st.lists(st.integers(min_value=0, max_value=100), min_size=1, max_size=6).filter(
     lambda ws: sum(ws) > 0
 )

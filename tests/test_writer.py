@@ -20,6 +20,9 @@ from model_gateway.store.writer import RecordWriter
 
 from .conftest import wait_until_async
 
+# starts servers or processes, or simulates: not in make test-fast
+pytestmark = pytest.mark.slow
+
 
 def record(i: int) -> PredictionRecord:
     return PredictionRecord(
