@@ -203,6 +203,7 @@ def test_the_control_planes_own_404_and_405_are_json_errors(
     stop_after=st.integers(0, 60),
     slow=st.lists(st.booleans(), min_size=1, max_size=10),
 )
+@pytest.mark.slow
 def test_every_response_received_has_exactly_one_record(
     gateway: GatewayFactory,
     upstreams: dict[str, Upstream],

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -387,6 +388,7 @@ def test_multiclass_counts_per_class(
         assert value == count, (cls, outcome)
 
 
+@pytest.mark.slow
 def test_labels_posted_concurrently_are_all_kept(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

@@ -8,6 +8,7 @@ import math
 import threading
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
@@ -110,6 +111,7 @@ def series(name: str, **labels: str) -> str:
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
 
 
+@pytest.mark.slow
 def test_a_scrape_counts_every_request_answered_before_it(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

@@ -51,6 +51,7 @@ def test_mcnemar_on_45_and_20_discordant_pairs_of_1000() -> None:
     assert unpaired.p_value is not None and unpaired.p_value > 0.1
 
 
+@pytest.mark.slow
 def test_false_alarms_of_the_paired_test_stay_near_alpha() -> None:
     """Seed 3, 2,000 simulated shadows exactly as accurate as the live variant (each pair
     discordant with probability 0.1, either way alike): p < 0.05 in 3.5 to 6.5 % of them."""

@@ -200,6 +200,7 @@ def in_flight(url: str) -> float:
     raise AssertionError("no in-flight gauge")
 
 
+@pytest.mark.slow
 def test_concurrent_responses_and_a_stream_while_busy(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:

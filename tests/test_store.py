@@ -387,6 +387,7 @@ def test_a_store_that_cannot_be_opened_is_named_and_leaves_nothing_open(
         assert getattr(getattr(store, "_log", None), "_process", None) is None
 
 
+@pytest.mark.slow
 def test_an_open_cancelled_at_any_point_leaves_nothing_running(store_url: str) -> None:
     """1. A full open and close of the store is timed.
     2. Opens are cancelled after delays drawn across that time (and past it: then the open

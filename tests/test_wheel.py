@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,7 @@ CLOCK_RESOLUTION = 0.001
         max_size=40,
     )
 )
+@pytest.mark.slow
 def test_every_armed_timeout_fires_once_not_before_its_delay_unless_disarmed(
     plan: list[tuple[float, bool]],
 ) -> None:
