@@ -309,12 +309,13 @@ def overall(metrics: Sequence[dict[str, Any]]) -> str:
         return WORSE
     if primary == BETTER:
         guardrails = [m for m in metrics if m["role"] == "guardrail" and m["measured"]]
-        return BETTER if all(_harmless(m) for m in guardrails) else KEEP_RUNNING
+        return BETTER if all(no_worse(m) for m in guardrails) else KEEP_RUNNING
     return primary
 
 
-def _harmless(metric: dict[str, Any]) -> bool:
-    """Whether a guardrail's interval rules out harm beyond its minimum detectable effect."""
+def no_worse(metric: dict[str, Any]) -> bool:
+    """Whether a metric's always-valid interval rules out the challenger being worse by more
+    than the minimum detectable effect (a guardrail's harm; a rollout's non-inferiority)."""
     if metric["decision"] in (BETTER, NO_DIFFERENCE):
         return True
     effect, low, high = metric["minimum_detectable_effect"], metric["low"], metric["high"]

@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from .config import LoadedConfig, RolloutConfig, RouteConfig, config_version
-from .experiments import BETTER, NO_DIFFERENCE, WORSE
+from .experiments import WORSE, no_worse
 from .splits import is_request
 
 RUNNING = "running"
@@ -247,17 +247,6 @@ def _signed(metric: dict[str, Any]) -> float:
     """The difference with its sign turned so that above 0 is better."""
     difference = float(metric["difference"])
     return -difference if metric["lower_is_better"] else difference
-
-
-def no_worse(metric: dict[str, Any]) -> bool:
-    """Whether a metric's always-valid interval rules out the challenger being worse by more
-    than the minimum detectable effect (a non-inferiority test)."""
-    if metric["decision"] in (BETTER, NO_DIFFERENCE):
-        return True
-    effect, low, high = metric["minimum_detectable_effect"], metric["low"], metric["high"]
-    if effect is None or low is None or high is None:
-        return False
-    return bool(high <= effect) if metric["lower_is_better"] else bool(low >= -effect)
 
 
 def step_figures(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
