@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .background import cancel_and_wait
+from .background import cancel_and_wait, run_every
 from .records import MAX_REQUEST_ID_LENGTH, canonical_label, new_prediction_id, unstorable
 from .store.base import STORE_ERRORS
 
@@ -283,17 +283,15 @@ class FeedbackJoiner:
         await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(JOIN_INTERVAL_SECONDS)
-            try:
-                await self.join_pending()
-            except Exception as exc:
-                self._metrics.background_errors.labels("feedback-join").inc()
-                if isinstance(exc, STORE_ERRORS):
-                    # one line per failure, not a traceback a second while a store is down
-                    log.warning("joining feedback failed, retrying: %s", exc)
-                else:
-                    log.exception("joining feedback failed; retrying")
+        await run_every(
+            lambda: JOIN_INTERVAL_SECONDS,
+            self.join_pending,
+            task="feedback-join",
+            what="joining feedback",
+            errors=self._metrics.background_errors,
+            log=log,
+            quiet=STORE_ERRORS,
+        )
 
     async def join_pending(self) -> int:
         async with self._lock:

@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from .background import cancel_and_wait
+from .background import cancel_and_wait, run_every
 from .config import LoadedConfig, RouteConfig
 from .live import LiveConfig
 from .metrics import Metrics
@@ -104,20 +104,22 @@ class RolloutRunner:
         await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
-        while True:
-            routes = self.routes()
-            interval = min((r.rollout.interval for r in routes if r.rollout), default=5.0)
-            await asyncio.sleep(interval)
-            if not routes:
-                continue
-            try:
+        def interval() -> float:
+            return min((r.rollout.interval for r in self.routes() if r.rollout), default=5.0)
+
+        async def look() -> None:
+            if self.routes():
                 await self.step(time.time())
-            except Exception as exc:
-                self._metrics.background_errors.labels("rollouts").inc()
-                if isinstance(exc, STORE_ERRORS):
-                    log.warning("looking at the rollouts failed, retrying: %s", exc)
-                else:
-                    log.exception("looking at the rollouts failed; retrying")
+
+        await run_every(
+            interval,
+            look,
+            task="rollouts",
+            what="looking at the rollouts",
+            errors=self._metrics.background_errors,
+            log=log,
+            quiet=STORE_ERRORS,
+        )
 
     async def step(self, now: float) -> None:
         """One look: every rollout's state read, judged where this gateway decides, and what
