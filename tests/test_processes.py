@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +416,35 @@ def test_sighup_reloads_every_worker(
             )
             assert versions() == {v2}
             assert gw.proc.poll() is None
+    finally:
+        gw.terminate_and_wait()
+
+
+@pytest.mark.slow
+def test_a_worker_starved_of_cpu_for_seconds_is_not_taken_for_hung(
+    tmp_path: Path, upstreams: dict[str, Upstream]
+) -> None:
+    """A worker that cannot answer the supervisor's ping for a while (on a loaded host, a
+    worker starting up starved of CPU; here, stopped for 8 s) is not killed as hung, which
+    would reset every client it has: it serves again once it runs."""
+    config, _ = write_config(tmp_path, upstreams)
+    gw = GatewayProcess(config, 2)
+    try:
+        wait_until(lambda: started_count(gw) == 2, "both workers to start")
+        worker = min(
+            pid
+            for pid in child_pids(gw.proc.pid)
+            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
+        with httpx.Client(base_url=gw.url, timeout=30) as client:
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                time.sleep(8)  # the starving itself: longer than uvicorn's 5 s ping timeout
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert all(client.get("/healthz").status_code == 200 for _ in range(10))
+        assert worker in child_pids(gw.proc.pid)
+        assert not any("died" in line for line in gw.lines), "".join(gw.lines)
     finally:
         gw.terminate_and_wait()
 

@@ -38,6 +38,8 @@ EDGES: Final = ("tuned", "stock")
 #: the uvicorn releases the tuned edge is tested on, as pyproject.toml bounds them:
 #: from the first, up to and without the second
 TESTED_UVICORN: Final = ((0, 53), (0, 56))
+#: how long a worker may leave the supervisor's ping unanswered before it is taken for hung
+WORKER_HEALTHCHECK_SECONDS: Final = 30
 
 
 def tuned_edge_problem(version: str | None = None) -> str | None:
@@ -111,6 +113,10 @@ def server_config(
         # answers and logs those), and the log is flushed. Declared int, used as
         # asyncio.wait_for's timeout: a float works.
         timeout_graceful_shutdown=shutdown_timeout,  # type: ignore[arg-type]
+        # The supervisor kills a worker that leaves its ping unanswered this long, taking it
+        # for hung, and every client of it is reset. uvicorn's 5 s is crossed by a worker that
+        # is only starved of CPU on a loaded host (starting, it imports numpy and scipy).
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
         log_level="info",
     )
 
