@@ -21,6 +21,7 @@ COMPILED = (
     "active",
     "answers",
     "app",
+    "features",
     "headers",
     "health",
     "metrics",

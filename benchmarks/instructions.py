@@ -119,6 +119,11 @@ def main() -> int:
         action="store_true",
         help="count the gateway alone and print it, writing nothing (to compare two builds)",
     )
+    parser.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="the gateway monitoring ten features (run.MONITORING), to count what it costs",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="model-gateway-instructions-") as tmp:
@@ -135,7 +140,7 @@ def main() -> int:
                 port = run.free_port()
                 bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
                 results[name] = count(name, bare, port, "/", args.requests, workdir / f"{name}.cg")
-            config, db = run.gateway_config(workdir, "gw", fast, fast2)
+            config, db = run.gateway_config(workdir, "gw", fast, fast2, monitoring=args.monitoring)
             port = run.free_port()
             gateway = run.gateway_command(config, port)
             results["gateway-1w"] = count(

@@ -327,6 +327,27 @@ ROLLOUT = """
 """
 
 
+#: ten features read from each request (the benchmark's V2 body: its four columns, and six
+#: values by pointer) and the score, their statistics over two windows at the default
+#: interval: what monitoring costs the gateway
+MONITORING = """
+    monitoring:
+      interval: 60
+      windows: [5m, 1h]
+      features:
+        - {name: f0, input: features, column: 0, range: [-5, 5]}
+        - {name: f1, input: features, column: 1, range: [-5, 5]}
+        - {name: f2, input: features, column: 2, range: [-5, 5]}
+        - {name: f3, input: features, column: 3, range: [-5, 5]}
+        - {name: rows, pointer: /inputs/0/shape/0}
+        - {name: width, pointer: /inputs/0/shape/1}
+        - {name: first, pointer: /inputs/0/data/0}
+        - {name: last, pointer: /inputs/0/data/3}
+        - {name: input, pointer: /inputs/0/name, kind: categorical}
+        - {name: datatype, pointer: /inputs/0/datatype, kind: categorical}
+"""
+
+
 def gateway_config(
     workdir: Path,
     name: str,
@@ -334,6 +355,7 @@ def gateway_config(
     fast2: int,
     durability: str = "buffered",
     rollout: bool = False,
+    monitoring: bool = False,
 ) -> tuple[Path, Path]:
     db = workdir / f"{name}.db"
     config = workdir / f"{name}.yaml"
@@ -351,6 +373,7 @@ routes:
       - {{name: challenger, url: "http://127.0.0.1:{fast2}", model_version: "2", weight: 10}}
 """
         + (ROLLOUT if rollout else "")
+        + (MONITORING if monitoring else "")
     )
     return config, db
 
@@ -434,6 +457,12 @@ def main() -> int:
             config, db = gateway_config(workdir, "gw1-rollout", fast, fast2, rollout=True)
             service = start_gateway("gateway x1 (a rollout looking each second)", config, 1)
             target = Target("gateway-1w-rollout", service.url + PATH, service.proc.pid, db)
+            gateways.append((service, target))
+            targets.append(target)
+            # the same gateway monitoring ten features and the score
+            config, db = gateway_config(workdir, "gw1-monitoring", fast, fast2, monitoring=True)
+            service = start_gateway("gateway x1 (monitoring ten features)", config, 1)
+            target = Target("gateway-1w-monitoring", service.url + PATH, service.proc.pid, db)
             gateways.append((service, target))
             targets.append(target)
             # what a proxy in C and a proxy of bare callbacks on the same loop make of the
@@ -622,6 +651,14 @@ def summarise(
         ratios[f"gateway-1w-rollout c={c}"] = {
             "rps_vs_none": rolling["rps"] / plain["rps"],
             "added_p50_ms_vs_none": rolling["p50_ms"] - plain["p50_ms"],
+        }
+    # monitoring ten features (read on the request's path, statistics each minute) against
+    # none, same run
+    for c in (1, 32):
+        watching, plain = table[f"gateway-1w-monitoring c={c}"], table[f"gateway-1w c={c}"]
+        ratios[f"gateway-1w-monitoring c={c}"] = {
+            "rps_vs_none": watching["rps"] / plain["rps"],
+            "added_p50_ms_vs_none": watching["p50_ms"] - plain["p50_ms"],
         }
     # How far a second worker carries each on these shared cores, and how far it could: if
     # every request costs the machine as much CPU (gateway, wrk, upstream) as it did with one

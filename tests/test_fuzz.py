@@ -161,6 +161,8 @@ BASES = [
     b"/admin/routing",
     b"/admin/report",
     b"/admin/predictions/",
+    b"/admin/drift",
+    b"/admin/references",
     b"/metrics",
     b"/healthz",
     b"/v1/models/fraud:predict",
@@ -187,6 +189,10 @@ TRICKS = [
     b"/v2/models/fraud/" + b"%00" * 5_000,
     b"/admin/predictions/%00",
     b"/admin/routing?at=%00",
+    b"/admin/drift?route=%00&since=x",
+    b"/admin/drift?route=fraud&since=2030-01-01T00:00:00Z&until=2020-01-01T00:00:00Z",
+    b"/admin/references/%00",
+    b"/admin/references?route=%ED%A0%80",
 ]
 BODIES = [
     b'{"inputs": [',
@@ -200,6 +206,10 @@ BODIES = [
     b'{"request_id": "\\udfff\\u0000", "label": "a\\u0001b", "source": "\\ud83d"}',
     b'{"prediction_id": "' + b"p" * 100_000 + b'", "label": 1}',
     b'{"prediction_id": "x", "label": "' + b"\\u0000" * 10_000 + b'"}',
+    # monitored features holding NUL, lone surrogates, control characters, overlong text
+    b'{"inputs": [{"name": "\\u0000\\ud800", "shape": [1, 4], "data": [1e308, "x", null]}]}',
+    b'{"inputs": [{"name": "' + b"n" * 100_000 + b'", "data": [[1], [2]]}]}',
+    b'{"route": "fraud", "since": "\\u0000", "until": 1}',
 ]
 
 
@@ -220,6 +230,13 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
                     "variants": [{"name": "a", "url": upstream.url, "model_version": "1"}],
                     # copies of the malformed requests too, to the same (recording) upstream
                     "shadows": [{"name": "s", "url": upstream.url, "model_version": "2"}],
+                    # features read from every malformed body into the log
+                    "monitoring": {
+                        "features": [
+                            {"name": "x0", "input": "features", "column": 0},
+                            {"name": "id", "pointer": "/inputs/*/name", "kind": "categorical"},
+                        ],
+                    },
                 }
             ],
             server={"config_poll_interval": 0},

@@ -53,6 +53,11 @@ def busy_gateway_metrics(gateway: GatewayFactory, upstreams: dict[str, Upstream]
                 [("a", upstreams["a"].url, 3), ("b", upstreams["b"].url, 1)],
                 health=health,
                 shadows=[shadow],
+                evaluation={"score": "/outputs/0/data/0"},
+                monitoring={
+                    "features": [{"name": "x0", "input": "features", "column": 0}],
+                    "interval": 0.1,
+                },
             ),
             route("dead", "/dead", [("d", dead_url(), 1)]),
             route(
@@ -76,6 +81,7 @@ def busy_gateway_metrics(gateway: GatewayFactory, upstreams: dict[str, Upstream]
 
     # every kind of series present with samples: shadow copies answered, retries made
     wait_until(lambda: sampled("model_gateway_shadow_requests_total"), "the shadow copies")
+    wait_until(lambda: sampled("model_gateway_feature_drift"), "the monitored statistics")
     assert sampled("model_gateway_upstream_retries_total")
     return httpx.get(f"{gw.url}/metrics").text
 

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,8 +21,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .admin_monitoring import monitoring_routes
 from .config import ExperimentConfig, RouteConfig, ShadowConfig, VariantConfig
-from .errors import ERROR_CODE_HEADER
+from .control_answers import (
+    BodyTooLarge,
+    error_response,
+    format_rfc3339,
+    json_response,
+    parse_rfc3339,
+    read_capped,
+)
 from .feedback import MAX_BODY_BYTES as MAX_FEEDBACK_BYTES
 from .feedback import (
     MAX_ITEMS,
@@ -31,7 +38,6 @@ from .feedback import (
     FeedbackItem,
     judge_labels,
     parse_body,
-    parse_time,
     validate_item,
 )
 from .metrics import CONTENT_TYPE
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
     from .feedback import FeedbackJoiner
     from .live import LiveConfig
     from .metrics import Metrics
+    from .monitor_runner import DriftMonitor
     from .reload import ConfigReloader
     from .rollout_runner import RolloutRunner
     from .store.base import Store
@@ -52,16 +59,6 @@ DAY = 86_400.0
 log = logging.getLogger("model_gateway.admin")
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-def error_response(status: int, code: str, message: str) -> Response:
-    answer = json_response({"error": {"code": code, "message": message}}, status)
-    answer.headers[ERROR_CODE_HEADER.decode()] = code
-    return answer
 
 
 #: the statuses the control plane's router answers itself, with the gateway's error code for
@@ -102,6 +99,7 @@ class ControlPlane:
     reloader: ConfigReloader
     joiner: FeedbackJoiner
     rollouts: RolloutRunner
+    monitor: DriftMonitor
 
 
 def control_routes(plane: ControlPlane) -> list[BaseRoute]:
@@ -120,8 +118,8 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
         if tokens and not any(_bearer_matches(request, t) for t in tokens):
             return error_response(401, "unauthorized", "a valid bearer token is required")
         try:
-            body = await _read_capped(request, MAX_FEEDBACK_BYTES)
-        except _TooLarge:
+            body = await read_capped(request, MAX_FEEDBACK_BYTES)
+        except BodyTooLarge:
             return error_response(413, "payload_too_large", f"over {MAX_FEEDBACK_BYTES} bytes")
         except ClientDisconnect:
             # nobody is there to read an answer, and nothing of the body was kept
@@ -275,6 +273,9 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
         if since >= until:
             return error_response(400, "bad_request", "since must be before until")
         result = await route_report(plane.store, routes[name], since, until)
+        if routes[name].monitoring is not None:
+            # the data's statistics: each monitoring window's latest, up to their computation
+            result["monitoring"] = await plane.monitor.statistics(name)
         return json_response(presented(result))
 
     async def experiments(request: Request) -> Response:
@@ -358,6 +359,7 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
         Route("/admin/rollouts", guarded(rollouts)),
         Route("/admin/rollouts/{rollout_id}", guarded(rollout)),
         Route("/admin/rollouts/{rollout_id}/{action}", guarded(rollout_action), methods=["POST"]),
+        *monitoring_routes(plane.store, plane.live, plane.monitor, guarded),
     ]
 
 
@@ -421,44 +423,9 @@ def route_weights(text: str, route_name: str) -> dict[str, float] | None:
     return None
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def _bearer_matches(request: Request, token: str) -> bool:
     given = request.headers.get("authorization", "")
     return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
-
-
-async def _read_capped(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _TooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_rfc3339(text: str) -> float:
-    """Unix seconds from an RFC 3339 timestamp; the offset is required."""
-    seconds = parse_time(text)
-    if seconds is not None:
-        return seconds
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an RFC 3339 time, e.g. 2026-01-31T12:00:00Z") from None
-    if moment.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset; add Z or +hh:mm")
-    raise ValueError(f"{text!r} is outside years 1 to 9999 in UTC")
-
-
-def format_rfc3339(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 def routing_snapshot(text: str) -> list[dict[str, Any]]:

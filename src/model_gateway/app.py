@@ -22,6 +22,7 @@ from .feedback import FeedbackJoiner
 from .health import HealthMonitor
 from .live import LiveConfig
 from .metrics import Metrics
+from .monitor_runner import DriftMonitor
 from .proxy import ProxyApp
 from .redaction import REDACTED, url_secrets
 from .reload import ConfigReloader
@@ -60,8 +61,15 @@ class GatewayApp:
         self.reloader = ConfigReloader(self.live, self.metrics)
         self.joiner = FeedbackJoiner(self._store, self.live, self.metrics)
         self.rollouts = RolloutRunner(self._store, self.live, self.metrics)
+        self.monitor = DriftMonitor(self._store, self.live, self.metrics)
         plane = ControlPlane(
-            self._store, self.live, self.metrics, self.reloader, self.joiner, self.rollouts
+            self._store,
+            self.live,
+            self.metrics,
+            self.reloader,
+            self.joiner,
+            self.rollouts,
+            self.monitor,
         )
         handlers: dict[Any, Any] = dict.fromkeys(STORE_ERRORS, store_unavailable)
         handlers.update(dict.fromkeys(ROUTER_CODES, router_error))  # by status code
@@ -164,6 +172,7 @@ class GatewayApp:
         if self._settle_heap:
             heap.settle()
         self.joiner.start()
+        self.monitor.start()
         log.info(
             "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
         )
@@ -195,6 +204,7 @@ class GatewayApp:
             ("config watch", self.reloader.stop),
             ("rollouts", self.rollouts.stop),
             ("feedback joiner", self.joiner.stop),
+            ("monitoring", self.monitor.stop),
             ("health checks", state.health.close),
             ("prediction log", state.writer.close),
             ("spool", state.spool.close if state.spool is not None else _nothing),

@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from .config import LoadedConfig, RouteConfig, load_config
+from .cli_common import load_or_exit, time_arg, with_store
+from .cli_monitoring import add_monitoring_commands
+from .config import LoadedConfig, RouteConfig
 from .console import configure_logging
-from .errors import ConfigError
-from .store import Store, open_store
+from .store import Store
 from .store.base import StoreOpenError, store_location
 
 
-def _load_or_exit(path: str) -> LoadedConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     routes = loaded.config.routes
     variants = sum(len(r.variants) for r in routes)
     shadows = sum(len(r.shadows) for r in routes)
@@ -40,7 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     host = args.host or loaded.config.server.host
     port = loaded.config.server.port if args.port is None else args.port
     serve(loaded, host, port, args.workers)
@@ -50,37 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .server import run_demo
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     host = args.host or loaded.config.server.host
     port = loaded.config.server.port if args.port is None else args.port
     run_demo(loaded, host, port)
     return 0
-
-
-def _time_arg(text: str) -> float:
-    from .admin import parse_rfc3339
-
-    try:
-        return parse_rfc3339(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-T = TypeVar("T")
-
-
-def _with_store(loaded: LoadedConfig, work: Callable[[Store], Awaitable[T]]) -> T:
-    """Run ``work`` against the configured store, opened (and migrated) for it."""
-
-    async def run() -> T:
-        store = open_store(loaded.config.storage.url)
-        await store.open()
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
 
 
 def _route_and_window(
@@ -106,7 +71,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .admin import experiment_window, find_experiment, presented, route_report
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     if args.experiment is not None:
         found = find_experiment(loaded.config.routes, args.experiment)
         if found is None or found.experiment is None:
@@ -123,7 +88,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         since, until = experiment_window(found, found.experiment, args.until)
     else:
         route, since, until = _route_and_window(args, loaded, horizon=True)
-    report = presented(_with_store(loaded, lambda store: route_report(store, route, since, until)))
+    report = presented(with_store(loaded, lambda store: route_report(store, route, since, until)))
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 
@@ -135,11 +100,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     from .rollout_runner import operate, stored_rollouts
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     routes = [r for r in loaded.config.routes if r.rollout is not None]
     now = time.time()
     if args.action == "status":
-        found = _with_store(loaded, lambda store: stored_rollouts(store, routes, now))
+        found = with_store(loaded, lambda store: stored_rollouts(store, routes, now))
         if args.json:
             sys.stdout.write(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode() + "\n")
         else:
@@ -149,7 +114,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(f"rollout {args.action}: the rollout's id is required", file=sys.stderr)
         return 2
     try:
-        _with_store(loaded, lambda store: operate(store, routes, args.id, args.action, "cli", now))
+        with_store(loaded, lambda store: operate(store, routes, args.id, args.action, "cli", now))
     except KeyError:
         ids = ", ".join(r.rollout.id for r in routes if r.rollout) or "(none configured)"
         print(f"no rollout {args.id!r} in the store for this file (one of {ids})", file=sys.stderr)
@@ -189,10 +154,10 @@ def rollout_table(found: list[dict[str, Any]]) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from .datafiles import export
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     route, since, until = _route_and_window(args, loaded)
     out = Path(args.out)
-    count = _with_store(
+    count = with_store(
         loaded, lambda store: export(store, route.name, since, until, args.format, out)
     )
     print(f"{count} predictions of route {route.name} written to {out}", file=sys.stderr)
@@ -202,10 +167,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .datafiles import sample
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     route, since, until = _route_and_window(args, loaded)
     out = Path(args.out)
-    count = _with_store(
+    count = with_store(
         loaded, lambda store: sample(store, route.name, since, until, args.n, args.seed, out)
     )
     print(f"{count} predictions sampled to {out} (seed {args.seed})", file=sys.stderr)
@@ -216,7 +181,7 @@ def cmd_feedback_import(args: argparse.Namespace) -> int:
     from .datafiles import LabelFileError, read_labels
     from .feedback import FeedbackItem, judge_labels
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     valid: list[tuple[int, FeedbackItem]] = []
     now = time.time()
     refused: list[tuple[int, str]] = []
@@ -238,7 +203,7 @@ def cmd_feedback_import(args: argparse.Namespace) -> int:
             await store.insert_feedback([item.as_row(now) for _, item in kept])
         return len(kept), waiting, len(await store.join_feedback(time.time()))
 
-    imported, waiting, joined = _with_store(loaded, load)
+    imported, waiting, joined = with_store(loaded, load)
     for line, reason in sorted(refused):
         print(f"{args.file}:{line}: {reason}", file=sys.stderr)
     print(
@@ -253,9 +218,9 @@ def cmd_feedback_import(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .store.schema import LATEST_VERSION, SchemaTooNewError
 
-    loaded = _load_or_exit(args.config)
+    loaded = load_or_exit(args.config)
     try:
-        version = _with_store(loaded, lambda store: store.schema_version())
+        version = with_store(loaded, lambda store: store.schema_version())
     except SchemaTooNewError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -288,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_window(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True)
         p.add_argument("--route", help="route name (default: the only route)")
-        p.add_argument("--since", type=_time_arg, help="RFC 3339 (default: 24 h before --until)")
-        p.add_argument("--until", type=_time_arg, help="RFC 3339 (default: now)")
+        p.add_argument("--since", type=time_arg, help="RFC 3339 (default: 24 h before --until)")
+        p.add_argument("--until", type=time_arg, help="RFC 3339 (default: now)")
 
     migrate = commands.add_parser(
         "migrate", help="bring the store's schema up to date (the gateway also does on start)"
@@ -337,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--config", required=True)
     importer.add_argument("--source", help="source recorded for rows that name none")
     importer.set_defaults(func=cmd_feedback_import)
+
+    add_monitoring_commands(commands)
 
     demo = commands.add_parser("demo", help="run demo model servers and the gateway")
     with_server_options(demo)

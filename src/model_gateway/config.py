@@ -391,6 +391,75 @@ class RolloutConfig(_Strict):
         return steps
 
 
+#: a window's length: a number and a unit (``30s``, ``5m``, ``1h``, ``1d``), as Prometheus
+#: writes durations; the window's label in metrics is this text
+_DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: the name the score goes by among a route's monitored features
+SCORE_FEATURE = "score"
+
+
+def duration_seconds(text: str) -> float:
+    """The seconds a duration (``5m``) stands for."""
+    found = _DURATION.match(text)
+    if found is None:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 1h or 1d")
+    return float(int(found.group(1)) * _DURATION_SECONDS[found.group(2)])
+
+
+class MonitoredFeature(_Strict):
+    """One input read from each request, to compare with its reference (docs/monitoring.md)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    #: JSON pointer into the request body; a ``*`` token takes every item of a list, one row
+    #: each (``/instances/*/amount``)
+    pointer: str | None = None
+    #: a V2 input's name, and the column of its [N, k] tensor (one row per row)
+    input: str | None = None
+    column: int | None = Field(default=None, ge=0)
+    kind: Literal["numeric", "categorical"] = "numeric"
+    #: the values expected, [low, high]; a value outside counts in the out-of-range ratio
+    range: tuple[float, float] | None = None
+
+    @field_validator("pointer")
+    @classmethod
+    def _pointer_syntax(cls, pointer: str | None) -> str | None:
+        if pointer is not None and not pointer.startswith("/"):
+            raise ValueError("must be a JSON pointer starting with '/'")
+        return pointer
+
+    @field_validator("range")
+    @classmethod
+    def _rising(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError("must be [low, high] with low < high")
+        return bounds
+
+
+class MonitoringConfig(_Strict):
+    """What of a route's traffic is compared with a reference: features and the score."""
+
+    features: list[MonitoredFeature] = []
+    #: monitor the score too (the default when ``evaluation.score`` is set)
+    score: bool | None = None
+    #: each window's statistics are computed over its latest requests; the first is the one
+    #: ``model_gateway_feature_drift`` shows
+    windows: list[str] = Field(default=["5m", "1h"], min_length=1, max_length=4)
+    #: seconds between two computations
+    interval: float = Field(default=60.0, gt=0)
+    #: a window's statistics read at most its latest this many requests
+    max_rows: int = Field(default=20_000, ge=100, le=1_000_000)
+
+    @field_validator("windows")
+    @classmethod
+    def _durations(cls, windows: list[str]) -> list[str]:
+        for window in windows:
+            duration_seconds(window)
+        if len(set(windows)) != len(windows):
+            raise ValueError("a window is named twice")
+        return windows
+
+
 class RouteConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
@@ -417,6 +486,8 @@ class RouteConfig(_Strict):
     experiment: ExperimentConfig | None = None
     #: a progressive delivery of a challenger, judged by gates (docs/rollouts.md)
     rollout: RolloutConfig | None = None
+    #: features and the score compared with a reference: drift, missing and out-of-range values
+    monitoring: MonitoringConfig | None = None
     variants: list[VariantConfig] = Field(min_length=1)
     #: copies of live traffic (Seldon's shadow, Istio's mirror): logged, never answered
     shadows: list[ShadowConfig] = []
@@ -607,6 +678,40 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
                 )
             rollout_ids.add(route.rollout.id)
             problems += _rollout_problems(route, route.rollout, where)
+        if route.monitoring is not None:
+            problems += _monitoring_problems(route, route.monitoring, where)
+    return problems
+
+
+def monitors_score(route: RouteConfig) -> bool:
+    """Whether the route's score is monitored: asked for, or by default with a score."""
+    monitoring = route.monitoring
+    if monitoring is None or route.evaluation is None or route.evaluation.score is None:
+        return False
+    return monitoring.score is not False
+
+
+def _monitoring_problems(route: RouteConfig, monitoring: MonitoringConfig, where: str) -> list[str]:
+    where += ".monitoring"
+    problems = []
+    if monitoring.score and (route.evaluation is None or route.evaluation.score is None):
+        problems.append(f"{where}.score: needs the route's evaluation.score")
+    seen: set[str] = set()
+    for i, feature in enumerate(monitoring.features):
+        at = f"{where}.features[{i}]"
+        if feature.name in seen:
+            problems.append(f"{at}.name: {feature.name!r} is named twice")
+        seen.add(feature.name)
+        if feature.name == SCORE_FEATURE:
+            problems.append(f"{at}.name: {SCORE_FEATURE!r} is the score's name")
+        if (feature.pointer is None) == (feature.input is None):
+            problems.append(f"{at}: give either pointer or input (a V2 input's name)")
+        if feature.column is not None and feature.input is None:
+            problems.append(f"{at}.column: only with input")
+        if feature.range is not None and feature.kind == "categorical":
+            problems.append(f"{at}.range: only for a numeric feature")
+    if not monitoring.features and not monitors_score(route):
+        problems.append(f"{where}: monitors nothing (no features, and no evaluation.score)")
     return problems
 
 

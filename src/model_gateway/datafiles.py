@@ -66,7 +66,7 @@ SAMPLE_COLUMNS = (
 def rfc3339(seconds: float | None) -> str | None:
     if seconds is None:
         return None
-    from .admin import format_rfc3339
+    from .control_answers import format_rfc3339
 
     return format_rfc3339(seconds)
 

@@ -17,9 +17,12 @@ before the workers start) and ``/metrics`` on any worker answers for all of them
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import platform
 from bisect import bisect_left
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -347,6 +350,26 @@ class Metrics:
             ["route", "decision"],
             registry=r,
         )
+        self.feature_drift = Gauge(
+            f"{PREFIX}_feature_drift",
+            "Drift of a monitored feature (or the score) from its reference over the first "
+            "monitoring window: PSI (method psi) or the Kolmogorov-Smirnov statistic (ks); NaN "
+            "without a reference or with too few values.",
+            ["route", "variant", "feature", "method"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.feature_statistic = Gauge(
+            f"{PREFIX}_feature_statistic",
+            "A monitored feature's (or the score's) statistic over a monitoring window: count, "
+            "psi, ks_statistic, ks_p_value, chi2_p_value, missing_ratio, reference_missing_ratio, "
+            "missing_increase (over the reference's), out_of_range_ratio, mean, mean_shift (in "
+            "the reference's standard deviations), variance, variance_ratio (to the "
+            "reference's); NaN where it cannot be told.",
+            ["route", "variant", "feature", "statistic", "window"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r
         )
@@ -519,6 +542,24 @@ class Metrics:
         self.rollout_challenger_percent.labels(route, rollout).set(challenger_percent)
         for name in ROLLOUT_STATES:
             self.rollout_state.labels(route, rollout, name).set(1 if name == state else 0)
+
+    def set_feature_statistics(
+        self, route: str, entries: Sequence[dict[str, Any]], statistics: Sequence[str], first: str
+    ) -> None:
+        """Each entry's statistics (monitoring.py); the first window's drift as the drift
+        gauge. A figure that cannot be told is NaN, not the last one told."""
+        for entry in entries:
+            labels = (route, entry["variant"], entry["feature"])
+            window = entry["window"]
+            for name in statistics:
+                value = entry[name]
+                figure = math.nan if value is None else float(value)
+                self.feature_statistic.labels(*labels, name, window).set(figure)
+            if window == first:
+                for method, name in (("psi", "psi"), ("ks", "ks_statistic")):
+                    value = entry[name]
+                    figure = math.nan if value is None else float(value)
+                    self.feature_drift.labels(*labels, method).set(figure)
 
     def set_config_version(self, version: str) -> None:
         # An earlier version goes to 0 rather than away: multiprocess files cannot drop a series.

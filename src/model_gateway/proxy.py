@@ -32,6 +32,7 @@ from .errors import (
     UnknownVariantError,
     UnknownVersionError,
 )
+from .features import binary_header_length
 from .headers import (
     NOT_RELAYED,
     ClientHeaders,
@@ -382,6 +383,11 @@ class ProxyApp:
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
         path: str = scope["path"]
         rows = exchange.batch_rows
+        reader = route.features
+        features = None
+        if reader is not None:
+            headers = scope["headers"]
+            features = reader.read(exchange.request_body, binary_header_length(headers))
         return PredictionRecord(
             prediction_id=prediction_id,
             request_id=client.request_id if client.request_id is not None else exchange.answer_id,
@@ -416,6 +422,7 @@ class ProxyApp:
             prompt_tokens=exchange.usage.prompt_tokens,
             completion_tokens=exchange.usage.completion_tokens,
             batch_size=None if rows is None else exchange.batch_size,
+            features=features,
             batch_rows=rows,
         )
 

@@ -74,6 +74,9 @@ class PredictionRecord:
     batch_of: str | None = None
     #: a batch request's record: how many rows (each a prediction of its own); None for one
     batch_size: int | None = None
+    #: the request's monitored features as JSON ({name: [value per row]}, features.py);
+    #: None where the route monitors none
+    features: str | None = None
     #: the spool segment holding this record until the store has it (0: none); not a column
     spool_segment: int = 0
     #: a batch request's rows, (prediction, score) each, written as records of their own by
@@ -121,6 +124,7 @@ class PredictionRecord:
         completion_tokens: int | None = None,
         batch_of: str | None = None,
         batch_size: int | None = None,
+        features: str | None = None,
         spool_segment: int = 0,
         batch_rows: list[tuple[str | None, float | None]] | None = None,
     ) -> None:
@@ -160,6 +164,7 @@ class PredictionRecord:
         self.completion_tokens = completion_tokens
         self.batch_of = batch_of
         self.batch_size = batch_size
+        self.features = features
         self.spool_segment = spool_segment
         self.batch_rows = batch_rows
 
@@ -201,6 +206,7 @@ class PredictionRecord:
             self.completion_tokens,
             self.batch_of,
             self.batch_size,
+            self.features,
         )
 
     def as_rows(self) -> list[tuple[Any, ...]]:
@@ -261,7 +267,7 @@ class PredictionRecord:
         :meth:`spool_row` makes it); a row of an earlier release, without the columns added
         since, takes their defaults."""
         batch_rows = None
-        if len(row) == len(COLUMNS) + 1:
+        if row and isinstance(row[-1], list):  # no column holds a list
             row, batch_rows = row[:-1], [(p, s) for p, s in row[-1]]
         (
             prediction_id, request_id, route, variant, model_name, configured_version,
@@ -270,7 +276,7 @@ class PredictionRecord:
             response_body, request_truncated, response_truncated, request_headers,
             response_headers, shadow, predicted, score, shadow_of, escaped, inference,
             first_byte_ms, streamed, served_model, prompt_tokens, completion_tokens,
-            batch_of, batch_size,
+            batch_of, batch_size, features,
         ) = (*row, *_ADDED_COLUMN_DEFAULTS[len(row) - _COLUMNS_BEFORE_USAGE :])  # fmt: skip
         return cls(
             prediction_id=prediction_id,
@@ -309,6 +315,7 @@ class PredictionRecord:
             completion_tokens=None if completion_tokens is None else int(completion_tokens),
             batch_of=batch_of,
             batch_size=None if batch_size is None else int(batch_size),
+            features=features,
             batch_rows=batch_rows,
         )
 
@@ -362,7 +369,7 @@ COLUMNS = tuple(
 #: the columns a spooled row of the release before streams and token usage has, and the
 #: defaults of the columns added since, so that a spool left by it is still replayed
 _COLUMNS_BEFORE_USAGE = 29
-_ADDED_COLUMN_DEFAULTS: tuple[Any, ...] = (None, 0, None, None, None, None, None)
+_ADDED_COLUMN_DEFAULTS: tuple[Any, ...] = (None, 0, None, None, None, None, None, None)
 
 
 def unstorable(text: str | None) -> bool:

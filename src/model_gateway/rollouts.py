@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from .config import LoadedConfig, RolloutConfig, RouteConfig, config_version
+from .drift import psi
 from .experiments import WORSE, no_worse
 from .splits import is_request
 
@@ -57,10 +58,8 @@ DECISIONS = ("advance", "promote", "rollback", "pause", "resume", "abort")
 #: set, appended to the file's own text
 WEIGHTS_KEY = "rollout_weights"
 
-#: bins of the score distributions' comparison, as quantiles of the champion's scores
-PSI_BINS = 10
-#: the share given to an empty bin, so that the index stays finite (Evidently's choice)
-PSI_EMPTY = 1e-4
+#: the fewest values on each side a label-free figure is told from
+MIN_VALUES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,24 +265,6 @@ def step_figures(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
     return {"variants": variants}
 
 
-def psi(expected: Sequence[float], actual: Sequence[float]) -> float | None:
-    """The population stability index of ``actual`` against ``expected``, over PSI_BINS bins
-    at the quantiles of ``expected`` (as Evidently bins a numeric feature); None with fewer
-    than PSI_BINS values on either side."""
-    if len(expected) < PSI_BINS or len(actual) < PSI_BINS:
-        return None
-    base = np.asarray(expected, dtype=float)
-    edges = np.unique(np.quantile(base, np.arange(1, PSI_BINS) / PSI_BINS))
-    ours = np.bincount(np.searchsorted(edges, base, side="right"), minlength=len(edges) + 1)
-    theirs = np.bincount(
-        np.searchsorted(edges, np.asarray(actual, dtype=float), side="right"),
-        minlength=len(edges) + 1,
-    )
-    p = np.maximum(ours / ours.sum(), PSI_EMPTY)
-    q = np.maximum(theirs / theirs.sum(), PSI_EMPTY)
-    return float(np.sum((q - p) * np.log(q / p)))
-
-
 def label_free(
     rows: Sequence[dict[str, Any]], champion: str, challenger: str, shadow: str | None
 ) -> dict[str, float | None]:
@@ -305,7 +286,7 @@ def label_free(
         ]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         out["disagreement"] = (
-            sum(1 for a, b in pairs if a != b) / len(pairs) if len(pairs) >= PSI_BINS else None
+            sum(1 for a, b in pairs if a != b) / len(pairs) if len(pairs) >= MIN_VALUES else None
         )
         return out
     counts = {
@@ -315,7 +296,7 @@ def label_free(
         for name in (champion, challenger)
     }
     sizes = {name: sum(c.values()) for name, c in counts.items()}
-    if min(sizes.values()) < PSI_BINS:
+    if min(sizes.values()) < MIN_VALUES:
         out["disagreement"] = None
         return out
     classes = set(counts[champion]) | set(counts[challenger])

@@ -141,6 +141,21 @@ class Store(Protocol):
 
     async def count_rows(self, route: str, since: float, until: float) -> int: ...
 
+    async def monitored_rows(
+        self, route: str, since: float, until: float, limit: int | None
+    ) -> list[dict[str, Any]]:
+        """The live inference records of a route in [since, until), the latest ``limit``
+        (every one: None): variant, model_version, status, score, features, batch_size."""
+
+    async def references(self, route: str | None) -> list[dict[str, Any]]:
+        """The drift references of a route (of every route: None), newest first."""
+
+    async def save_references(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Store references (:data:`~.queries.REFERENCE_COLUMNS`), in one transaction."""
+
+    async def delete_reference(self, reference_id: str) -> bool:
+        """Delete a reference; False when there was none with that id."""
+
     def iter_export(
         self, route: str, since: float, until: float, batch: int = 1000
     ) -> AsyncIterator[list[dict[str, Any]]]:
@@ -158,6 +173,10 @@ class Store(Protocol):
     async def count_predictions(self) -> int: ...
 
     async def schema_version(self) -> int: ...
+
+
+#: what a query asks for when it wants every row (SQLite's LIMIT takes no NULL)
+NO_LIMIT = 2**62
 
 
 def store_location(url: str) -> str:

@@ -17,6 +17,7 @@ import asyncpg
 
 from ..records import COLUMNS
 from .base import (
+    NO_LIMIT,
     ROLLOUT_COLUMNS,
     STORE_ERRORS,
     StoreOpenError,
@@ -26,17 +27,22 @@ from .base import (
 from .queries import (
     BEGIN_ROLLOUT,
     COUNT_ROWS,
+    DELETE_REFERENCE,
     EXPORT_ROWS,
     LABELLED_ROWS,
     LATEST_ROWS,
     LEASE_ROLLOUT,
+    MONITORED_ROWS,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
+    REFERENCE_COLUMNS,
+    REFERENCES,
     REPORT_ROWS,
     ROLLOUT_BY_ID,
     ROLLOUT_SAVED,
     ROLLOUTS,
     SAVE_HELD_ROLLOUT,
+    SAVE_REFERENCE,
     SAVE_ROLLOUT,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
@@ -54,6 +60,10 @@ def _numbered(query: str) -> str:
     return re.sub(r"%s", lambda _: f"${next(counter)}", query)
 
 
+_MONITORED_ROWS = _numbered(MONITORED_ROWS)
+_REFERENCES = _numbered(REFERENCES)
+_SAVE_REFERENCE = _numbered(SAVE_REFERENCE)
+_DELETE_REFERENCE = _numbered(DELETE_REFERENCE)
 _COLUMN_LIST = ", ".join(COLUMNS)
 _INSERT = _numbered(
     f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"  # noqa: S608
@@ -297,6 +307,28 @@ class PostgresStore:
     async def count_rows(self, route: str, since: float, until: float) -> int:
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(_COUNT_ROWS, route, since, until))
+
+    async def monitored_rows(
+        self, route: str, since: float, until: float, limit: int | None
+    ) -> list[dict[str, Any]]:
+        wanted = NO_LIMIT if limit is None else limit
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(_MONITORED_ROWS, route, since, until, wanted)]
+
+    async def references(self, route: str | None) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(row) for row in await conn.fetch(_REFERENCES, route, route)]
+
+    async def save_references(self, rows: Sequence[dict[str, Any]]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                _SAVE_REFERENCE, [tuple(r[c] for c in REFERENCE_COLUMNS) for r in rows]
+            )
+
+    async def delete_reference(self, reference_id: str) -> bool:
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(_DELETE_REFERENCE, reference_id)
+        return bool(status == "DELETE 1")
 
     async def iter_export(
         self, route: str, since: float, until: float, batch: int = 1000

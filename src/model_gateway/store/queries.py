@@ -121,3 +121,27 @@ WHERE id = %s AND (holder IS NULL OR holder = %s OR lease_until < %s)
 """
 #: the order of a state's values in BEGIN_ROLLOUT, and of the first five in SAVE_ROLLOUT
 ROLLOUT_SAVED = ("status", "step", "step_started_at", "updated_at", "reason")
+
+# A window's monitored values (monitoring.py): a request's features are on its own record,
+# a prediction's score on its own; the latest first, so that a limit keeps the newest.
+MONITORED_ROWS = """
+SELECT variant, COALESCE(reported_version, configured_version) AS model_version, status, score,
+       features, batch_size
+FROM predictions
+WHERE route = %s AND request_time >= %s AND request_time < %s AND inference = 1 AND shadow = 0
+ORDER BY request_time DESC LIMIT %s
+"""
+#: the references of a route (every route's: NULL), newest first
+REFERENCES = """
+SELECT reference_id, route, variant, model_version, created_at, source, body
+FROM drift_references WHERE CAST(%s AS TEXT) IS NULL OR route = %s
+ORDER BY created_at DESC, reference_id
+"""
+SAVE_REFERENCE = """
+INSERT INTO drift_references (reference_id, route, variant, model_version, created_at, source, body)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+"""
+REFERENCE_COLUMNS = (
+    "reference_id", "route", "variant", "model_version", "created_at", "source", "body"
+)  # fmt: skip
+DELETE_REFERENCE = "DELETE FROM drift_references WHERE reference_id = %s"

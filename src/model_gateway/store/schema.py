@@ -118,6 +118,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
         )""",
     ),
+    (
+        # a request's monitored features, and the references they are compared with
+        "ALTER TABLE predictions ADD COLUMN features TEXT",
+        """CREATE TABLE drift_references (
+            reference_id TEXT PRIMARY KEY,
+            route TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            source TEXT NOT NULL,
+            body TEXT NOT NULL
+        )""",
+        "CREATE INDEX drift_references_route ON drift_references (route, created_at)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

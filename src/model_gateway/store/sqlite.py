@@ -12,22 +12,27 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
-from .base import ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
+from .base import NO_LIMIT, ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
 from .log_process import LogProcess
 from .queries import (
     BEGIN_ROLLOUT,
     COUNT_ROWS,
+    DELETE_REFERENCE,
     EXPORT_ROWS,
     LABELLED_ROWS,
     LATEST_ROWS,
     LEASE_ROLLOUT,
+    MONITORED_ROWS,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
+    REFERENCE_COLUMNS,
+    REFERENCES,
     REPORT_ROWS,
     ROLLOUT_BY_ID,
     ROLLOUT_SAVED,
     ROLLOUTS,
     SAVE_HELD_ROLLOUT,
+    SAVE_REFERENCE,
     SAVE_ROLLOUT,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
@@ -35,6 +40,10 @@ from .queries import (
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
+_MONITORED_ROWS = MONITORED_ROWS.replace("%s", "?")
+_REFERENCES = REFERENCES.replace("%s", "?")
+_SAVE_REFERENCE = SAVE_REFERENCE.replace("%s", "?")
+_DELETE_REFERENCE = DELETE_REFERENCE.replace("%s", "?")
 _REPORT_ROWS = REPORT_ROWS.replace("%s", "?")
 _LATEST_ROWS = LATEST_ROWS.replace("%s", "?")
 _LABELLED_ROWS = LABELLED_ROWS.replace("%s", "?")
@@ -291,6 +300,28 @@ class SQLiteStore:
     async def count_rows(self, route: str, since: float, until: float) -> int:
         rows = await self._fetch(_COUNT_ROWS, (route, since, until))
         return int(rows[0][0]) if rows else 0
+
+    async def monitored_rows(
+        self, route: str, since: float, until: float, limit: int | None
+    ) -> list[dict[str, Any]]:
+        wanted = (route, since, until, NO_LIMIT if limit is None else limit)
+        return [dict(row) for row in await self._fetch(_MONITORED_ROWS, wanted)]
+
+    async def references(self, route: str | None) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._fetch(_REFERENCES, (route, route))]
+
+    async def save_references(self, rows: Sequence[dict[str, Any]]) -> None:
+        async with self._transaction() as db:
+            await db.executemany(
+                _SAVE_REFERENCE, [tuple(r[c] for c in REFERENCE_COLUMNS) for r in rows]
+            )
+
+    async def delete_reference(self, reference_id: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(_DELETE_REFERENCE, (reference_id,))
+            deleted = cursor.rowcount == 1
+            await cursor.close()
+        return deleted
 
     async def iter_export(
         self, route: str, since: float, until: float, batch: int = 1000

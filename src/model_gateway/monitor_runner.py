@@ -1,0 +1,97 @@
+"""Computes the monitored routes' statistics on a schedule and exports them (docs/monitoring.md).
+
+Every gateway sharing a store computes the same figures from it: a replica's gauges say
+what the fleet's traffic did, not what its own share did. Each look reads, per route and
+window, at most ``monitoring.max_rows`` of the latest records and the route's references;
+the statistics are computed in a thread, so the event loop only waits on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .background import cancel_and_wait, run_every
+from .config import RouteConfig, duration_seconds
+from .control_answers import format_rfc3339
+from .drift import STATISTICS
+from .live import LiveConfig
+from .metrics import Metrics
+from .monitoring import stored_references, window_statistics
+from .store import Store
+from .store.base import STORE_ERRORS
+
+log = logging.getLogger("model_gateway.monitoring")
+
+
+class DriftMonitor:
+    """The monitoring of one gateway's routes: each window's latest statistics."""
+
+    def __init__(self, store: Store, live: LiveConfig, metrics: Metrics) -> None:
+        self._store = store
+        self._live = live
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        #: each route's latest statistics, every window's, as last computed
+        self.latest: dict[str, list[dict[str, Any]]] = {}
+        #: when a route's statistics were last computed
+        self._computed: dict[str, float] = {}
+
+    async def statistics(self, route: str) -> dict[str, Any]:
+        """A route's latest statistics of every window, computed now if they never were."""
+        if route not in self.latest:
+            await self.look(every=True)
+        computed = self._computed.get(route)
+        return {
+            "computed_at": None if computed is None else format_rfc3339(computed),
+            "statistics": self.latest.get(route, []),
+        }
+
+    def routes(self) -> list[RouteConfig]:
+        return [r for r in self._live.loaded.config.routes if r.monitoring is not None]
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="drift-monitor")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    async def _loop(self) -> None:
+        await run_every(
+            self._tick,
+            self.look,
+            task="monitoring",
+            what="computing the monitored statistics",
+            errors=self._metrics.background_errors,
+            log=log,
+            quiet=STORE_ERRORS,
+        )
+
+    def _tick(self) -> float:
+        """How long until the next look: each route is looked at on its own interval."""
+        intervals = [r.monitoring.interval for r in self.routes() if r.monitoring is not None]
+        return min([*intervals, 5.0]) if intervals else 5.0
+
+    async def look(self, now: float | None = None, *, every: bool = False) -> None:
+        """Compute the statistics of each route due (``every``: of all of them) and export
+        them."""
+        now = time.time() if now is None else now
+        for route in self.routes():
+            monitoring = route.monitoring
+            assert monitoring is not None
+            due = self._computed.get(route.name, 0.0) + monitoring.interval
+            if not every and now < due:
+                continue
+            self._computed[route.name] = now
+            references = await stored_references(self._store, route.name)
+            found = []
+            for window in monitoring.windows:
+                since = now - duration_seconds(window)
+                rows = await self._store.monitored_rows(route.name, since, now, monitoring.max_rows)
+                found += await asyncio.to_thread(window_statistics, route, rows, references, window)
+            self.latest[route.name] = found
+            self._metrics.set_feature_statistics(
+                route.name, found, STATISTICS, monitoring.windows[0]
+            )
