@@ -54,6 +54,10 @@ class InProcessGateway:
         self.http = InProcessClient(self.app, self._runner)
         self.stopped = False
 
+    def run(self, awaitable: Any) -> Any:
+        """Run ``awaitable`` on the gateway's loop (its background work moves on meanwhile)."""
+        return self._runner.run(awaitable)
+
     def stop(self) -> None:
         """The lifespan's shutdown, as a server's graceful stop runs it: the log flushed."""
         if self.stopped:

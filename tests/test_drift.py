@@ -445,3 +445,15 @@ def test_a_quiet_hour_does_not_page(
     day = simulate_day(rng, route, ref, 30, faults, windows=36)
     assert all(w["1h"]["x0"]["psi"] > 0.5 for w in day)
     run_promtool(tmp_path, series_of(day), silent(DATA_ALERTS, range(1, 4)))
+
+
+def test_a_reference_of_the_other_kind_gives_no_comparison_and_no_error() -> None:
+    # a feature changed kind in the file since its reference was built, and the log still
+    # holds values of the old kind: counted as missing, never an error
+    numeric = summarize([float(i) for i in range(100)], categorical=False)
+    categorical = summarize(["a", "b"] * 50, categorical=True)
+    as_category = compare(numeric, ["a", "b", 1.5, None] * 10, categorical=True)
+    assert as_category["psi"] is None and as_category["missing_ratio"] == pytest.approx(0.5)
+    as_number = compare(categorical, [1.0, "a", None, 2.0] * 10, categorical=False)
+    assert as_number["psi"] is None and as_number["missing_ratio"] == pytest.approx(0.5)
+    assert as_number["mean"] == pytest.approx(1.5)

@@ -6,6 +6,7 @@ the shipped example runs; any request body gives features or none, never an erro
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import uuid
@@ -28,8 +29,10 @@ from model_gateway.config import MonitoringConfig, load_config
 from model_gateway.features import MAX_FEATURE_ROWS, FeatureReader
 from model_gateway.tensors import encode
 
-from .conftest import GatewayFactory, RunningGateway, Upstream, wait_until
-from .test_store import POSTGRES, drop_schema
+from .conftest import GatewayFactory, InProcessFactory, RunningGateway, Upstream, wait_until
+from .test_store import POSTGRES, drop_schema, record, store_url, with_store
+
+__all__ = ["store_url"]  # a fixture, used by name
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -105,7 +108,7 @@ def records_with_features(gw: RunningGateway) -> list[dict[str, Any]]:
 def test_features_are_read_from_json_batches_and_binary_tensors(
     gateway: GatewayFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    gw = gateway([monitored_route(upstreams["a"].url)])
+    gw = gateway([{**monitored_route(upstreams["a"].url), "max_body_bytes": 1024}])
     rows = np.array([[0.5, -1.0, 2.0, 3.5], [1.5, 0.0, -2.0, 9.0]])
     assert gw.http.post("/v2/models/fraud/infer", json=infer(rows, "web")).status_code == 200
     # the binary tensor extension (tritonclient's default): a JSON header, then raw FP32
@@ -122,7 +125,12 @@ def test_features_are_read_from_json_batches_and_binary_tensors(
     )  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert gw.http.post("/v2/models/fraud/infer", content=b"not json").status_code == 400
-    wait_until(lambda: len(records_with_features(gw)) == 3, "three requests logged")
+    # refused before its body was read: nothing of the data, no feature counted missing
+    too_big = gw.http.post("/v2/models/fraud/infer", content=b"x" * 2048)
+    assert too_big.status_code == 413
+    # four requests, and the two rows of the batch as predictions of their own
+    wait_until(lambda: len(gw.records()) == 6, "four requests logged")
+    assert len(records_with_features(gw)) == 3
     found = [
         orjson.loads(r["features"])
         for r in sorted(gw.records(), key=lambda r: r["request_time"])
@@ -269,6 +277,8 @@ def test_references_pinned_from_the_log_listed_replaced_and_deleted(
     now = gw.http.get("/admin/drift", headers=auth).json()["statistics"]
     assert next(e for e in now if e["feature"] == "x0")["reference_id"] == reference["reference_id"]
     # what is wrong is said
+    early = gw.http.get("/admin/drift", params={"until": "0001-01-01T00:00:00Z"}, headers=auth)
+    assert early.status_code == 400 and "before" in early.json()["error"]["message"]
     bad = gw.http.post("/admin/references", json={"route": "fraud", "since": "yesterday"},
                        headers=auth)  # fmt: skip
     assert bad.status_code == 400 and "RFC 3339" in bad.json()["error"]["message"]
@@ -463,3 +473,112 @@ def test_a_wrong_monitoring_section_is_refused_saying_why(
         load_config(path)
     assert "routes[0].monitoring" in str(refused.value)
     assert message in str(refused.value)
+
+
+def test_a_window_of_more_records_than_a_look_reads_is_a_uniform_sample(store_url: str) -> None:
+    """4,000 requests (every tenth a batch of three rows) in a window read at most 1,000:
+    about a quarter of them, spread over the whole window, a batch's rows with their
+    request, the same ones each time (on both stores)."""
+    from model_gateway.monitoring import window_rows
+
+    records = []
+    for i in range(4000):
+        one = record(i, route_name="fraud", t=10_000.0)
+        one.features = orjson.dumps({"x0": [float(i)]}).decode()
+        if i % 10 == 0:
+            one.batch_size, one.batch_rows = 3, [("1", 0.5)] * 3
+        records.append(one)
+
+    async def work(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        await store.write_predictions([row for r in records for row in r.as_rows()])
+        total = await store.count_monitored("fraud", 0.0, 1e12)
+        first = await window_rows(store, "fraud", 0.0, 1e12, 1000)
+        again = await window_rows(store, "fraud", 0.0, 1e12, 1000)
+        return first, again, total
+
+    first, again, total = asyncio.run(with_store(store_url, work))
+    assert total == 4000 + 400 * 3
+    assert 850 <= len(first) <= 1150, len(first)
+    assert first == again
+    sent = sorted(orjson.loads(r["features"])["x0"][0] for r in first if r["features"])
+    assert sent[0] < 200 and sent[-1] > 3800  # from the whole window, not its end
+    batches = [r for r in first if r["batch_size"] == 3]
+    rows_of_batches = [r for r in first if r["features"] is None]
+    assert len(rows_of_batches) == 3 * len(batches)
+
+
+def test_stale_series_are_cleared_and_the_main_version_shows(
+    in_process: InProcessFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A feature no longer monitored, after a reload, shows NaN with a count of 0 (no alert
+    on figures of the past); the requests a model server failed (logged under the configured
+    version, the others under the version it reports) do not take the gauge over."""
+    route = monitored_route(upstreams["a"].url)
+    route["variants"][0]["model_version"] = "v1"  # the server reports "1"
+    gw = in_process([route])
+    for _ in range(30):
+        assert (
+            gw.http.post("/v2/models/fraud/infer", json=infer(np.ones((1, 4)), "web")).status_code
+            == 200
+        )
+    for _ in range(5):
+        assert gw.http.post("/v2/models/fraud/infer", content=b"[").status_code == 400
+    wait_until(lambda: len(gw.records()) == 35, "every request logged")
+
+    def gauge(name: str, **labels: str) -> float | None:
+        metrics = gw.app.metrics.registry
+        return metrics.get_sample_value(name, {"route": "fraud", "variant": "a", **labels})
+
+    def look() -> None:
+        gw.http.get("/admin/report")  # the loop moves on with each call
+        gw.run(gw.app.monitor.look(every=True))
+
+    look()
+    statistic = "model_gateway_feature_statistic"
+    assert gauge(statistic, feature="x1", statistic="count", window="5m") == 30
+    versions = {e["model_version"] for e in gw.app.monitor.latest["fraud"]}
+    assert versions == {"1", "v1"}
+    route["monitoring"]["features"] = [FEATURES[0]]
+    gw.config_path.write_text(yaml.safe_dump({**yaml.safe_load(gw.config_path.read_text()),
+                                              "routes": [route]}))  # fmt: skip
+    assert gw.http.post("/admin/reload").json()["status"] == "reloaded"
+    look()
+    assert gauge(statistic, feature="x0", statistic="count", window="5m") == 30
+    assert gauge(statistic, feature="x1", statistic="count", window="5m") == 0
+    assert np.isnan(gauge(statistic, feature="x1", statistic="mean", window="5m") or 0.0)
+    assert np.isnan(gauge("model_gateway_feature_drift", feature="x1", method="psi") or 0.0)
+
+
+def test_categories_are_spelled_alike_in_a_file_and_a_request(tmp_path: Path) -> None:
+    from model_gateway.monitoring import read_columns
+
+    route_config = load_config_from(tmp_path, monitored_route("http://127.0.0.1:1"))
+    path = tmp_path / "train.csv"
+    # pandas writes True for a bool, 1.0 for a whole number in a column with blanks
+    write_training_csv(path, {"channel": ["True", "1.0", "web", "", "x" * 300],
+                              **{f"x{i}": ["1"] * 5 for i in range(4)}})  # fmt: skip
+    from_file = read_columns(path, route_config)["channel"]
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    live = []
+    for value in (True, 1, "web", None, "x" * 300):
+        doc = {**body, "parameters": {"channel": value}}
+        live += orjson.loads(READER.read(orjson.dumps(doc), 0) or "")["channel"]
+    assert from_file == live == ["true", "1", "web", None, "x" * 128]
+
+
+def load_config_from(tmp_path: Path, route: dict[str, Any]) -> Any:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"routes": [route]}))
+    return load_config(path).config.routes[0]
+
+
+def test_a_pointer_with_a_digit_that_is_not_ascii_is_a_key(tmp_path: Path) -> None:
+    # "²" is a digit to str.isdigit, and no list index: a key like any other
+    route = monitored_route("http://127.0.0.1:1")
+    route["monitoring"]["features"] = [{"name": "a", "pointer": "/inputs/²"}]
+    route["evaluation"]["score"] = "/outputs/²"
+    loaded = load_config_from(tmp_path, route)
+    assert loaded.monitoring is not None
+    reader = FeatureReader(loaded.monitoring)
+    body = orjson.dumps({"inputs": {"²": 7}})
+    assert orjson.loads(reader.read(body, 0) or "") == {"a": [7.0]}

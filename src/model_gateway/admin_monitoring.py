@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 Handler = Callable[[Request], Awaitable[Response]]
 #: what a reference's id looks like (a UUID's hex): anything else names none
 REFERENCE_ID = re.compile(r"[0-9a-f]{32}")
+#: the earliest instant an RFC 3339 time can name (year 1)
+EARLIEST = parse_rfc3339("0001-01-01T00:00:00Z")
 #: the largest body POST /admin/references reads
 MAX_BODY_BYTES = 64 * 1024
 
@@ -63,7 +65,7 @@ def monitoring_routes(
             since = (
                 parse_rfc3339(params["since"])
                 if "since" in params
-                else until - duration_seconds(first)
+                else max(until - duration_seconds(first), EARLIEST)
             )
         except ValueError as exc:
             return error_response(400, "bad_request", str(exc))
@@ -96,6 +98,8 @@ def monitoring_routes(
             body = await read_capped(request, MAX_BODY_BYTES)
         except BodyTooLarge:
             return error_response(413, "payload_too_large", f"over {MAX_BODY_BYTES} bytes")
+        except ClientDisconnect:
+            return error_response(400, "bad_request", "the client left mid-body")
         try:
             asked = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

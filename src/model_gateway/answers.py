@@ -144,7 +144,7 @@ def _pointer_tokens(pointer: str) -> Pointer:
     if pointer == "":
         return ()
     tokens = (t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/"))
-    return tuple((t, int(t) if t.isdigit() else None) for t in tokens)
+    return tuple((t, int(t) if t.isascii() and t.isdigit() else None) for t in tokens)
 
 
 _DEFAULT_PREDICTION_POINTERS = ("/outputs/0/data/0", "/predictions/0")

@@ -58,6 +58,9 @@ def cmd_reference_build(args: argparse.Namespace) -> int:
             until = args.until if args.until is not None else time.time()
             rows = with_store(loaded, lambda store: _pinned(store, route, args.since, until, args))
         else:
+            if args.since is not None or args.until is not None:
+                print("--since and --until go with --from-log, not --from", file=sys.stderr)
+                return 2
             path = Path(args.from_file)
             if not path.is_file():
                 print(f"--from: {path} is not a file", file=sys.stderr)
@@ -132,6 +135,9 @@ def cmd_drift(args: argparse.Namespace) -> int:
     loaded = load_or_exit(args.config)
     routes = _monitored_routes(loaded, args.route)
     until = args.until if args.until is not None else time.time()
+    if args.since is not None and args.since >= until:
+        print("--since must be before --until", file=sys.stderr)
+        return 2
 
     async def compute(store: Store) -> list[dict[str, Any]]:
         found = []

@@ -414,7 +414,7 @@ class MonitoredFeature(_Strict):
     #: JSON pointer into the request body; a ``*`` token takes every item of a list, one row
     #: each (``/instances/*/amount``)
     pointer: str | None = None
-    #: a V2 input's name, and the column of its [N, k] tensor (one row per row)
+    #: a V2 input's name, and the column of its [N, k] tensor (one value per row; default 0)
     input: str | None = None
     column: int | None = Field(default=None, ge=0)
     kind: Literal["numeric", "categorical"] = "numeric"
@@ -439,14 +439,14 @@ class MonitoredFeature(_Strict):
 class MonitoringConfig(_Strict):
     """What of a route's traffic is compared with a reference: features and the score."""
 
-    features: list[MonitoredFeature] = []
+    features: list[MonitoredFeature] = Field(default=[], max_length=100)
     #: monitor the score too (the default when ``evaluation.score`` is set)
     score: bool | None = None
     #: each window's statistics are computed over its latest requests; the first is the one
     #: ``model_gateway_feature_drift`` shows
     windows: list[str] = Field(default=["5m", "1h"], min_length=1, max_length=4)
     #: seconds between two computations
-    interval: float = Field(default=60.0, gt=0)
+    interval: float = Field(default=60.0, ge=0.1)
     #: a window's statistics read at most its latest this many requests
     max_rows: int = Field(default=20_000, ge=100, le=1_000_000)
 

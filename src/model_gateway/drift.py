@@ -7,10 +7,11 @@ numeric feature its deciles and the share of values between each two, a sample o
 test then runs on the whole reference), its missing ratio, mean and variance; for a
 categorical one the share of each of its commonest categories.
 
-Binning is Evidently's: ten bins at the reference's quantiles, an empty bin counted as
-:data:`PSI_EMPTY` of the values so that the index stays finite. The Kolmogorov-Smirnov test is
-scipy's two-sample test; the chi-square test of a categorical feature is scipy's goodness of
-fit against the reference's shares.
+The PSI is the classic decile one (Siddiqi's): ten bins at the reference's deciles, a share
+under :data:`PSI_EMPTY` counted as that, so that the index stays finite; its noise in a sample
+of n is about (bins - 1) / n. The Kolmogorov-Smirnov test is scipy's two-sample test; the
+chi-square test of a categorical feature is scipy's goodness of fit against the reference's
+shares.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def summarize(values: Sequence[Any], categorical: bool) -> dict[str, Any]:
 
 
 def _summarize(values: Sequence[Any], categorical: bool) -> dict[str, Any]:
-    present = [v for v in values if v is not None]
+    present = _present(values, categorical)
     count = len(values)
     summary: dict[str, Any] = {
         "kind": "categorical" if categorical else "numeric",
@@ -71,7 +72,7 @@ def _summarize(values: Sequence[Any], categorical: bool) -> dict[str, Any]:
         "missing_ratio": (count - len(present)) / count if count else 0.0,
     }
     if categorical:
-        counts = Counter(str(v) for v in present)
+        counts = Counter(present)
         kept = dict(counts.most_common(MAX_CATEGORIES))
         rest = len(present) - sum(kept.values())
         if rest:
@@ -145,7 +146,11 @@ def _compare(
     bounds: tuple[float, float] | None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(STATISTICS)
-    present = [v for v in values if v is not None]
+    if reference is not None and reference.get("kind") != (
+        "categorical" if categorical else "numeric"
+    ):
+        reference = None  # built when the feature was of the other kind: no comparison
+    present = _present(values, categorical)
     count = len(values)
     out["count"] = count
     out["missing_ratio"] = (count - len(present)) / count if count else None
@@ -185,7 +190,7 @@ def _compare_categories(shares: dict[str, float], present: list[Any], out: dict[
     known = list(shares)
     if OTHER not in shares:
         known.append(OTHER)
-    counts = Counter(str(v) if str(v) in shares else OTHER for v in present)
+    counts = Counter(v if v in shares else OTHER for v in present)
     observed = np.array([counts.get(k, 0) for k in known], dtype=float)
     expected = np.array([shares.get(k, 0.0) for k in known])
     out["psi"] = psi_from_shares(expected, observed / observed.sum())
@@ -193,6 +198,14 @@ def _compare_categories(shares: dict[str, float], present: list[Any], out: dict[
     possible = np.maximum(expected, PSI_EMPTY)
     tested = stats.chisquare(observed, possible / possible.sum() * observed.sum())
     out["chi2_p_value"] = float(tested.pvalue)
+
+
+def _present(values: Sequence[Any], categorical: bool) -> list[Any]:
+    """The values that are of the feature's kind (a value logged when the feature was of the
+    other kind counts as missing)."""
+    if categorical:
+        return [v for v in values if isinstance(v, str)]
+    return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def finite_or_none(value: Any) -> Any:

@@ -41,13 +41,13 @@ class _Feature:
         #: the pointer's tokens, each with its value as a list index (-1: not one)
         self.tokens = tokens
         self.input = input_name
-        #: the column of an [N, k] input; -1 reads the input's values as one column
+        #: the column of an [N, k] input (an input of one column: 0)
         self.column = column
 
 
 def _tokens(pointer: str) -> tuple[tuple[str, int], ...]:
     parts = (t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/"))
-    return tuple((t, int(t) if t.isdigit() else -1) for t in parts)
+    return tuple((t, int(t) if t.isascii() and t.isdigit() else -1) for t in parts)
 
 
 class FeatureReader:
@@ -60,7 +60,7 @@ class FeatureReader:
                 f.kind == "categorical",
                 None if f.pointer is None else _tokens(f.pointer),
                 f.input,
-                -1 if f.column is None else f.column,
+                0 if f.column is None else f.column,
             )
             for f in monitoring.features
         ]
@@ -117,6 +117,8 @@ def _walk(doc: Any, tokens: tuple[tuple[str, int], ...], start: int) -> list[Any
             rows: list[Any] = []
             for item in doc[:MAX_FEATURE_ROWS]:
                 rows += _walk(item, tokens, i + 1)
+                if len(rows) >= MAX_FEATURE_ROWS:
+                    break
             return rows
         if isinstance(doc, dict):
             doc = doc.get(key)
@@ -128,7 +130,8 @@ def _walk(doc: Any, tokens: tuple[tuple[str, int], ...], start: int) -> list[Any
 
 
 def _column(doc: Any, name: str | None, column: int) -> list[Any]:
-    """Column ``column`` of the V2 input ``name`` (its data flat or nested), a value per row."""
+    """Column ``column`` of the V2 input ``name`` (its data flat or nested), a value per row,
+    of its first MAX_FEATURE_ROWS rows."""
     inputs = doc.get("inputs") if isinstance(doc, dict) else None
     if not isinstance(inputs, list):
         return [None]
@@ -142,39 +145,47 @@ def _column(doc: Any, name: str | None, column: int) -> list[Any]:
     if not isinstance(data, list) or not data:
         return [None]
     if isinstance(data[0], list):  # nested: a list per row
-        if column < 0:
-            return [row[0] if isinstance(row, list) and row else row for row in data]
         return [
-            row[column] if isinstance(row, list) and column < len(row) else None for row in data
+            row[column] if isinstance(row, list) and column < len(row) else None
+            for row in data[:MAX_FEATURE_ROWS]
         ]
     width = 1
     if isinstance(shape, list) and len(shape) >= 2 and isinstance(shape[-1], int):
         width = max(shape[-1], 1)
-    if column < 0:
-        return data[::width]
     if column >= width:
         return [None]
-    return data[column::width]
+    return data[column : column + width * MAX_FEATURE_ROWS : width]
+
+
+def category_text(value: Any) -> str | None:
+    """A category's one spelling, the same from a request and from a training file: text as
+    it is (cut to MAX_CATEGORY_CHARS), a bool as ``true`` or ``false``, a whole number without
+    a fraction (pandas writes ``1.0`` for ``1`` in a column with blanks); None for what is
+    no category."""
+    if isinstance(value, str):
+        return value[:MAX_CATEGORY_CHARS]
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)[:MAX_CATEGORY_CHARS] if -(10**40) < value < 10**40 else None
+    if isinstance(value, float):
+        if not -1e300 < value < 1e300:
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    return None
+
+
+def number(value: Any) -> float | None:
+    """A numeric feature's value: a finite number (a bool is 0 or 1); None for what is not."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, (int, float)) and -1e300 < value < 1e300:
+        return float(value)
+    return None
 
 
 def _of_kind(values: list[Any], categorical: bool) -> list[Any]:
-    """Each value as its feature's kind: a number (a bool is 0 or 1), or a category's text;
-    None for one that is neither, or not finite."""
-    out: list[Any] = []
-    for value in values:
-        if categorical:
-            if isinstance(value, str):
-                out.append(value[:MAX_CATEGORY_CHARS])
-            elif isinstance(value, bool):
-                out.append("true" if value else "false")
-            elif isinstance(value, (int, float)):
-                out.append(str(value))
-            else:
-                out.append(None)
-        elif isinstance(value, bool):
-            out.append(1.0 if value else 0.0)
-        elif isinstance(value, (int, float)) and -1e300 < value < 1e300:
-            out.append(float(value))
-        else:
-            out.append(None)
-    return out
+    """Each value as its feature's kind (:func:`category_text`, :func:`number`)."""
+    if categorical:
+        return [category_text(value) for value in values]
+    return [number(value) for value in values]

@@ -561,6 +561,24 @@ class Metrics:
                     figure = math.nan if value is None else float(value)
                     self.feature_drift.labels(*labels, method).set(figure)
 
+    def clear_feature_statistics(
+        self,
+        route: str,
+        variant: str,
+        feature: str,
+        window: str,
+        statistics: Sequence[str],
+        drift: bool,
+    ) -> None:
+        """A series no longer computed: its count 0 and its figures NaN (multiprocess files
+        cannot drop a series), so that no alert fires on what was once true; ``drift``: the
+        drift gauge's too (the window was the first)."""
+        for name in statistics:
+            figure = 0.0 if name == "count" else math.nan
+            self.feature_statistic.labels(route, variant, feature, name, window).set(figure)
+        for method in ("psi", "ks") if drift else ():
+            self.feature_drift.labels(route, variant, feature, method).set(math.nan)
+
     def set_config_version(self, version: str) -> None:
         # An earlier version goes to 0 rather than away: multiprocess files cannot drop a series.
         if self._config_version is not None and self._config_version != version:

@@ -19,7 +19,7 @@ from .control_answers import format_rfc3339
 from .drift import STATISTICS
 from .live import LiveConfig
 from .metrics import Metrics
-from .monitoring import stored_references, window_statistics
+from .monitoring import stored_references, window_rows, window_statistics
 from .store import Store
 from .store.base import STORE_ERRORS
 
@@ -38,6 +38,11 @@ class DriftMonitor:
         self.latest: dict[str, list[dict[str, Any]]] = {}
         #: when a route's statistics were last computed
         self._computed: dict[str, float] = {}
+        #: the series each route's gauges hold: (variant, feature, window)
+        self._exported: dict[str, set[tuple[str, str, str]]] = {}
+        #: each route's first window when its gauges were last set (the drift gauge's)
+        self._first: dict[str, str] = {}
+        self._lock = asyncio.Lock()
 
     async def statistics(self, route: str) -> dict[str, Any]:
         """A route's latest statistics of every window, computed now if they never were."""
@@ -76,9 +81,15 @@ class DriftMonitor:
 
     async def look(self, now: float | None = None, *, every: bool = False) -> None:
         """Compute the statistics of each route due (``every``: of all of them) and export
-        them."""
-        now = time.time() if now is None else now
-        for route in self.routes():
+        them. One look at a time: a later one never gives way to older figures."""
+        async with self._lock:
+            await self._look(time.time() if now is None else now, every)
+
+    async def _look(self, now: float, every: bool) -> None:
+        routes = self.routes()
+        for gone in set(self._exported) - {r.name for r in routes}:
+            self._export(gone, [], "")
+        for route in routes:
             monitoring = route.monitoring
             assert monitoring is not None
             due = self._computed.get(route.name, 0.0) + monitoring.interval
@@ -89,9 +100,28 @@ class DriftMonitor:
             found = []
             for window in monitoring.windows:
                 since = now - duration_seconds(window)
-                rows = await self._store.monitored_rows(route.name, since, now, monitoring.max_rows)
+                most = monitoring.max_rows
+                rows = await window_rows(self._store, route.name, since, now, most)
                 found += await asyncio.to_thread(window_statistics, route, rows, references, window)
             self.latest[route.name] = found
-            self._metrics.set_feature_statistics(
-                route.name, found, STATISTICS, monitoring.windows[0]
-            )
+            self._export(route.name, found, monitoring.windows[0])
+
+    def _export(self, route: str, found: list[dict[str, Any]], first: str) -> None:
+        """The gauges of ``route``: one series per variant, feature and window, from the
+        model version with the most values in it (the gauges name no version: while one
+        takes over from another, or errors log the configured one, the main one shows); a
+        series exported before and not now (a variant without traffic, a feature or route
+        no longer monitored) is cleared, so that no alert fires on figures of the past."""
+        chosen: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for entry in found:
+            key = (entry["variant"], entry["feature"], entry["window"])
+            if key not in chosen or entry["count"] > chosen[key]["count"]:
+                chosen[key] = entry
+        was_first = self._first.get(route)
+        for variant, feature, window in self._exported.get(route, set()) - set(chosen):
+            drift = window == was_first
+            metrics = self._metrics
+            metrics.clear_feature_statistics(route, variant, feature, window, STATISTICS, drift)
+        self._metrics.set_feature_statistics(route, list(chosen.values()), STATISTICS, first)
+        self._exported[route] = set(chosen)
+        self._first[route] = first

@@ -9,6 +9,7 @@ called in a thread).
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import time
@@ -22,11 +23,17 @@ import orjson
 
 from .config import SCORE_FEATURE, RouteConfig, monitors_score
 from .drift import STATISTICS, compare, summarize
+from .features import category_text, number
 from .store import Store
+from .store.queries import EVERY_RECORD
 
 #: a reference that applies to every variant, or every model version, of its route
 ANY = "*"
 Key = tuple[str, str]
+#: the ends of prediction ids a sample is drawn by (six hex digits)
+SAMPLE_SPACE = 16**6
+#: a reference pinned from the log reads at most about this many of the window's records
+PIN_MOST = 200_000
 
 
 class ReferenceBuildError(ValueError):
@@ -46,8 +53,8 @@ def collect(route: RouteConfig, rows: Iterable[dict[str, Any]]) -> dict[Key, dic
 
     A request's features are on its own record (a batch's, on the batch's); a prediction's
     score on its own (a batch's, on each row's). A score missing from a prediction that was
-    answered counts as missing; a feature the record does not name (monitored only since)
-    does not count at all. Shadows' records carry no features: only their scores count."""
+    answered counts as missing; a feature the record does not name (monitored only since,
+    or a request whose body was not read) does not count at all."""
     assert route.monitoring is not None
     names = [f.name for f in route.monitoring.features]
     score = monitors_score(route)
@@ -105,15 +112,28 @@ def window_statistics(
     return out
 
 
+async def window_rows(
+    store: Store, route: str, since: float, until: float, most: int
+) -> list[dict[str, Any]]:
+    """A route's monitored records of [since, until): all of them, or when there are more than
+    ``most``, a uniform sample of about ``most`` (by the random end of each prediction id, so
+    that a request is in or out alike in every window and on every gateway)."""
+    total = await store.count_monitored(route, since, until)
+    if total <= most:
+        return await store.monitored_rows(route, since, until, EVERY_RECORD)
+    below = f"{int(most / total * SAMPLE_SPACE):06x}"
+    return await store.monitored_rows(route, since, until, below)
+
+
 async def drift(
     store: Store, route: RouteConfig, since: float, until: float, window: str
 ) -> list[dict[str, Any]]:
-    """The statistics of ``route`` over [since, until) against its stored references (the
-    window's latest ``monitoring.max_rows`` requests)."""
+    """The statistics of ``route`` over [since, until) against its stored references (about
+    ``monitoring.max_rows`` of the window's records, at most); computed in a thread."""
     assert route.monitoring is not None
-    rows = await store.monitored_rows(route.name, since, until, route.monitoring.max_rows)
+    rows = await window_rows(store, route.name, since, until, route.monitoring.max_rows)
     references = await stored_references(store, route.name)
-    return window_statistics(route, rows, references, window)
+    return await asyncio.to_thread(window_statistics, route, rows, references, window)
 
 
 async def stored_references(store: Store, route: str | None) -> list[dict[str, Any]]:
@@ -177,7 +197,7 @@ def read_columns(path: Path, route: RouteConfig) -> dict[str, list[Any]]:
         raw = {name: table.column(name).to_pylist() for name in table.column_names}
     else:
         try:
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel's BOM
                 reader = csv.DictReader(handle)
                 wanted = [c for c in kinds if c in (reader.fieldnames or [])]
                 raw = {c: [] for c in wanted}
@@ -199,17 +219,29 @@ def _parquet_names(path: Path) -> list[str]:
 
 
 def _value(value: Any, categorical: bool) -> Any:
+    """A training file's cell as a request's value would be read (features.py)."""
     if value is None or value == "":
         return None
-    if categorical:
-        return str(value)
-    if isinstance(value, bool):
-        return float(value)
+    if isinstance(value, str):  # CSV: every cell is text
+        if categorical:
+            return category_text(_file_category(value))
+        try:
+            return number(float(value))
+        except ValueError:
+            return None
+    return category_text(value) if categorical else number(value)
+
+
+def _file_category(text: str) -> Any:
+    """A CSV cell as the value it stands for where that matters to a category's spelling: a
+    bool (pandas writes True), a whole number (pandas writes 1.0 in a column with blanks)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if -1e300 < number < 1e300 else None
+        value = float(text)
+    except ValueError:
+        return text
+    return value if value.is_integer() and "." in text else text
 
 
 def file_digest(path: Path) -> str:
@@ -244,10 +276,19 @@ async def pin_from_log(
     store: Store, route: RouteConfig, since: float, until: float
 ) -> list[dict[str, Any]]:
     """A reference per variant and model version seen in [since, until), from the logged
-    values (every request of the window, not only the latest)."""
-    rows = await store.monitored_rows(route.name, since, until, None)
+    values of the whole window (a uniform sample of PIN_MOST records of a longer one)."""
+    rows = await window_rows(store, route.name, since, until, PIN_MOST)
     requests = sum(1 for row in rows if row.get("features"))
     source = {"log": {"since": since, "until": until, "requests": requests}}
+    out = await asyncio.to_thread(_pinned, route, rows, source)
+    if not out:
+        raise ReferenceBuildError(f"no monitored requests of route {route.name!r} in that window")
+    return out
+
+
+def _pinned(
+    route: RouteConfig, rows: list[dict[str, Any]], source: dict[str, Any]
+) -> list[dict[str, Any]]:
     out = []
     for (variant, version), values in sorted(collect(route, rows).items()):
         summaries = {
@@ -256,6 +297,4 @@ async def pin_from_log(
             if name in values
         }
         out.append(reference_row(route.name, variant, version, summaries, source))
-    if not out:
-        raise ReferenceBuildError(f"no monitored requests of route {route.name!r} in that window")
     return out

@@ -85,6 +85,8 @@ class Exchange:
         "batch_size",
         "durable",
         "error",
+        "features",
+        "features_read",
         "fell_back",
         "first_byte",
         "forwarded_headers",
@@ -161,6 +163,9 @@ class Exchange:
         self.spool_failed = False
         #: the variant chosen refused the connection and another answered (a connect retry)
         self.fell_back = False
+        #: the monitored features read from the request (once: its record may be made twice)
+        self.features: str | None = None
+        self.features_read = False
 
 
 class ProxyApp:
@@ -384,10 +389,17 @@ class ProxyApp:
         path: str = scope["path"]
         rows = exchange.batch_rows
         reader = route.features
-        features = None
-        if reader is not None:
-            headers = scope["headers"]
-            features = reader.read(exchange.request_body, binary_header_length(headers))
+        # only a whole body sent for a prediction: one refused before it was read (413, a
+        # timeout, a client gone) tells nothing of the data
+        if (
+            reader is not None
+            and not exchange.features_read
+            and exchange.forwarded_headers is not None
+            and scope["method"] not in NOT_INFERENCE_METHODS
+        ):
+            exchange.features_read = True
+            length = binary_header_length(scope["headers"])
+            exchange.features = reader.read(exchange.request_body, length)
         return PredictionRecord(
             prediction_id=prediction_id,
             request_id=client.request_id if client.request_id is not None else exchange.answer_id,
@@ -422,7 +434,7 @@ class ProxyApp:
             prompt_tokens=exchange.usage.prompt_tokens,
             completion_tokens=exchange.usage.completion_tokens,
             batch_size=None if rows is None else exchange.batch_size,
-            features=features,
+            features=exchange.features,
             batch_rows=rows,
         )
 

@@ -141,11 +141,15 @@ class Store(Protocol):
 
     async def count_rows(self, route: str, since: float, until: float) -> int: ...
 
+    async def count_monitored(self, route: str, since: float, until: float) -> int:
+        """How many live inference records a route has in [since, until)."""
+
     async def monitored_rows(
-        self, route: str, since: float, until: float, limit: int | None
+        self, route: str, since: float, until: float, below: str
     ) -> list[dict[str, Any]]:
-        """The live inference records of a route in [since, until), the latest ``limit``
-        (every one: None): variant, model_version, status, score, features, batch_size."""
+        """The live inference records of a route in [since, until) whose prediction id ends
+        below ``below`` (:data:`~.queries.EVERY_RECORD`: all): variant, model_version,
+        status, score, features, batch_size."""
 
     async def references(self, route: str | None) -> list[dict[str, Any]]:
         """The drift references of a route (of every route: None), newest first."""
@@ -173,10 +177,6 @@ class Store(Protocol):
     async def count_predictions(self) -> int: ...
 
     async def schema_version(self) -> int: ...
-
-
-#: what a query asks for when it wants every row (SQLite's LIMIT takes no NULL)
-NO_LIMIT = 2**62
 
 
 def store_location(url: str) -> str:

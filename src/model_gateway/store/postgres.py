@@ -17,7 +17,6 @@ import asyncpg
 
 from ..records import COLUMNS
 from .base import (
-    NO_LIMIT,
     ROLLOUT_COLUMNS,
     STORE_ERRORS,
     StoreOpenError,
@@ -32,6 +31,7 @@ from .queries import (
     LABELLED_ROWS,
     LATEST_ROWS,
     LEASE_ROLLOUT,
+    MONITORED_COUNT,
     MONITORED_ROWS,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
@@ -60,7 +60,8 @@ def _numbered(query: str) -> str:
     return re.sub(r"%s", lambda _: f"${next(counter)}", query)
 
 
-_MONITORED_ROWS = _numbered(MONITORED_ROWS)
+_MONITORED_COUNT = _numbered(MONITORED_COUNT)
+_MONITORED_ROWS = _numbered(MONITORED_ROWS.format(collate=' COLLATE "C"'))
 _REFERENCES = _numbered(REFERENCES)
 _SAVE_REFERENCE = _numbered(SAVE_REFERENCE)
 _DELETE_REFERENCE = _numbered(DELETE_REFERENCE)
@@ -308,12 +309,15 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             return int(await conn.fetchval(_COUNT_ROWS, route, since, until))
 
-    async def monitored_rows(
-        self, route: str, since: float, until: float, limit: int | None
-    ) -> list[dict[str, Any]]:
-        wanted = NO_LIMIT if limit is None else limit
+    async def count_monitored(self, route: str, since: float, until: float) -> int:
         async with self.pool.acquire() as conn:
-            return [dict(r) for r in await conn.fetch(_MONITORED_ROWS, route, since, until, wanted)]
+            return int(await conn.fetchval(_MONITORED_COUNT, route, since, until))
+
+    async def monitored_rows(
+        self, route: str, since: float, until: float, below: str
+    ) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(_MONITORED_ROWS, route, since, until, below)]
 
     async def references(self, route: str | None) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:

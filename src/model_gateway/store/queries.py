@@ -122,15 +122,24 @@ WHERE id = %s AND (holder IS NULL OR holder = %s OR lease_until < %s)
 #: the order of a state's values in BEGIN_ROLLOUT, and of the first five in SAVE_ROLLOUT
 ROLLOUT_SAVED = ("status", "step", "step_started_at", "updated_at", "reason")
 
-# A window's monitored values (monitoring.py): a request's features are on its own record,
-# a prediction's score on its own; the latest first, so that a limit keeps the newest.
-MONITORED_ROWS = """
-SELECT variant, COALESCE(reported_version, configured_version) AS model_version, status, score,
-       features, batch_size
+# A window's monitored records (monitoring.py): a request's features are on its own record,
+# a prediction's score on its own. A window of more records than a look reads is read as a
+# sample: the records whose prediction id ends (its last six hex digits, random in a UUIDv7;
+# a batch's rows share their request's) below a bound, so that a request is in or out alike
+# in every window and on every gateway. {collate}: the byte order of the digits.
+_MONITORED = """
 FROM predictions
 WHERE route = %s AND request_time >= %s AND request_time < %s AND inference = 1 AND shadow = 0
-ORDER BY request_time DESC LIMIT %s
 """
+MONITORED_COUNT = "SELECT COUNT(*) " + _MONITORED
+MONITORED_ROWS = (
+    """SELECT variant, COALESCE(reported_version, configured_version) AS model_version, status,
+       score, features, batch_size """
+    + _MONITORED
+    + "AND substr(prediction_id, 31, 6){collate} < %s"
+)
+#: the bound that takes every record
+EVERY_RECORD = "g"
 #: the references of a route (every route's: NULL), newest first
 REFERENCES = """
 SELECT reference_id, route, variant, model_version, created_at, source, body

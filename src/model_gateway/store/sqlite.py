@@ -12,7 +12,7 @@ from typing import Any
 import aiosqlite
 
 from ..records import COLUMNS
-from .base import NO_LIMIT, ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
+from .base import ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
 from .log_process import LogProcess
 from .queries import (
     BEGIN_ROLLOUT,
@@ -22,6 +22,7 @@ from .queries import (
     LABELLED_ROWS,
     LATEST_ROWS,
     LEASE_ROLLOUT,
+    MONITORED_COUNT,
     MONITORED_ROWS,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
@@ -40,7 +41,8 @@ from .queries import (
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
-_MONITORED_ROWS = MONITORED_ROWS.replace("%s", "?")
+_MONITORED_COUNT = MONITORED_COUNT.replace("%s", "?")
+_MONITORED_ROWS = MONITORED_ROWS.format(collate="").replace("%s", "?")
 _REFERENCES = REFERENCES.replace("%s", "?")
 _SAVE_REFERENCE = SAVE_REFERENCE.replace("%s", "?")
 _DELETE_REFERENCE = DELETE_REFERENCE.replace("%s", "?")
@@ -301,10 +303,14 @@ class SQLiteStore:
         rows = await self._fetch(_COUNT_ROWS, (route, since, until))
         return int(rows[0][0]) if rows else 0
 
+    async def count_monitored(self, route: str, since: float, until: float) -> int:
+        rows = await self._fetch(_MONITORED_COUNT, (route, since, until))
+        return int(rows[0][0])
+
     async def monitored_rows(
-        self, route: str, since: float, until: float, limit: int | None
+        self, route: str, since: float, until: float, below: str
     ) -> list[dict[str, Any]]:
-        wanted = (route, since, until, NO_LIMIT if limit is None else limit)
+        wanted = (route, since, until, below)
         return [dict(row) for row in await self._fetch(_MONITORED_ROWS, wanted)]
 
     async def references(self, route: str | None) -> list[dict[str, Any]]:
