@@ -162,7 +162,8 @@ def test_a_batch_the_process_cannot_bind_is_refused_and_the_process_goes_on(
 ) -> None:
     path = tmp_path / "log.db"
     good = rows(0, 3)
-    bad = [*rows(3, 2), (*good[0][:-1], {"not": "bindable"})]
+    at = COLUMNS.index("error")  # a text column that cannot take a dict
+    bad = [*rows(3, 2), (*good[0][:at], {"not": "bindable"}, *good[0][at + 1 :])]
 
     async def work() -> None:
         async with opened(path) as store:

@@ -370,6 +370,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.monitoring_look_seconds = Gauge(
+            f"{PREFIX}_monitoring_look_seconds",
+            "How long the last computation of a route's monitored statistics took (the store "
+            "read and the statistics, every window).",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configurations activated by a reload.", registry=r
         )

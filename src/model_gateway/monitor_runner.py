@@ -48,7 +48,7 @@ class DriftMonitor:
         """A route's latest statistics of every window, computed now if they never were."""
         if route not in self.latest:
             await self.look(every=True)
-        computed = self._computed.get(route)
+        computed = self._computed.get(route) if route in self.latest else None
         return {
             "computed_at": None if computed is None else format_rfc3339(computed),
             "statistics": self.latest.get(route, []),
@@ -92,10 +92,13 @@ class DriftMonitor:
         for route in routes:
             monitoring = route.monitoring
             assert monitoring is not None
-            due = self._computed.get(route.name, 0.0) + monitoring.interval
+            # a route's first look is an interval after it is first seen (a gateway starting
+            # under load is not given this work at once), unless asked for
+            due = self._computed.setdefault(route.name, now) + monitoring.interval
             if not every and now < due:
                 continue
             self._computed[route.name] = now
+            began = time.perf_counter()
             references = await stored_references(self._store, route.name)
             found = []
             for window in monitoring.windows:
@@ -105,6 +108,9 @@ class DriftMonitor:
                 found += await asyncio.to_thread(window_statistics, route, rows, references, window)
             self.latest[route.name] = found
             self._export(route.name, found, monitoring.windows[0])
+            self._metrics.monitoring_look_seconds.labels(route.name).set(
+                time.perf_counter() - began
+            )
 
     def _export(self, route: str, found: list[dict[str, Any]], first: str) -> None:
         """The gauges of ``route``: one series per variant, feature and window, from the

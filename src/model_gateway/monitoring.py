@@ -66,7 +66,11 @@ def collect(route: RouteConfig, rows: Iterable[dict[str, Any]]) -> dict[Key, dic
             doc = orjson.loads(features)
             for name in names:
                 if name in doc:
-                    values[name] += doc[name]
+                    found_value = doc[name]  # a request's value, or its rows'
+                    if isinstance(found_value, list):
+                        values[name] += found_value
+                    else:
+                        values[name].append(found_value)
         if score and row.get("batch_size") is None and row["status"] < 400:
             values[SCORE_FEATURE].append(row["score"])
     return found

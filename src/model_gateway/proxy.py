@@ -85,8 +85,6 @@ class Exchange:
         "batch_size",
         "durable",
         "error",
-        "features",
-        "features_read",
         "fell_back",
         "first_byte",
         "forwarded_headers",
@@ -163,9 +161,6 @@ class Exchange:
         self.spool_failed = False
         #: the variant chosen refused the connection and another answered (a connect retry)
         self.fell_back = False
-        #: the monitored features read from the request (once: its record may be made twice)
-        self.features: str | None = None
-        self.features_read = False
 
 
 class ProxyApp:
@@ -388,18 +383,16 @@ class ProxyApp:
             key = hashlib.sha256(key.encode()).hexdigest()[:32]
         path: str = scope["path"]
         rows = exchange.batch_rows
-        reader = route.features
-        # only a whole body sent for a prediction: one refused before it was read (413, a
-        # timeout, a client gone) tells nothing of the data
+        # the monitored features, for the log to read (features.py): only of a whole body sent
+        # for a prediction (one refused before it was read tells nothing of the data)
+        spec = route.features
+        features = None
         if (
-            reader is not None
-            and not exchange.features_read
+            spec is not None
             and exchange.forwarded_headers is not None
             and scope["method"] not in NOT_INFERENCE_METHODS
         ):
-            exchange.features_read = True
-            length = binary_header_length(scope["headers"])
-            exchange.features = reader.read(exchange.request_body, length)
+            features = (spec, exchange.request_body, binary_header_length(scope["headers"]))
         return PredictionRecord(
             prediction_id=prediction_id,
             request_id=client.request_id if client.request_id is not None else exchange.answer_id,
@@ -434,7 +427,7 @@ class ProxyApp:
             prompt_tokens=exchange.usage.prompt_tokens,
             completion_tokens=exchange.usage.completion_tokens,
             batch_size=None if rows is None else exchange.batch_size,
-            features=exchange.features,
+            features=features,
             batch_rows=rows,
         )
 

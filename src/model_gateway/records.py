@@ -74,9 +74,10 @@ class PredictionRecord:
     batch_of: str | None = None
     #: a batch request's record: how many rows (each a prediction of its own); None for one
     batch_size: int | None = None
-    #: the request's monitored features as JSON ({name: [value per row]}, features.py);
-    #: None where the route monitors none
-    features: str | None = None
+    #: the request's monitored features, to read (features.py: its route's spec, its body, a
+    #: binary body's JSON length), or read ({name: value, or a value per row}); stored as
+    #: JSON text (:func:`~.features.features_text`); None where the route monitors none
+    features: Any = None
     #: the spool segment holding this record until the store has it (0: none); not a column
     spool_segment: int = 0
     #: a batch request's rows, (prediction, score) each, written as records of their own by
@@ -124,7 +125,7 @@ class PredictionRecord:
         completion_tokens: int | None = None,
         batch_of: str | None = None,
         batch_size: int | None = None,
-        features: str | None = None,
+        features: Any = None,
         spool_segment: int = 0,
         batch_rows: list[tuple[str | None, float | None]] | None = None,
     ) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 from .answers import AnswerReader
 from .config import GatewayConfig, RouteConfig, ShadowConfig, VariantConfig
 from .errors import NoHealthyVariantError, UnknownVariantError, UnknownVersionError
-from .features import FeatureReader
+from .features import FeatureSpec, feature_spec
 from .records import model_name_from_path
 from .redaction import Redactor
 
@@ -82,8 +82,8 @@ class Route:
     redactor: Redactor = field(init=False)
     #: what is read from the answers: served version, prediction, score
     answers: AnswerReader = field(init=False)
-    #: what is read from the requests for monitoring; None where the route monitors none
-    features: FeatureReader | None = field(init=False)
+    #: the features the log reads from each request; None where the route monitors none
+    features: FeatureSpec | None = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -98,7 +98,7 @@ class Route:
         set_(self, "answers", AnswerReader(config))
         monitoring = config.monitoring
         reads = monitoring is not None and bool(monitoring.features)
-        set_(self, "features", FeatureReader(monitoring) if monitoring and reads else None)
+        set_(self, "features", feature_spec(monitoring) if reads else None)
         cumulative = tuple(accumulate(v.weight for v in self.variants))
         set_(self, "cumulative", cumulative)
         set_(self, "total_weight", cumulative[-1])

@@ -9,11 +9,17 @@ is a 4-byte length followed by that many bytes.
 
 from __future__ import annotations
 
+import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import orjson
+try:  # the SQLite log's process reads features with the standard library only (log_child.py)
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - exercised by the log process
+    _loads = json.loads
 
 #: the header that gives the length of a binary body's JSON part
 HEADER_LENGTH = "inference-header-content-length"
@@ -40,8 +46,8 @@ def read_binary_body(body: bytes, header_length: int) -> dict[str, Any] | None:
     if not 0 < header_length <= len(body):
         return None
     try:
-        doc = orjson.loads(body[:header_length])
-    except orjson.JSONDecodeError:
+        doc = _loads(body[:header_length])
+    except (ValueError, RecursionError):  # orjson's and json's decode errors alike
         return None
     if not isinstance(doc, dict):
         return None

@@ -1,8 +1,9 @@
 """The process that writes the prediction log's batches into the SQLite file.
 
 Run by :class:`~model_gateway.store.log_process.LogProcess` as a script (``python -I -S``),
-so it imports nothing but the standard library. Why a process and not aiosqlite's thread:
-see that module.
+so it imports nothing but the standard library, and of the gateway only ``features.py`` and
+``tensors.py`` (the monitored features are read here, off the gateway's event loop). Why a
+process and not aiosqlite's thread: see that module.
 
 The protocol, over stdin and stdout:
 
@@ -26,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import marshal
 import signal
 import sqlite3
 import struct
 import sys
+import types
+from pathlib import Path
 from typing import Any, BinaryIO
 
 READY, OK, FAILED = b"R", b"K", b"F"
@@ -53,6 +57,37 @@ def register_adapters() -> None:
     sqlite3.register_adapter(bytes, bytes)
 
 
+_read_features: Any = None
+
+
+def _features_text(value: Any) -> str | None:
+    global _read_features
+    if _read_features is None:
+        _read_features = _load_features_text()
+    text: str | None = _read_features(value)
+    return text
+
+
+def _load_features_text() -> Any:
+    """features.features_text, from the gateway's own source beside this file: features.py
+    and the tensors.py it reads binary bodies with need only the standard library, and are
+    loaded under a package name of their own, so that nothing else of the gateway is."""
+    here = Path(__file__).resolve().parent.parent
+    package = types.ModuleType("_model_gateway_log_features")
+    package.__path__ = [str(here)]
+    sys.modules[package.__name__] = package
+    module = None
+    for name in ("tensors", "features"):
+        spec = importlib.util.spec_from_file_location(
+            f"{package.__name__}.{name}", here / f"{name}.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module.features_text  # type: ignore[union-attr]
+
+
 class BatchWriter:
     """Multi-row INSERTs of power-of-two sizes, one transaction per batch.
 
@@ -63,6 +98,9 @@ class BatchWriter:
 
     def __init__(self, conn: sqlite3.Connection, columns: list[str]) -> None:
         self.conn = conn
+        # a record's monitored features come to be read (its route's spec, the request's
+        # body): read and written as JSON text here, off the gateway's event loop
+        self._features = columns.index("features") if "features" in columns else -1
         self._columns = ", ".join(columns)
         self._row = "(" + ", ".join("?" * len(columns)) + ")"
         self.max_rows = 1 << ((_MAX_PARAMETERS // len(columns)).bit_length() - 1)
@@ -78,6 +116,13 @@ class BatchWriter:
             self._statements[(rows, replay)] = sql
         return sql
 
+    def _read(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        at = self._features
+        value = row[at]
+        if value is None or isinstance(value, str):
+            return row
+        return (*row[:at], _features_text(value), *row[at + 1 :])
+
     def write(self, rows: list[tuple[Any, ...]], replay: bool) -> None:
         """All of ``rows`` committed, or none of them and the error raised."""
         try:
@@ -85,6 +130,8 @@ class BatchWriter:
             while start < len(rows):
                 size = min(self.max_rows, 1 << ((len(rows) - start).bit_length() - 1))
                 chunk = rows[start : start + size]
+                if self._features >= 0:
+                    chunk = [self._read(row) for row in chunk]
                 self.conn.execute(self.statement(size, replay), [v for row in chunk for v in row])
                 start += size
             self.conn.commit()
@@ -129,6 +176,9 @@ def main() -> None:
         with contextlib.suppress(OSError):  # a smaller pipe only costs more writes
             fcntl.fcntl(sys.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     path, columns = sys.argv[1], sys.argv[2].split(",")
+    if len(sys.argv) > 3:
+        # orjson's home, after the standard library's: features are read faster with it
+        sys.path.append(sys.argv[3])
     register_adapters()
     try:
         conn = sqlite3.connect(path)

@@ -24,10 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from . import log_child
 from .base import StoreDataError
 
 CHILD_SCRIPT = str(Path(log_child.__file__).resolve())
+#: where orjson is installed: the process reads monitored features with it when it can
+ORJSON_HOME = str(Path(orjson.__file__).resolve().parent.parent)
 #: the exceptions the process sends back that a row's values caused: binding a value sqlite3
 #: cannot take (an unpaired surrogate: UnicodeEncodeError; an integer past 64 bits:
 #: OverflowError; a type it has no adapter for: ProgrammingError "Error binding"), or a
@@ -68,7 +72,7 @@ class LogProcess:
         # -I: no PYTHON* variables, no user site; -S: no site packages. The script needs only
         # the standard library, and starts in tens of milliseconds.
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-I", "-S", CHILD_SCRIPT, self._path, self._columns),
+            *(sys.executable, "-I", "-S", CHILD_SCRIPT, self._path, self._columns, ORJSON_HOME),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

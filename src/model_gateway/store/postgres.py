@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from ..features import features_text
 from ..records import COLUMNS
 from .base import (
     ROLLOUT_COLUMNS,
@@ -69,6 +70,13 @@ _COLUMN_LIST = ", ".join(COLUMNS)
 _INSERT = _numbered(
     f"INSERT INTO predictions ({_COLUMN_LIST}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"  # noqa: S608
 )
+_FEATURES = COLUMNS.index("features")
+
+
+def _with_features_text(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (*row[:_FEATURES], features_text(row[_FEATURES]), *row[_FEATURES + 1 :])
+
+
 # a batch retried after a lost connection may have been committed already
 _INSERT_REPLAY = _INSERT + " ON CONFLICT (prediction_id) DO NOTHING"
 _INSERT_DEAD_LETTER = (
@@ -169,6 +177,9 @@ class PostgresStore:
     async def write_predictions(
         self, rows: Sequence[tuple[Any, ...]], *, replay: bool = False
     ) -> None:
+        # a record's features come as a dict (the SQLite log's process writes them as JSON
+        # text off the event loop; here, on it, in the batch)
+        rows = [row if row[_FEATURES] is None else _with_features_text(row) for row in rows]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.executemany(_INSERT_REPLAY if replay else _INSERT, rows)
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from ..background import cancel_and_wait
 from ..errors import LogUnavailableError
+from ..features import features_text
 from ..metrics import Metrics
 from ..records import COLUMNS, PredictionRecord, new_prediction_id, storable_text
 from .base import Store, is_data_error
@@ -406,4 +407,7 @@ def dead_letter_text(row: Sequence[Any]) -> str:
             return {"base64": base64.b64encode(value).decode()}
         return repr(value)
 
-    return json.dumps(dict(zip(COLUMNS, row, strict=False)), default=bytes_as_base64)
+    named = dict(zip(COLUMNS, row, strict=False))
+    # the features as the store would have kept them: read, never the request's body
+    named["features"] = features_text(named.get("features"))
+    return json.dumps(named, default=bytes_as_base64)
