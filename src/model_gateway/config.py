@@ -245,6 +245,13 @@ class HealthConfig(_Strict):
         return path
 
 
+class CostsConfig(_Strict):
+    """What a binary model's mistakes cost, in any unit (money, minutes of review)."""
+
+    false_positive: float = Field(ge=0)
+    false_negative: float = Field(ge=0)
+
+
 class EvaluationConfig(_Strict):
     """How a response yields the prediction that feedback labels are compared with."""
 
@@ -265,6 +272,8 @@ class EvaluationConfig(_Strict):
     #: a batch answer's rows logged as predictions, at most; the rows past it are counted
     #: (``model_gateway_batch_rows_unlogged_total``), not logged
     max_batch_rows: int = Field(default=1000, ge=1, le=100_000)
+    #: binary tasks: each variant's expected cost per 1,000 predictions in the report
+    costs: CostsConfig | None = None
 
     @field_validator("prediction", "score")
     @classmethod
@@ -663,6 +672,11 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
             problems.append(
                 f"{where}.evaluation.prediction: required with a score on a {evaluation.task}"
                 " route (only a binary label can be derived from a score and the threshold)"
+            )
+        if evaluation is not None and evaluation.costs is not None and evaluation.task != "binary":
+            problems.append(
+                f"{where}.evaluation.costs: only for a binary task (a mistake is a false"
+                " positive or a false negative)"
             )
         if route.experiment is not None:
             if route.experiment.id in experiment_ids:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .config import EvaluationConfig, RouteConfig
+from .costs import cost_report
 from .estimates import (
     Difference,
     Estimate,
@@ -52,7 +53,19 @@ def _variant_quality(rows: list[dict[str, Any]], evaluation: EvaluationConfig) -
     predicted = [str(r["predicted"]) for r in labelled]
     if evaluation.task == "binary":
         positive = canonical_label(evaluation.positive_label) or ""
-        out.update(binary_quality(labels, predicted, [r["score"] for r in labelled], positive))
+        scores = [r["score"] for r in labelled]
+        out.update(binary_quality(labels, predicted, scores, positive))
+        costs = evaluation.costs
+        if costs is not None:
+            scored = [
+                (a == positive, s) for a, s in zip(labels, scores, strict=True) if s is not None
+            ]
+            found = cost_report(
+                out["confusion"], scored, costs.false_positive, costs.false_negative
+            )
+            # the figure beside precision and recall; its baselines and threshold apart
+            out["cost_per_1000"] = found.pop("cost_per_1000")
+            out["costs"] = found
     elif evaluation.task == "multiclass":
         out.update(multiclass_quality(labels, predicted))
     else:
