@@ -645,21 +645,15 @@ def summarise(
             "rps_vs_buffered": durable["rps"] / buffered["rps"],
             "added_p50_ms_vs_buffered": durable["p50_ms"] - buffered["p50_ms"],
         }
-    # a rollout looking at its gates every second against none, same run
-    for c in (1, 32):
-        rolling, plain = table[f"gateway-1w-rollout c={c}"], table[f"gateway-1w c={c}"]
-        ratios[f"gateway-1w-rollout c={c}"] = {
-            "rps_vs_none": rolling["rps"] / plain["rps"],
-            "added_p50_ms_vs_none": rolling["p50_ms"] - plain["p50_ms"],
-        }
-    # monitoring ten features (read on the request's path, statistics each minute) against
-    # none, same run
-    for c in (1, 32):
-        watching, plain = table[f"gateway-1w-monitoring c={c}"], table[f"gateway-1w c={c}"]
-        ratios[f"gateway-1w-monitoring c={c}"] = {
-            "rps_vs_none": watching["rps"] / plain["rps"],
-            "added_p50_ms_vs_none": watching["p50_ms"] - plain["p50_ms"],
-        }
+    # a rollout looking at its gates every second, and monitoring ten features (read by
+    # the log, statistics each minute), each against the same gateway without, same run
+    for feature in ("rollout", "monitoring"):
+        for c in (1, 32):
+            on, off = table[f"gateway-1w-{feature} c={c}"], table[f"gateway-1w c={c}"]
+            ratios[f"gateway-1w-{feature} c={c}"] = {
+                "rps_vs_none": on["rps"] / off["rps"],
+                "added_p50_ms_vs_none": on["p50_ms"] - off["p50_ms"],
+            }
     # How far a second worker carries each on these shared cores, and how far it could: if
     # every request costs the machine as much CPU (gateway, wrk, upstream) as it did with one
     # worker, all the cores serve at most cores / (cores busy with one worker) times as many.
