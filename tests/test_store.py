@@ -97,6 +97,12 @@ def record(
     )
 
 
+def label_row(*fields: Any) -> tuple[Any, ...]:
+    """A feedback row: (feedback id, prediction id, request id, label, label time, received
+    at, source), from downstream, with no weight and no decision."""
+    return (*fields, "downstream", None, None, None)
+
+
 async def with_store(url: str, work: Any) -> Any:
     store: Store = open_store(url)
     await store.open()
@@ -219,10 +225,12 @@ def test_feedback_join_report_and_export(store_url: str) -> None:
         await store.write_predictions([r.as_row() for r in records[:4]])
         await store.insert_feedback(
             [
-                ("f1", records[0].prediction_id, None, "1", 10.0, 10.0, "s"),
-                ("f2", None, "req-1", "0", 10.0, 10.0, None),
-                ("f3", records[0].prediction_id, None, "0", 20.0, 20.0, None),  # supersedes f1
-                ("f4", None, "req-5", "1", 10.0, 10.0, None),  # prediction not stored yet
+                label_row("f1", records[0].prediction_id, None, "1", 10.0, 10.0, "s"),
+                label_row("f2", None, "req-1", "0", 10.0, 10.0, None),
+                label_row(
+                    "f3", records[0].prediction_id, None, "0", 20.0, 20.0, None
+                ),  # supersedes f1
+                label_row("f4", None, "req-5", "1", 10.0, 10.0, None),  # prediction not stored yet
             ]
         )
         joined = await store.join_feedback(30.0)
@@ -319,8 +327,8 @@ def test_shadow_copies_share_the_live_label_and_never_take_a_request_id_join(
         await store.write_predictions([r.as_row() for r in [*live, *copies]])
         await store.insert_feedback(
             [
-                ("f0", live[0].prediction_id, None, "1", 10.0, 10.0, None),
-                ("f1", None, "req-1", "0", 10.0, 10.0, None),
+                label_row("f0", live[0].prediction_id, None, "1", 10.0, 10.0, None),
+                label_row("f1", None, "req-1", "0", 10.0, 10.0, None),
             ]
         )
         joined = await store.join_feedback(30.0)

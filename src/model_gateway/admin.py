@@ -206,7 +206,9 @@ def control_routes(plane: ControlPlane) -> list[BaseRoute]:
             }
             for f in labels
         ]
-        out["label"] = labels[-1]["label"] if labels else None
+        # the latest label: a person's decision alone is none
+        given = [f["label"] for f in labels if f["label"] is not None]
+        out["label"] = given[-1] if given else None
         # the shadows' answers to the same request (a shadow's own record has shadow_of)
         out["shadows"] = [_jsonable(copy) for copy in await plane.store.shadows_of(prediction_id)]
         return json_response(out)

@@ -12,6 +12,8 @@ from .cli_common import load_or_exit, time_arg, with_store
 from .cli_monitoring import add_monitoring_commands
 from .config import LoadedConfig, RouteConfig
 from .console import configure_logging
+from .feedback import ORIGINS
+from .labelling import STRATA, STRATEGIES
 from .store import Store
 from .store.base import StoreOpenError, store_location
 
@@ -171,7 +173,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     route, since, until = _route_and_window(args, loaded)
     out = Path(args.out)
     count = with_store(
-        loaded, lambda store: sample(store, route.name, since, until, args.n, args.seed, out)
+        loaded,
+        lambda store: sample(
+            store, route.name, since, until, args.n, args.seed, out, args.strategy, args.by
+        ),
     )
     print(f"{count} predictions sampled to {out} (seed {args.seed})", file=sys.stderr)
     return 0
@@ -186,7 +191,7 @@ def cmd_feedback_import(args: argparse.Namespace) -> int:
     now = time.time()
     refused: list[tuple[int, str]] = []
     try:
-        for line, result in read_labels(Path(args.file), args.source):
+        for line, result in read_labels(Path(args.file), args.source, args.origin):
             if isinstance(result, str):
                 refused.append((line, result))
             else:
@@ -227,6 +232,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     where = store_location(loaded.config.storage.url)
     print(f"{where}: schema version {version} (latest {LATEST_VERSION})")
     return 0
+
+
+def strata_arg(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in keys if k not in STRATA]
+    if unknown or not keys or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct names among {', '.join(STRATA)}, comma-separated"
+        )
+    return keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,10 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="file to write")
     export.set_defaults(func=cmd_export)
 
-    sample = commands.add_parser("sample", help="random predictions to a CSV for hand labelling")
+    sample = commands.add_parser(
+        "sample", help="predictions not labelled yet, drawn to a CSV for hand labelling"
+    )
     with_window(sample)
-    sample.add_argument("--n", type=int, required=True, help="how many")
+    sample.add_argument(
+        "--n", type=int, required=True, help="how many (per variant when --by names variant)"
+    )
     sample.add_argument("--seed", type=int, default=0, help="same seed, same sample")
+    sample.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="uniform",
+        help="uniform; stratified (by --by, more where positives are expected); "
+        "disagreement (where a shadow answered otherwise)",
+    )
+    sample.add_argument(
+        "--by",
+        type=strata_arg,
+        default=(),
+        help=f"strata, comma-separated, of: {', '.join(STRATA)}",
+    )
     sample.add_argument("--out", required=True, help="CSV file to write")
     sample.set_defaults(func=cmd_sample)
 
@@ -301,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("file")
     importer.add_argument("--config", required=True)
     importer.add_argument("--source", help="source recorded for rows that name none")
+    importer.add_argument(
+        "--origin",
+        choices=ORIGINS,
+        help="origin of rows that name none (default: human for a labelling sample, a file "
+        "with inclusion_probability; else import)",
+    )
     importer.set_defaults(func=cmd_feedback_import)
 
     add_monitoring_commands(commands)

@@ -7,10 +7,11 @@ show a progress bar on stderr; each row is a prediction joined with its latest l
 from __future__ import annotations
 
 import csv
-import random
+import math
 import sys
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -18,6 +19,7 @@ import orjson
 from tqdm import tqdm
 
 from .feedback import FeedbackItem, validate_item
+from .labelling import draw, score_deciles
 from .store import Store
 
 Format = Literal["csv", "jsonl", "parquet"]
@@ -33,6 +35,8 @@ EXPORT_COLUMNS = (
     "config_version",
     "assignment",
     "inference",
+    "method",
+    "path",
     "request_time",
     "latency_ms",
     "first_byte_ms",
@@ -48,8 +52,10 @@ EXPORT_COLUMNS = (
     "shadow_of",
     "batch_of",
     "batch_size",
+    "features",
     "label",
     "label_time",
+    "label_origin",
 )
 SAMPLE_COLUMNS = (
     "prediction_id",
@@ -59,6 +65,8 @@ SAMPLE_COLUMNS = (
     "request_time",
     "predicted",
     "score",
+    "stratum",
+    "inclusion_probability",
     "label",
 )
 
@@ -141,20 +149,61 @@ async def _export_parquet(
 
 
 async def sample(
-    store: Store, route: str, since: float, until: float, n: int, seed: int, out: Path
+    store: Store,
+    route: str,
+    since: float,
+    until: float,
+    n: int,
+    seed: int,
+    out: Path,
+    strategy: str = "uniform",
+    by: Sequence[str] = (),
 ) -> int:
-    """``n`` predictions drawn at random (the same ones for the same seed and store) to a CSV
-    with an empty ``label`` column, ready for hand labelling and ``feedback import``."""
-    rows: list[dict[str, Any]] = []
+    """Predictions not labelled yet, drawn for hand labelling (labelling.py), to a CSV with an
+    empty ``label`` column and each row's ``inclusion_probability``, ready for ``feedback
+    import``. ``uniform``: ``n`` at random; ``stratified``: ``n`` split over the strata
+    ``by`` names, more where positives are expected (``n`` per variant when ``by`` names the
+    variant); ``disagreement``: ``n`` of those a shadow answered otherwise than the live
+    model. The same store, arguments and seed give the same rows."""
+    live: list[dict[str, Any]] = []
+    shadow_answers: dict[str, list[str]] = defaultdict(list)
     async for batch in store.iter_export(route, since, until):
-        # in prediction id order, so the draw is reproducible; live predictions only: a label
-        # given for one measures its shadow copies too
-        rows.extend(row for row in batch if not row["shadow"])
-    chosen = random.Random(seed).sample(rows, min(n, len(rows)))
+        # in prediction id order, so the draw is reproducible; live predictions only (a label
+        # given for one measures its shadow copies too), of a single row (a batch request is
+        # labelled row by row), not labelled yet
+        for row in batch:
+            if row["shadow"]:
+                if row["predicted"] is not None:
+                    shadow_answers[row["shadow_of"]].append(row["predicted"])
+            elif row["inference"] and row["batch_size"] is None and row["label"] is None:
+                live.append(row)
+    if strategy == "disagreement":
+        live = [
+            row
+            for row in live
+            if row["predicted"] is not None
+            and any(a != row["predicted"] for a in shadow_answers.get(row["prediction_id"], ()))
+        ]
+    keys = _strata(live, by if strategy != "uniform" else ())
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(live):
+        groups[row["variant"] if "variant" in by and strategy != "uniform" else ""].append(i)
+    chosen: list[tuple[int, float]] = []
+    for number, name in enumerate(sorted(groups)):
+        members = groups[name]
+        drawn = draw(
+            [keys[i] for i in members],
+            [live[i]["score"] for i in members],
+            n,
+            (seed, number),
+            by_score=strategy == "stratified" and "score_decile" in by,
+        )
+        chosen.extend((members[j], p) for j, p in drawn)
     with out.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
         writer.writeheader()
-        for row in chosen:
+        for i, probability in sorted(chosen):
+            row = live[i]
             writer.writerow(
                 {
                     "prediction_id": row["prediction_id"],
@@ -164,35 +213,85 @@ async def sample(
                     "request_time": rfc3339(row["request_time"]),
                     "predicted": row["predicted"],
                     "score": row["score"],
+                    "stratum": ",".join(f"{k}={v}" for k, v in zip(by, keys[i], strict=True))
+                    if strategy != "uniform"
+                    else "",
+                    "inclusion_probability": repr(probability),
                     "label": "",
                 }
             )
     return len(chosen)
 
 
+def _strata(rows: list[dict[str, Any]], by: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Each row's stratum: its values of ``by``; score deciles within its variant."""
+    deciles: dict[int, int] = {}
+    if "score_decile" in by:
+        per_variant: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            per_variant[row["variant"]].append(i)
+        for members in per_variant.values():
+            found = score_deciles([rows[i]["score"] for i in members])
+            deciles.update(zip(members, found, strict=True))
+    out = []
+    for i, row in enumerate(rows):
+        values = {
+            "variant": row["variant"],
+            "model_version": row["reported_version"] or row["configured_version"],
+            "predicted": row["predicted"],
+            "score_decile": deciles.get(i),
+        }
+        out.append(tuple(values[key] for key in by))
+    return out
+
+
 class LabelFileError(Exception):
     """The file as a whole cannot be read as labels."""
 
 
-def read_labels(path: Path, source: str | None) -> Iterator[tuple[int, FeedbackItem | str]]:
-    """(line number, item or reason) for each CSV row that has a label; blank labels are
-    rows not labelled yet and are skipped. A file without a ``label`` column, or without a
-    ``prediction_id`` or ``request_id`` column, raises :class:`LabelFileError`."""
+def read_labels(
+    path: Path, source: str | None, origin: str | None = None
+) -> Iterator[tuple[int, FeedbackItem | str]]:
+    """(line number, item or reason) for each CSV row that has a label, an outcome or a
+    value; other rows are not labelled yet and are skipped. A file without a ``label``,
+    ``outcome`` or ``value`` column, or without a ``prediction_id`` or ``request_id`` column,
+    raises :class:`LabelFileError`. Labels are hand labels (origin ``human``) when the file
+    has an ``inclusion_probability`` column (a labelling sample), else an ``import``, unless
+    ``origin`` or a row says otherwise."""
     now = time.time()
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or ())
-        if "label" not in columns:
+        if not columns & {"label", "outcome", "value"}:
             raise LabelFileError(f"no label column (columns: {', '.join(sorted(columns))})")
         if not columns & {"prediction_id", "request_id"}:
             raise LabelFileError("no prediction_id or request_id column")
+        default_origin = origin or ("human" if "inclusion_probability" in columns else "import")
         for line, row in enumerate(reader, start=2):
-            if not (row.get("label") or "").strip():
+            cells = {k: (v or "").strip() for k, v in row.items() if isinstance(k, str)}
+            if not any(cells.get(k) for k in ("label", "outcome", "value")):
                 continue
-            item: dict[str, Any] = {"label": row["label"].strip()}
-            for key in ("prediction_id", "request_id", "timestamp", "source"):
-                if (row.get(key) or "").strip():
-                    item[key] = row[key].strip()
+            item: dict[str, Any] = {}
+            for key in ("prediction_id", "request_id", "label", "timestamp", "source"):
+                if cells.get(key):
+                    item[key] = cells[key]
+            # a sample's weight goes with its hand label, not with a decision alone
+            if cells.get("inclusion_probability") and cells.get("label"):
+                item["inclusion_probability"] = _number_cell(cells["inclusion_probability"])
+            if cells.get("value"):
+                item["value"] = _number_cell(cells["value"])
+            if cells.get("outcome"):
+                item["outcome"] = cells["outcome"]
+            item["origin"] = cells.get("origin") or default_origin
             if source and "source" not in item:
                 item["source"] = source
             yield line, validate_item(item, now)
+
+
+def _number_cell(text: str) -> float | str:
+    """A cell's number, or its text (refused, with a reason, by the item's validation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text

@@ -58,7 +58,23 @@ def parse_time(text: str) -> float | None:
     return seconds if EARLIEST_TIME <= seconds <= LATEST_TIME else None
 
 
-_FIELDS = frozenset({"prediction_id", "request_id", "label", "timestamp", "source"})
+_FIELDS = frozenset(
+    {
+        "prediction_id",
+        "request_id",
+        "label",
+        "timestamp",
+        "source",
+        "origin",
+        "inclusion_probability",
+        "outcome",
+        "value",
+    }
+)
+#: where a label came from: a downstream system (the default), a person, a bulk import
+ORIGINS = ("downstream", "human", "import")
+#: what a person did with a recommendation
+OUTCOMES = ("accepted", "overridden")
 
 
 _UNSTORABLE = "holds NUL or an unpaired surrogate, which the store cannot keep"
@@ -72,9 +88,15 @@ class FeedbackBodyError(ValueError):
 class FeedbackItem:
     prediction_id: str | None
     request_id: str | None
-    label: str
+    #: None when the item carries only a person's decision (outcome, value)
+    label: str | None
     label_time: float
     source: str | None
+    origin: str = "downstream"
+    #: a hand label's chance of having been drawn into its labelling sample
+    inclusion_probability: float | None = None
+    outcome: str | None = None
+    value: float | None = None
 
     def as_row(self, received_at: float) -> tuple[Any, ...]:
         return (
@@ -85,6 +107,10 @@ class FeedbackItem:
             self.label_time,
             received_at,
             self.source,
+            self.origin,
+            self.inclusion_probability,
+            self.outcome,
+            self.value,
         )
 
 
@@ -149,16 +175,32 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
         keys[name] = value
     if not keys:
         return "prediction_id or request_id is required"
-    if "label" not in item:
+    decision = _decision(item)
+    if isinstance(decision, str):
+        return decision
+    label = None
+    if item.get("label") is not None:
+        raw_label = item["label"]
+        if isinstance(raw_label, float) and not math.isfinite(raw_label):
+            return "label must be finite"
+        label = canonical_label(raw_label)
+        if label is None:
+            return "label must be a non-empty string, a finite number or a boolean"
+        if unstorable(label):
+            return f"label {_UNSTORABLE}"
+    elif decision == (None, None):
         return "label is required"
-    raw_label = item["label"]
-    if isinstance(raw_label, float) and not math.isfinite(raw_label):
-        return "label must be finite"
-    label = canonical_label(raw_label)
-    if label is None:
-        return "label must be a non-empty string, a finite number or a boolean"
-    if unstorable(label):
-        return f"label {_UNSTORABLE}"
+    origin = item.get("origin", "downstream")
+    if origin not in ORIGINS:
+        return f"origin must be one of {', '.join(ORIGINS)}"
+    weight = item.get("inclusion_probability")
+    if weight is not None:
+        if label is None:
+            return "inclusion_probability belongs to a label"
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            return "inclusion_probability must be a number in (0, 1]"
+        if not 0 < weight <= 1:
+            return "inclusion_probability must be a number in (0, 1]"
     label_time = now
     if item.get("timestamp") is not None:
         parsed = _timestamp(item["timestamp"])
@@ -171,8 +213,33 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
     if unstorable(source):
         return f"source {_UNSTORABLE}"
     return FeedbackItem(
-        keys.get("prediction_id"), keys.get("request_id"), label, label_time, source
+        keys.get("prediction_id"),
+        keys.get("request_id"),
+        label,
+        label_time,
+        source,
+        origin,
+        None if weight is None else float(weight),
+        *decision,
     )
+
+
+def _decision(item: dict[str, Any]) -> tuple[str | None, float | None] | str:
+    """A person's (outcome, value) on a recommendation, or the reason they are refused."""
+    outcome = item.get("outcome")
+    if outcome is not None and outcome not in OUTCOMES:
+        return f"outcome must be one of {', '.join(OUTCOMES)}"
+    value = item.get("value")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "value must be a finite number"
+        try:
+            value = float(value)
+        except OverflowError:
+            return "value must be a finite number"
+        if not math.isfinite(value):
+            return "value must be a finite number"
+    return outcome, value
 
 
 def label_problem(label: str, evaluation: EvaluationConfig) -> str | None:
@@ -235,13 +302,18 @@ async def judge_labels(
             continue
         route = routes.get(route_name)
         problem = None
-        if route is not None and route.evaluation is not None:
+        if route is not None and route.evaluation is not None and item.label is not None:
             problem = label_problem(item.label, route.evaluation)
         if problem is None:
             kept.append((position, item))
         else:
             refused.append((position, f"{problem} (route {route_name})"))
     return kept, refused, waiting
+
+
+def _counted(row: dict[str, Any]) -> bool:
+    """Whether a joined item is a label of the unweighted stream."""
+    return row["label"] is not None and row["inclusion_probability"] is None
 
 
 def _batch_of(key: str) -> str:
@@ -303,7 +375,10 @@ class FeedbackJoiner:
             metrics.feedback_joined.labels(*labels).inc()
             route = routes.get(row["route"])
             evaluation = route.evaluation if route else None
-            if not row["first"] or evaluation is None:
+            # the outcome counters count a prediction's first label, from the whole stream:
+            # a hand label drawn into a weighted sample would bend them, and a decision alone
+            # is no label
+            if not row["first"] or evaluation is None or not _counted(row):
                 continue
             self._count_outcome(evaluation, labels, row["predicted"], row["label"])
             # the same label measures the shadows' answers to the same request

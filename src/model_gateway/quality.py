@@ -32,6 +32,7 @@ from .estimates import (
     wilson,
 )
 from .experiments import Settings, judge, measures, settings_of
+from .labelling import decisions, hand_labelled_quality
 from .paired import paired_accuracy, paired_binary
 from .records import canonical_label
 from .splits import in_experiment, is_prediction, is_request, label_coverage, sample_ratio_over_time
@@ -241,13 +242,34 @@ def _summary(
         "experiment_requests": len(experiment_requests),
         "experiment_errors": sum(1 for r in experiment_requests if r["status"] >= 500),
     }
-    return {
+    out = {
         "requests": len(requests),
         "model_versions": sorted({r["model_version"] for r in requests}),
         "error_ratio": wilson(errors, len(requests)),
         "latency_ms": _latency([r["latency_ms"] for r in requests]),
         **{k: v for k, v in quality.items() if k not in ("absolute_errors", "auc_se", "mae_se")},
     }
+    predictions = [r for r in rows if is_prediction(r) and r["predicted"] is not None]
+    if route.evaluation is not None and evaluation.task == "binary":
+        # hand labels of weighted samples, apart from the stream's labels: every prediction
+        # of the variant, as the samples are drawn
+        hand = [
+            (str(r["hand_label"]), str(r["predicted"]), float(r["inclusion_probability"]))
+            for r in predictions
+            if r.get("hand_label") is not None
+        ]
+        if hand:
+            positive = canonical_label(evaluation.positive_label) or ""
+            out["hand_labelled"] = hand_labelled_quality(hand, positive)
+    decided = [
+        (r.get("outcome"), r.get("value"))
+        for r in rows
+        if not r.get("shadow") and (r.get("outcome") is not None or r.get("value") is not None)
+    ]
+    if decided:
+        # people decide on the live answer: a shadow's is nobody's recommendation
+        out["decisions"] = decisions(decided)
+    return out
 
 
 def _differences(

@@ -85,7 +85,8 @@ _INSERT_DEAD_LETTER = (
 )
 _INSERT_FEEDBACK = _numbered(
     "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
-    "received_at, source) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+    "received_at, source, origin, inclusion_probability, outcome, value) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _PENDING_JOINS = _numbered(PENDING_JOINS)
 _REPORT_ROWS = _numbered(REPORT_ROWS)
@@ -260,7 +261,8 @@ class PostgresStore:
                 row = dict(record)
                 row["first"] = (
                     await conn.fetchval(
-                        "SELECT 1 FROM feedback WHERE joined_prediction_id = $1 LIMIT 1",
+                        "SELECT 1 FROM feedback WHERE joined_prediction_id = $1 "
+                        "AND label IS NOT NULL AND inclusion_probability IS NULL LIMIT 1",
                         row["prediction_id"],
                     )
                     is None
@@ -282,7 +284,8 @@ class PostgresStore:
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT feedback_id, label, label_time, received_at, source FROM feedback "
+                "SELECT feedback_id, label, label_time, received_at, source, origin, "
+                "inclusion_probability, outcome, value FROM feedback "
                 "WHERE joined_prediction_id = $1 ORDER BY label_time, received_at",
                 prediction_id,
             )

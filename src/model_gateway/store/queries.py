@@ -6,7 +6,7 @@ from __future__ import annotations
 # Waiting labels whose prediction is stored: by prediction id, or by the client's request id
 # (the latest live prediction with that id; its shadow copies carry the same request id).
 PENDING_JOINS = """
-SELECT f.feedback_id, f.label, p.prediction_id, p.route, p.variant,
+SELECT f.feedback_id, f.label, f.inclusion_probability, p.prediction_id, p.route, p.variant,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
        p.predicted, p.score
 FROM feedback f
@@ -18,25 +18,57 @@ WHERE f.joined_at IS NULL
 ORDER BY f.received_at
 """
 
-# One row per prediction of a route in [since, until), with its latest label. A shadow's row
-# has the label of the live prediction it copies, and that prediction's answer.
-_ROWS = """
+# A prediction's latest feedback of one kind, by the prediction it was joined to: {columns}
+# of the latest row that {condition}.
+_LATEST = """(
+    SELECT joined_prediction_id, {columns},
+           ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
+                              ORDER BY label_time DESC, received_at DESC) AS feedback_rank
+    FROM feedback WHERE joined_prediction_id IS NOT NULL AND {condition}
+)"""
+#: the label of the stream the figures count (not a hand label of a weighted sample)
+_LABEL = _LATEST.format(
+    columns="label", condition="label IS NOT NULL AND inclusion_probability IS NULL"
+)
+#: a hand label of a weighted sample, with its inclusion probability
+_HAND_LABEL = _LATEST.format(
+    columns="label AS hand_label, inclusion_probability",
+    condition="label IS NOT NULL AND inclusion_probability IS NOT NULL",
+)
+#: a person's decision on the recommendation
+_DECISION = _LATEST.format(
+    columns="outcome, value", condition="(outcome IS NOT NULL OR value IS NOT NULL)"
+)
+
+# One row per prediction of a route in [since, until), with its latest label, hand label
+# and decision. A shadow's row has those of the live prediction it copies, and that
+# prediction's answer.
+_ROWS = (
+    """
 SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
        l.label, p.shadow, live.predicted AS live_predicted, live.score AS live_score,
        live.variant AS live_variant, p.request_time,
        p.config_version, p.assignment,
-       p.inference, p.batch_of, p.batch_size
+       p.inference, p.batch_of, p.batch_size, h.hand_label, h.inclusion_probability,
+       d.outcome, d.value, p.features
 FROM predictions p
 LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
-LEFT JOIN (
-    SELECT joined_prediction_id, label,
-           ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
-                              ORDER BY label_time DESC, received_at DESC) AS label_rank
-    FROM feedback WHERE joined_prediction_id IS NOT NULL
-) l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id) AND l.label_rank = 1
+LEFT JOIN """
+    + _LABEL
+    + """ l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
+    AND l.feedback_rank = 1
+LEFT JOIN """
+    + _HAND_LABEL
+    + """ h ON h.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
+    AND h.feedback_rank = 1
+LEFT JOIN """
+    + _DECISION
+    + """ d ON d.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
+    AND d.feedback_rank = 1
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
 """
+)
 REPORT_ROWS = _ROWS + "ORDER BY p.request_time\n"
 # A rollout's looks: the latest rows of its step (the operational and label-free gates, at a
 # cost that does not grow with the step), and the labelled ones of the whole rollout (the
@@ -44,24 +76,29 @@ REPORT_ROWS = _ROWS + "ORDER BY p.request_time\n"
 LATEST_ROWS = _ROWS + "ORDER BY p.request_time DESC LIMIT %s\n"
 LABELLED_ROWS = _ROWS + "AND l.label IS NOT NULL ORDER BY p.request_time\n"
 
-# Predictions of a route in [since, until) with their latest label, for export and sampling.
-EXPORT_ROWS = """
+# Predictions of a route in [since, until) with their latest label of any origin, for export
+# and sampling.
+EXPORT_SELECT = (
+    """
 SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
        p.configured_version, p.reported_version, p.config_version, p.assignment, p.inference,
-       p.request_time, p.latency_ms, p.first_byte_ms, p.streamed, p.status, p.error,
-       p.predicted, p.score, p.served_model, p.prompt_tokens, p.completion_tokens, p.shadow,
-       p.shadow_of, p.batch_of, p.batch_size, l.label, l.label_time
+       p.method, p.path, p.request_time, p.latency_ms, p.first_byte_ms, p.streamed, p.status,
+       p.error, p.predicted, p.score, p.served_model, p.prompt_tokens, p.completion_tokens,
+       p.shadow, p.shadow_of, p.batch_of, p.batch_size, p.features, p.request_body,
+       p.request_truncated, l.label, l.label_time, l.origin AS label_origin
 FROM predictions p
-LEFT JOIN (
-    SELECT joined_prediction_id, label, label_time,
-           ROW_NUMBER() OVER (PARTITION BY joined_prediction_id
-                              ORDER BY label_time DESC, received_at DESC) AS label_rank
-    FROM feedback WHERE joined_prediction_id IS NOT NULL
-) l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id) AND l.label_rank = 1
-WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
+LEFT JOIN """
+    + _LATEST.format(columns="label, label_time, origin", condition="label IS NOT NULL")
+    + """ l ON l.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
+    AND l.feedback_rank = 1
+"""
+)
+EXPORT_ROWS = (
+    EXPORT_SELECT
+    + """WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
 ORDER BY p.prediction_id
 """
-
+)
 COUNT_ROWS = """
 SELECT COUNT(*) FROM predictions
 WHERE route = %s AND request_time >= %s AND request_time < %s

@@ -132,6 +132,54 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX drift_references_route ON drift_references (route, created_at)",
     ),
+    (
+        # feedback: where a label came from (downstream, human, import), a hand label's
+        # inclusion probability in its sample, and a human's decision on a recommendation
+        # (outcome, value), which may come without a label: the table is rebuilt, since
+        # SQLite cannot drop a NOT NULL constraint
+        """CREATE TABLE feedback_v10 (
+            feedback_id TEXT PRIMARY KEY,
+            prediction_id TEXT,
+            request_id TEXT,
+            label TEXT,
+            label_time DOUBLE PRECISION NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            source TEXT,
+            joined_prediction_id TEXT,
+            joined_at DOUBLE PRECISION,
+            origin TEXT NOT NULL DEFAULT 'downstream',
+            inclusion_probability DOUBLE PRECISION,
+            outcome TEXT,
+            value DOUBLE PRECISION
+        )""",
+        """INSERT INTO feedback_v10 (feedback_id, prediction_id, request_id, label, label_time,
+            received_at, source, joined_prediction_id, joined_at)
+        SELECT feedback_id, prediction_id, request_id, label, label_time, received_at, source,
+            joined_prediction_id, joined_at FROM feedback""",
+        "DROP TABLE feedback",
+        "ALTER TABLE feedback_v10 RENAME TO feedback",
+        "CREATE INDEX feedback_prediction_id ON feedback (prediction_id)",
+        "CREATE INDEX feedback_request_id ON feedback (request_id)",
+        "CREATE INDEX feedback_joined ON feedback (joined_prediction_id)",
+        "CREATE INDEX feedback_pending ON feedback (joined_at)",
+        # deliveries: each file a delivery wrote (its number), and which predictions it holds,
+        # claimed in one transaction before the file is written, so that a file lost to a
+        # crash is written again from its claim, and nothing is delivered twice
+        """CREATE TABLE deliveries (
+            delivery TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            claimed_at DOUBLE PRECISION NOT NULL,
+            row_count INTEGER NOT NULL,
+            PRIMARY KEY (delivery, seq)
+        )""",
+        """CREATE TABLE delivered (
+            delivery TEXT NOT NULL,
+            prediction_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY (delivery, prediction_id)
+        )""",
+        "CREATE INDEX delivered_seq ON delivered (delivery, seq)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -62,7 +62,8 @@ _SHADOWS_OF_JOINED = SHADOWS_OF_JOINED.replace("%s", "?")
 
 _INSERT_FEEDBACK = (
     "INSERT INTO feedback (feedback_id, prediction_id, request_id, label, label_time, "
-    "received_at, source) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "received_at, source, origin, inclusion_probability, outcome, value) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -248,7 +249,8 @@ class SQLiteStore:
             found = [dict(row) for row in await db.execute_fetchall(_PENDING_JOINS)]
             for row in found:
                 earlier = await db.execute_fetchall(
-                    "SELECT 1 FROM feedback WHERE joined_prediction_id = ? LIMIT 1",
+                    "SELECT 1 FROM feedback WHERE joined_prediction_id = ? "
+                    "AND label IS NOT NULL AND inclusion_probability IS NULL LIMIT 1",
                     (row["prediction_id"],),
                 )
                 row["first"] = not list(earlier)
@@ -266,7 +268,8 @@ class SQLiteStore:
 
     async def feedback_for(self, prediction_id: str) -> list[dict[str, Any]]:
         rows = await self._fetch(
-            "SELECT feedback_id, label, label_time, received_at, source FROM feedback "
+            "SELECT feedback_id, label, label_time, received_at, source, origin, "
+            "inclusion_probability, outcome, value FROM feedback "
             "WHERE joined_prediction_id = ? ORDER BY label_time, received_at",
             (prediction_id,),
         )
