@@ -18,6 +18,7 @@ from .active import ActiveConfig
 from .admin import ROUTER_CODES, ControlPlane, control_routes, router_error, store_unavailable
 from .config import RESERVED_PREFIXES, LoadedConfig, load_config
 from .console import configure_logging
+from .deliveries import DeliveryRunner
 from .feedback import FeedbackJoiner
 from .health import HealthMonitor
 from .live import LiveConfig
@@ -62,6 +63,7 @@ class GatewayApp:
         self.joiner = FeedbackJoiner(self._store, self.live, self.metrics)
         self.rollouts = RolloutRunner(self._store, self.live, self.metrics)
         self.monitor = DriftMonitor(self._store, self.live, self.metrics)
+        self.deliveries = DeliveryRunner(self._store, self.live, self.metrics)
         plane = ControlPlane(
             self._store,
             self.live,
@@ -173,6 +175,7 @@ class GatewayApp:
             heap.settle()
         self.joiner.start()
         self.monitor.start()
+        self.deliveries.start()
         log.info(
             "model-gateway started with config %s (%s)", self.loaded.version, self.loaded.source
         )
@@ -205,6 +208,7 @@ class GatewayApp:
             ("rollouts", self.rollouts.stop),
             ("feedback joiner", self.joiner.stop),
             ("monitoring", self.monitor.stop),
+            ("deliveries", self.deliveries.stop),
             ("health checks", state.health.close),
             ("prediction log", state.writer.close),
             ("spool", state.spool.close if state.spool is not None else _nothing),

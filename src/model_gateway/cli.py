@@ -157,12 +157,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .datafiles import export
 
     loaded = load_or_exit(args.config)
+    if args.since_last is not None:
+        return _deliver_now(loaded, args.since_last)
+    if args.out is None:
+        print("model-gateway export: --out is required (or --since-last NAME)", file=sys.stderr)
+        return 2
     route, since, until = _route_and_window(args, loaded)
     out = Path(args.out)
     count = with_store(
         loaded, lambda store: export(store, route.name, since, until, args.format, out)
     )
     print(f"{count} predictions of route {route.name} written to {out}", file=sys.stderr)
+    return 0
+
+
+def _deliver_now(loaded: LoadedConfig, name: str) -> int:
+    """Run the delivery ``name`` now: what no run of it has delivered, to its directory."""
+    from .deliveries import DeliveryBusy, deliver
+
+    found = {d.name: d for d in loaded.config.deliveries}
+    delivery = found.get(name)
+    if delivery is None:
+        known = ", ".join(sorted(found)) or "none"
+        print(f"no delivery is named {name!r} (configured: {known})", file=sys.stderr)
+        return 1
+    try:
+        written = with_store(loaded, lambda store: deliver(store, delivery, time.time()))
+    except DeliveryBusy as exc:
+        print(f"{exc}; try again when it is done", file=sys.stderr)
+        return 1
+    for done in written:
+        print(f"{done.path}: {done.rows} predictions", file=sys.stderr)
+    if not written:
+        print(f"nothing new to deliver for {name}", file=sys.stderr)
     return 0
 
 
@@ -298,7 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="predictions joined with labels, to a file")
     with_window(export)
     export.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
-    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--out", help="file to write")
+    export.add_argument(
+        "--since-last",
+        metavar="NAME",
+        help="run the delivery NAME now: what it has not delivered yet, to its directory",
+    )
     export.set_defaults(func=cmd_export)
 
     sample = commands.add_parser(

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 
+from .columns import EXPORT_COLUMNS
 from .errors import ConfigError
 
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -517,11 +518,61 @@ class RouteConfig(_Strict):
         return None if methods is None else [m.upper() for m in methods]
 
 
+class DeliverySample(_Strict):
+    """The labelling sample written beside each delivered file (labelling.py)."""
+
+    strategy: Literal["uniform", "stratified"] = "stratified"
+    by: list[Literal["variant", "model_version", "predicted", "score_decile"]] = [
+        "variant",
+        "score_decile",
+    ]
+    #: rows per file (per variant when ``by`` names the variant)
+    n: int = Field(ge=1, le=100_000)
+    #: each file's sample is drawn with this seed plus the file's number
+    seed: int = 0
+
+
+class DeliveryConfig(_Strict):
+    """Files of a route's predictions for a downstream team, on a schedule (docs/deliveries)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    route: str
+    #: where the files go; created if missing
+    directory: str = Field(min_length=1)
+    #: how often; unset: only when asked (``model-gateway export --since-last NAME``)
+    every: str | None = "1h"
+    format: Literal["csv", "parquet"] = "csv"
+    #: columns read from each captured request body: column name to JSON pointer
+    fields: dict[str, str] = {}
+    #: how far back a run looks for predictions no run has delivered
+    lookback: str = "7d"
+    sample: DeliverySample | None = None
+
+    @field_validator("every", "lookback")
+    @classmethod
+    def _duration(cls, text: str | None) -> str | None:
+        if text is not None:
+            duration_seconds(text)
+        return text
+
+    @field_validator("fields")
+    @classmethod
+    def _pointers(cls, fields: dict[str, str]) -> dict[str, str]:
+        for name, pointer in fields.items():
+            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+                raise ValueError(f"column {name!r}: letters, digits, '_', '.' and '-' only")
+            if not pointer.startswith("/"):
+                raise ValueError(f"column {name!r}: must be a JSON pointer starting with '/'")
+        return fields
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     admin: AdminConfig = AdminConfig()
     routes: list[RouteConfig] = Field(min_length=1)
+    #: files of predictions for downstream teams
+    deliveries: list[DeliveryConfig] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,6 +745,23 @@ def _cross_field_problems(config: GatewayConfig) -> list[str]:
             problems += _rollout_problems(route, route.rollout, where)
         if route.monitoring is not None:
             problems += _monitoring_problems(route, route.monitoring, where)
+    problems += _delivery_problems(config, route_names)
+    return problems
+
+
+def _delivery_problems(config: GatewayConfig, route_names: set[str]) -> list[str]:
+    problems = []
+    names: set[str] = set()
+    for i, delivery in enumerate(config.deliveries):
+        where = f"deliveries[{i}]"
+        if delivery.name in names:
+            problems.append(f"{where}.name: duplicate delivery name {delivery.name!r}")
+        names.add(delivery.name)
+        if delivery.route not in route_names:
+            problems.append(f"{where}.route: no route is named {delivery.route!r}")
+        taken = sorted(set(delivery.fields) & set(EXPORT_COLUMNS))
+        if taken:
+            problems.append(f"{where}.fields: {', '.join(taken)} already name columns")
     return problems
 
 

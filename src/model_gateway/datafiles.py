@@ -18,57 +18,12 @@ from typing import IO, Any, Literal
 import orjson
 from tqdm import tqdm
 
+from .columns import EXPORT_COLUMNS, SAMPLE_COLUMNS
 from .feedback import FeedbackItem, validate_item
 from .labelling import draw, score_deciles
 from .store import Store
 
 Format = Literal["csv", "jsonl", "parquet"]
-
-EXPORT_COLUMNS = (
-    "prediction_id",
-    "request_id",
-    "route",
-    "variant",
-    "model_name",
-    "configured_version",
-    "reported_version",
-    "config_version",
-    "assignment",
-    "inference",
-    "method",
-    "path",
-    "request_time",
-    "latency_ms",
-    "first_byte_ms",
-    "streamed",
-    "status",
-    "error",
-    "predicted",
-    "score",
-    "served_model",
-    "prompt_tokens",
-    "completion_tokens",
-    "shadow",
-    "shadow_of",
-    "batch_of",
-    "batch_size",
-    "features",
-    "label",
-    "label_time",
-    "label_origin",
-)
-SAMPLE_COLUMNS = (
-    "prediction_id",
-    "request_id",
-    "variant",
-    "model_version",
-    "request_time",
-    "predicted",
-    "score",
-    "stratum",
-    "inclusion_probability",
-    "label",
-)
 
 
 def rfc3339(seconds: float | None) -> str | None:
@@ -79,7 +34,7 @@ def rfc3339(seconds: float | None) -> str | None:
     return format_rfc3339(seconds)
 
 
-def _export_row(row: dict[str, Any]) -> dict[str, Any]:
+def export_row(row: dict[str, Any]) -> dict[str, Any]:
     out = {column: row.get(column) for column in EXPORT_COLUMNS}
     out["request_time"] = rfc3339(row["request_time"])
     out["label_time"] = rfc3339(row["label_time"])
@@ -103,7 +58,7 @@ async def export(
                 writer = _text_writer(fmt, handle)
                 async for batch in store.iter_export(route, since, until):
                     for row in batch:
-                        writer(_export_row(row))
+                        writer(export_row(row))
                     written += len(batch)
                     progress.update(len(batch))
     return written
@@ -117,31 +72,33 @@ def _text_writer(fmt: Format, handle: IO[str]) -> Any:
     return writer.writerow
 
 
+def parquet_schema(columns: Sequence[str]) -> Any:
+    """The Parquet types of export columns (text for any not known here)."""
+    import pyarrow as pa
+
+    def kind(column: str) -> Any:
+        if column in ("latency_ms", "first_byte_ms", "score"):
+            return pa.float64()
+        if column in ("status", "prompt_tokens", "completion_tokens", "batch_size"):
+            return pa.int64()
+        if column in ("shadow", "inference", "streamed"):
+            return pa.bool_()
+        return pa.string()
+
+    return pa.schema([(column, kind(column)) for column in columns])
+
+
 async def _export_parquet(
     store: Store, route: str, since: float, until: float, out: Path, progress: tqdm[Any]
 ) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [
-            (
-                c,
-                pa.float64()
-                if c in ("latency_ms", "first_byte_ms", "score")
-                else pa.int64()
-                if c in ("status", "prompt_tokens", "completion_tokens", "batch_size")
-                else pa.bool_()
-                if c in ("shadow", "inference", "streamed")
-                else pa.string(),
-            )
-            for c in EXPORT_COLUMNS
-        ]
-    )
+    schema = parquet_schema(EXPORT_COLUMNS)
     written = 0
     with pq.ParquetWriter(str(out), schema) as writer:
         async for batch in store.iter_export(route, since, until):
-            rows = [_export_row(row) for row in batch]
+            rows = [export_row(row) for row in batch]
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
             written += len(rows)
             progress.update(len(rows))
@@ -175,8 +132,28 @@ async def sample(
             if row["shadow"]:
                 if row["predicted"] is not None:
                     shadow_answers[row["shadow_of"]].append(row["predicted"])
-            elif row["inference"] and row["batch_size"] is None and row["label"] is None:
+            elif row["inference"] and row["batch_size"] is None:
                 live.append(row)
+    chosen = sample_rows(live, shadow_answers, n, seed, strategy, by)
+    with out.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(chosen)
+    return len(chosen)
+
+
+def sample_rows(
+    rows: list[dict[str, Any]],
+    shadow_answers: dict[str, list[str]],
+    n: int,
+    seed: int | tuple[int, ...],
+    strategy: str,
+    by: Sequence[str],
+) -> list[dict[str, Any]]:
+    """The rows of a labelling sample (:data:`SAMPLE_COLUMNS`) drawn from ``rows`` (live
+    predictions in prediction id order); those labelled already are skipped;
+    ``shadow_answers``: the shadows' answers by live prediction id, for ``disagreement``."""
+    live = [row for row in rows if row["label"] is None]
     if strategy == "disagreement":
         live = [
             row
@@ -184,10 +161,12 @@ async def sample(
             if row["predicted"] is not None
             and any(a != row["predicted"] for a in shadow_answers.get(row["prediction_id"], ()))
         ]
-    keys = _strata(live, by if strategy != "uniform" else ())
+    if strategy == "uniform":
+        by = ()
+    keys = _strata(live, by)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(live):
-        groups[row["variant"] if "variant" in by and strategy != "uniform" else ""].append(i)
+        groups[row["variant"] if "variant" in by else ""].append(i)
     chosen: list[tuple[int, float]] = []
     for number, name in enumerate(sorted(groups)):
         members = groups[name]
@@ -195,32 +174,28 @@ async def sample(
             [keys[i] for i in members],
             [live[i]["score"] for i in members],
             n,
-            (seed, number),
+            (*(seed if isinstance(seed, tuple) else (seed,)), number),
             by_score=strategy == "stratified" and "score_decile" in by,
         )
         chosen.extend((members[j], p) for j, p in drawn)
-    with out.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
-        writer.writeheader()
-        for i, probability in sorted(chosen):
-            row = live[i]
-            writer.writerow(
-                {
-                    "prediction_id": row["prediction_id"],
-                    "request_id": row["request_id"],
-                    "variant": row["variant"],
-                    "model_version": row["reported_version"] or row["configured_version"],
-                    "request_time": rfc3339(row["request_time"]),
-                    "predicted": row["predicted"],
-                    "score": row["score"],
-                    "stratum": ",".join(f"{k}={v}" for k, v in zip(by, keys[i], strict=True))
-                    if strategy != "uniform"
-                    else "",
-                    "inclusion_probability": repr(probability),
-                    "label": "",
-                }
-            )
-    return len(chosen)
+    out = []
+    for i, probability in sorted(chosen):
+        row = live[i]
+        out.append(
+            {
+                "prediction_id": row["prediction_id"],
+                "request_id": row["request_id"],
+                "variant": row["variant"],
+                "model_version": row["reported_version"] or row["configured_version"],
+                "request_time": rfc3339(row["request_time"]),
+                "predicted": row["predicted"],
+                "score": row["score"],
+                "stratum": ",".join(f"{k}={v}" for k, v in zip(by, keys[i], strict=True)),
+                "inclusion_probability": repr(probability),
+                "label": "",
+            }
+        )
+    return out
 
 
 def _strata(rows: list[dict[str, Any]], by: Sequence[str]) -> list[tuple[Any, ...]]:

@@ -57,10 +57,16 @@ def allocate(sizes: Sequence[int], expected: Sequence[float], n: int) -> list[in
         return list(sizes)
     counts = [min(size, MIN_PER_STRATUM) for size in sizes]
     left = n - sum(counts)
-    if left < 0:  # fewer rows asked for than strata can take two each: one each, largest first
+    if left < 0:
+        # fewer rows asked for than the strata take at least: one each, in order of
+        # expected positives, then a second each, until n are given
         counts = [0] * len(sizes)
-        for i in sorted(range(len(sizes)), key=lambda i: -expected[i])[:n]:
-            counts[i] = 1
+        order = sorted(range(len(sizes)), key=lambda i: -expected[i])
+        for round_ in range(1, MIN_PER_STRATUM + 1):
+            for i in order:
+                if n > 0 and counts[i] < min(sizes[i], round_):
+                    counts[i] += 1
+                    n -= 1
         return counts
     open_ = [i for i in range(len(sizes)) if counts[i] < sizes[i]]
     while left > 0 and open_:

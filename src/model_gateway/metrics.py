@@ -322,6 +322,12 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.delivered_rows = Counter(
+            f"{PREFIX}_delivered_rows",
+            "Predictions written to a delivery's files (deliveries in the configuration).",
+            ["delivery"],
+            registry=r,
+        )
         self.rollout_step = Gauge(
             f"{PREFIX}_rollout_step",
             "The step a rollout is at (1 is its first).",

@@ -166,6 +166,27 @@ class Store(Protocol):
         """Predictions with their latest label, in batches, in prediction id order."""
         ...
 
+    async def claim_delivery(
+        self, delivery: str, route: str, since: float, now: float
+    ) -> int | None:
+        """Claim for the next run of ``delivery`` every live prediction of ``route`` made
+        since ``since`` that no run of it has claimed, in one transaction; the run's number,
+        or None when there was nothing to claim."""
+
+    async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:
+        """The runs of a delivery, oldest first: seq, route, claimed_at, row_count,
+        written_at (None until its file is in place) and file."""
+
+    async def mark_delivered(self, delivery: str, seq: int, written_at: float, file: str) -> None:
+        """Record that a run's file is in place."""
+
+    def iter_delivery(
+        self, delivery: str, seq: int, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The predictions a run claimed, as :meth:`iter_export` gives them (with the request
+        body), in prediction id order."""
+        ...
+
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None: ...
 
     async def predictions_of_request(self, request_id: str, limit: int) -> list[str]:

@@ -26,14 +26,19 @@ from .base import (
 )
 from .queries import (
     BEGIN_ROLLOUT,
+    CLAIM_DELIVERY,
     COUNT_ROWS,
     DELETE_REFERENCE,
+    DELIVERY_ROWS,
+    DELIVERY_RUNS,
     EXPORT_ROWS,
     LABELLED_ROWS,
     LATEST_ROWS,
     LEASE_ROLLOUT,
+    MARK_DELIVERED,
     MONITORED_COUNT,
     MONITORED_ROWS,
+    NEXT_DELIVERY,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
     REFERENCE_COLUMNS,
@@ -42,6 +47,7 @@ from .queries import (
     ROLLOUT_BY_ID,
     ROLLOUT_SAVED,
     ROLLOUTS,
+    SAVE_DELIVERY,
     SAVE_HELD_ROLLOUT,
     SAVE_REFERENCE,
     SAVE_ROLLOUT,
@@ -61,6 +67,12 @@ def _numbered(query: str) -> str:
     return re.sub(r"%s", lambda _: f"${next(counter)}", query)
 
 
+_CLAIM_DELIVERY = _numbered(CLAIM_DELIVERY)
+_DELIVERY_ROWS = _numbered(DELIVERY_ROWS)
+_DELIVERY_RUNS = _numbered(DELIVERY_RUNS)
+_MARK_DELIVERED = _numbered(MARK_DELIVERED)
+_NEXT_DELIVERY = _numbered(NEXT_DELIVERY)
+_SAVE_DELIVERY = _numbered(SAVE_DELIVERY)
 _MONITORED_COUNT = _numbered(MONITORED_COUNT)
 _MONITORED_ROWS = _numbered(MONITORED_ROWS.format(collate=' COLLATE "C"'))
 _REFERENCES = _numbered(REFERENCES)
@@ -353,6 +365,36 @@ class PostgresStore:
     ) -> AsyncIterator[list[dict[str, Any]]]:
         async with self.pool.acquire() as conn, conn.transaction():
             cursor = await conn.cursor(_EXPORT_ROWS, route, since, until)
+            while rows := await cursor.fetch(batch):
+                yield [dict(r) for r in rows]
+
+    async def claim_delivery(
+        self, delivery: str, route: str, since: float, now: float
+    ) -> int | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            seq = int(await conn.fetchval(_NEXT_DELIVERY, delivery))
+            # two gateways claiming at once: one of the two inserts of the same run number
+            # (or of the same prediction) fails, and that one tries again at its next look
+            status = await conn.execute(_CLAIM_DELIVERY, delivery, seq, route, since, delivery)
+            count = int(status.split()[-1])
+            if count == 0:
+                return None
+            await conn.execute(_SAVE_DELIVERY, delivery, seq, route, now, count)
+        return seq
+
+    async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:
+        async with self.pool.acquire() as conn:
+            return [dict(r) for r in await conn.fetch(_DELIVERY_RUNS, delivery)]
+
+    async def mark_delivered(self, delivery: str, seq: int, written_at: float, file: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(_MARK_DELIVERED, written_at, file, delivery, seq)
+
+    async def iter_delivery(
+        self, delivery: str, seq: int, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            cursor = await conn.cursor(_DELIVERY_ROWS, delivery, seq)
             while rows := await cursor.fetch(batch):
                 yield [dict(r) for r in rows]
 

@@ -191,3 +191,32 @@ REFERENCE_COLUMNS = (
     "reference_id", "route", "variant", "model_version", "created_at", "source", "body"
 )  # fmt: skip
 DELETE_REFERENCE = "DELETE FROM drift_references WHERE reference_id = %s"
+
+# Deliveries (deliveries.py): a run claims, in one transaction, every live prediction of its
+# route since the lookback that no run of the same delivery has claimed, under the next
+# number; its file is written from the claim, and the run marked written after the rename.
+NEXT_DELIVERY = "SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries WHERE delivery = %s"
+CLAIM_DELIVERY = """
+INSERT INTO delivered (delivery, prediction_id, seq)
+SELECT %s, p.prediction_id, %s FROM predictions p
+WHERE p.route = %s AND p.request_time >= %s AND p.shadow = 0 AND p.inference = 1
+  AND p.batch_size IS NULL
+  AND NOT EXISTS (
+    SELECT 1 FROM delivered d WHERE d.delivery = %s AND d.prediction_id = p.prediction_id
+  )
+"""
+SAVE_DELIVERY = """
+INSERT INTO deliveries (delivery, seq, route, claimed_at, row_count) VALUES (%s, %s, %s, %s, %s)
+"""
+DELIVERY_RUNS = """
+SELECT delivery, seq, route, claimed_at, row_count, written_at, file
+FROM deliveries WHERE delivery = %s ORDER BY seq
+"""
+MARK_DELIVERED = "UPDATE deliveries SET written_at = %s, file = %s WHERE delivery = %s AND seq = %s"
+DELIVERY_ROWS = (
+    EXPORT_SELECT
+    + """JOIN delivered d ON d.prediction_id = p.prediction_id
+WHERE d.delivery = %s AND d.seq = %s
+ORDER BY p.prediction_id
+"""
+)

@@ -168,8 +168,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE deliveries (
             delivery TEXT NOT NULL,
             seq INTEGER NOT NULL,
+            route TEXT NOT NULL,
             claimed_at DOUBLE PRECISION NOT NULL,
             row_count INTEGER NOT NULL,
+            written_at DOUBLE PRECISION,
+            file TEXT,
             PRIMARY KEY (delivery, seq)
         )""",
         """CREATE TABLE delivered (

@@ -16,14 +16,19 @@ from .base import ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
 from .log_process import LogProcess
 from .queries import (
     BEGIN_ROLLOUT,
+    CLAIM_DELIVERY,
     COUNT_ROWS,
     DELETE_REFERENCE,
+    DELIVERY_ROWS,
+    DELIVERY_RUNS,
     EXPORT_ROWS,
     LABELLED_ROWS,
     LATEST_ROWS,
     LEASE_ROLLOUT,
+    MARK_DELIVERED,
     MONITORED_COUNT,
     MONITORED_ROWS,
+    NEXT_DELIVERY,
     PENDING_JOINS,
     PREDICTIONS_OF_REQUEST,
     REFERENCE_COLUMNS,
@@ -32,6 +37,7 @@ from .queries import (
     ROLLOUT_BY_ID,
     ROLLOUT_SAVED,
     ROLLOUTS,
+    SAVE_DELIVERY,
     SAVE_HELD_ROLLOUT,
     SAVE_REFERENCE,
     SAVE_ROLLOUT,
@@ -41,6 +47,12 @@ from .queries import (
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
+_CLAIM_DELIVERY = CLAIM_DELIVERY.replace("%s", "?")
+_DELIVERY_ROWS = DELIVERY_ROWS.replace("%s", "?")
+_DELIVERY_RUNS = DELIVERY_RUNS.replace("%s", "?")
+_MARK_DELIVERED = MARK_DELIVERED.replace("%s", "?")
+_NEXT_DELIVERY = NEXT_DELIVERY.replace("%s", "?")
+_SAVE_DELIVERY = SAVE_DELIVERY.replace("%s", "?")
 _MONITORED_COUNT = MONITORED_COUNT.replace("%s", "?")
 _MONITORED_ROWS = MONITORED_ROWS.format(collate="").replace("%s", "?")
 _REFERENCES = REFERENCES.replace("%s", "?")
@@ -336,6 +348,44 @@ class SQLiteStore:
         self, route: str, since: float, until: float, batch: int = 1000
     ) -> AsyncIterator[list[dict[str, Any]]]:
         async with self.db.execute(_EXPORT_ROWS, (route, since, until)) as cur:
+            while rows := await cur.fetchmany(batch):
+                yield [dict(row) for row in rows]
+
+    async def claim_delivery(
+        self, delivery: str, route: str, since: float, now: float
+    ) -> int | None:
+        async with self._using:
+            # the write lock first: two processes cannot both take the same run number
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                async with self.db.execute(_NEXT_DELIVERY, (delivery,)) as cur:
+                    row = await cur.fetchone()
+                seq = int(row[0]) if row else 1
+                async with self.db.execute(
+                    _CLAIM_DELIVERY, (delivery, seq, route, since, delivery)
+                ) as cur:
+                    count = cur.rowcount
+                if count <= 0:
+                    await self.db.rollback()
+                    return None
+                await self.db.execute(_SAVE_DELIVERY, (delivery, seq, route, now, count))
+                await self.db.commit()
+            except BaseException:
+                await self.db.rollback()
+                raise
+        return seq
+
+    async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._fetch(_DELIVERY_RUNS, (delivery,))]
+
+    async def mark_delivered(self, delivery: str, seq: int, written_at: float, file: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(_MARK_DELIVERED, (written_at, file, delivery, seq))
+
+    async def iter_delivery(
+        self, delivery: str, seq: int, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        async with self.db.execute(_DELIVERY_ROWS, (delivery, seq)) as cur:
             while rows := await cur.fetchmany(batch):
                 yield [dict(row) for row in rows]
 

@@ -1,0 +1,262 @@
+"""Files of a route's predictions for downstream teams: each delivery run writes what no run
+of the same delivery has (docs/deliveries.md).
+
+Exactly once, across crashes: a run first claims its predictions in the store, in one
+transaction, under the delivery's next number; the file is then written from the claim to a
+hidden temporary name, synced, and renamed into place, its manifest (rows, SHA-256) after
+it; the run is marked written last. A run claimed but not marked (the process died between)
+is finished before anything new is claimed: its file is written again from the claim
+unless it is already in place. Runs of one delivery take a lock on its directory, so two
+workers of one gateway, or the gateway and ``model-gateway export --since-last``, never
+run it at once; on separate hosts the store's keys keep two claims apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import fcntl
+import hashlib
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .background import cancel_and_wait, run_every
+from .columns import EXPORT_COLUMNS
+from .columns import SAMPLE_COLUMNS as LABELLING_COLUMNS
+from .config import DeliveryConfig, duration_seconds
+from .control_answers import format_rfc3339
+from .datafiles import export_row, parquet_schema, sample_rows
+from .features import read_features
+from .live import LiveConfig
+from .metrics import Metrics
+from .store import Store
+from .store.base import STORE_ERRORS
+
+log = logging.getLogger("model_gateway.deliveries")
+
+#: how often the runner looks whether a delivery is due
+LOOK_SECONDS = 5.0
+
+
+class DeliveryBusy(Exception):
+    """Another process is running this delivery now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One run's file, as the manifest describes it."""
+
+    seq: int
+    path: Path
+    rows: int
+    sample: Path | None
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeliveryBusy(f"{directory} is being delivered to by another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def file_name(delivery: DeliveryConfig, seq: int) -> str:
+    return f"{delivery.name}-{seq:08d}.{'parquet' if delivery.format == 'parquet' else 'csv'}"
+
+
+async def deliver(store: Store, delivery: DeliveryConfig, now: float) -> list[Delivered]:
+    """Finish a run left unfinished, then claim and write a new one; the files written
+    (none when nothing new was logged). Raises :class:`DeliveryBusy` when another process
+    holds the delivery's directory."""
+    directory = Path(delivery.directory)
+    written = []
+    with _locked(directory):
+        for run in await store.delivery_runs(delivery.name):
+            if run["written_at"] is None:
+                written.append(await _write_run(store, delivery, directory, run["seq"], now))
+        since = now - duration_seconds(delivery.lookback)
+        seq = await store.claim_delivery(delivery.name, delivery.route, since, now)
+        if seq is not None:
+            written.append(await _write_run(store, delivery, directory, seq, now))
+    return written
+
+
+async def _write_run(
+    store: Store, delivery: DeliveryConfig, directory: Path, seq: int, now: float
+) -> Delivered:
+    final = directory / file_name(delivery, seq)
+    manifest = final.with_name(final.name + ".manifest.json")
+    if manifest.exists():
+        # in place before the process died, only not marked: marking is all that is left
+        described = orjson.loads(manifest.read_bytes())
+        await store.mark_delivered(delivery.name, seq, now, final.name)
+        sample = described.get("sample")
+        return Delivered(seq, final, described["rows"], directory / sample if sample else None)
+    rows = [row async for batch in store.iter_delivery(delivery.name, seq) for row in batch]
+    table = [_delivered_row(row, delivery) for row in rows]
+    columns = [*EXPORT_COLUMNS, *delivery.fields]
+    data = await asyncio.to_thread(_encode, table, columns, delivery.format)
+    sample_path = None
+    if delivery.sample is not None:
+        sample_path = final.with_name(final.name.rsplit(".", 1)[0] + "-sample.csv")
+        await asyncio.to_thread(_write_atomically, sample_path, _sample_csv(rows, delivery, seq))
+    await asyncio.to_thread(_write_atomically, final, data)
+    described = {
+        "delivery": delivery.name,
+        "seq": seq,
+        "route": delivery.route,
+        "file": final.name,
+        "format": delivery.format,
+        "rows": len(table),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "columns": columns,
+        "first_request_time": format_rfc3339(min(r["request_time"] for r in rows))
+        if rows
+        else None,
+        "last_request_time": format_rfc3339(max(r["request_time"] for r in rows)) if rows else None,
+        "sample": None if sample_path is None else sample_path.name,
+        "written_at": format_rfc3339(time.time()),
+    }
+    # the manifest last: a file with its manifest beside it is whole
+    await asyncio.to_thread(
+        _write_atomically, manifest, orjson.dumps(described, option=orjson.OPT_INDENT_2)
+    )
+    await store.mark_delivered(delivery.name, seq, now, final.name)
+    return Delivered(seq, final, len(table), sample_path)
+
+
+def _delivered_row(row: dict[str, Any], delivery: DeliveryConfig) -> dict[str, Any]:
+    out = export_row(row)
+    if delivery.fields:
+        spec = tuple((name, True, pointer, None, 0) for name, pointer in delivery.fields.items())
+        body = row.get("request_body")
+        found = read_features(spec, bytes(body), 0) if body is not None else {}
+        for name in delivery.fields:
+            value = found.get(name)
+            out[name] = None if value is None else str(value)
+    return out
+
+
+def _encode(rows: list[dict[str, Any]], columns: list[str], fmt: str) -> bytes:
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = parquet_schema(columns)
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+        return sink.getvalue()
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
+
+
+def _sample_csv(rows: list[dict[str, Any]], delivery: DeliveryConfig, seq: int) -> bytes:
+    """The run's labelling sample: its predictions not labelled yet, drawn as ``sample``
+    says, each with its inclusion probability (labelling.py)."""
+    assert delivery.sample is not None
+    plan = delivery.sample
+    chosen = sample_rows(rows, {}, plan.n, (plan.seed, seq), plan.strategy, plan.by)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=LABELLING_COLUMNS)
+    writer.writeheader()
+    writer.writerows(chosen)
+    return text.getvalue().encode()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: written to a hidden name, synced, renamed,
+    and the directory synced (the rename itself survives a power cut)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class DeliveryRunner:
+    """Runs each configured delivery when it is due (its ``every`` since its last run)."""
+
+    def __init__(self, store: Store, live: LiveConfig, metrics: Metrics) -> None:
+        self._store = store
+        self._live = live
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        #: when each delivery was last run by this gateway
+        self._looked: dict[str, float] = {}
+
+    def start(self) -> None:
+        if self._live.loaded.config.deliveries:
+            self._task = asyncio.create_task(self._loop(), name="deliveries")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    async def _loop(self) -> None:
+        await run_every(
+            self._tick,
+            self.run_due,
+            task="deliveries",
+            what="delivering files",
+            errors=self._metrics.background_errors,
+            log=log,
+            quiet=STORE_ERRORS,
+        )
+
+    def _tick(self) -> float:
+        """How long until the next look: the shortest schedule's, at most LOOK_SECONDS."""
+        every = [
+            duration_seconds(d.every)
+            for d in self._live.loaded.config.deliveries
+            if d.every is not None
+        ]
+        return min([LOOK_SECONDS, *every])
+
+    async def run_due(self) -> None:
+        for delivery in self._live.loaded.config.deliveries:
+            if delivery.every is None:
+                continue
+            runs = await self._store.delivery_runs(delivery.name)
+            now = time.time()
+            # a run is due its ``every`` after the last one, or after the last look that
+            # found nothing new; at once when one is unfinished
+            last = max(
+                [run["claimed_at"] for run in runs[-1:]]
+                + [self._looked.get(delivery.name, -math.inf)]
+                or [-math.inf]
+            )
+            unfinished = any(run["written_at"] is None for run in runs)
+            if not unfinished and now - last < duration_seconds(delivery.every):
+                continue
+            try:
+                written = await deliver(self._store, delivery, now)
+            except DeliveryBusy:
+                continue  # another worker is running it now
+            self._looked[delivery.name] = now
+            for done in written:
+                log.info("delivery %s: %s, %d predictions", delivery.name, done.path, done.rows)
+                self._metrics.delivered_rows.labels(delivery.name).inc(done.rows)
