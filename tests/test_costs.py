@@ -137,3 +137,105 @@ def test_costs_are_refused_for_a_task_that_is_not_binary() -> None:
     )  # fmt: skip
     problems = _cross_field_problems(config)
     assert any("evaluation.costs: only for a binary task" in p for p in problems)
+
+
+def experiment_route(primary: str, costs: dict[str, Any] | None) -> Any:
+    evaluation: dict[str, Any] = {"task": "binary"}
+    if costs is not None:
+        evaluation["costs"] = costs
+    return GatewayConfig.model_validate(
+        {
+            "routes": [
+                {
+                    "name": "fraud",
+                    "path": "/f",
+                    "evaluation": evaluation,
+                    "experiment": {
+                        "id": "cost-test",
+                        "start": "2026-01-01T00:00:00Z",
+                        "champion": "champion",
+                        "primary_metric": primary,
+                        "guardrails": [],
+                    },
+                    "variants": [
+                        {"name": "champion", "url": "http://127.0.0.1:1", "model_version": "1"},
+                        {"name": "challenger", "url": "http://127.0.0.1:2", "model_version": "1"},
+                    ],
+                }
+            ]
+        }
+    ).routes[0]
+
+
+def test_cost_can_be_the_experiments_primary_metric_and_the_cheaper_arm_wins() -> None:
+    """The issue's case, 30,000 labelled predictions an arm (the per-1,000 mix 30 times):
+    on cost_per_1000 the challenger (2,300) is better than the champion (4,100), a lower
+    value being the better one; on precision the same data makes it worse."""
+    found = rows("champion", 2400, 600, 1200, 30_000) + rows("challenger", 3000, 1800, 600, 30_000)
+    costs = {"false_positive": 5, "false_negative": 100}
+    report = build_report(found, experiment_route("cost_per_1000", costs), 0.0, 1e9)
+    (comparison,) = report["comparisons"]
+    primary = comparison["sequential"][0]
+    assert (primary["metric"], primary["lower_is_better"]) == ("cost_per_1000", True)
+    assert primary["decision"] == "challenger_better"
+    assert comparison["decision"] == "challenger_better"
+    assert primary["difference"] == pytest.approx(2300 - 4100, abs=1e-9)
+    assert report["variants"]["challenger"]["cost_per_1000"]["value"] == pytest.approx(2300)
+    on_precision = build_report(found, experiment_route("precision", costs), 0.0, 1e9)
+    assert on_precision["comparisons"][0]["sequential"][0]["decision"] == "challenger_worse"
+
+
+def test_cost_as_a_metric_needs_costs() -> None:
+    from model_gateway.config import _cross_field_problems
+    from model_gateway.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError)):
+        route = experiment_route("cost_per_1000", None)
+        config = GatewayConfig.model_validate(
+            {"routes": [route.model_dump(mode="json", exclude_none=True)]}
+        )
+        problems = _cross_field_problems(config)
+        assert any("cost_per_1000 needs the route's evaluation.costs" in p for p in problems)
+        raise ConfigError("x", problems)
+
+
+def test_amounts_read_from_each_request_cost_what_they_say(
+    in_process: Any, upstreams: dict[str, Any]
+) -> None:
+    """A miss costs the transaction's amount (read from the request's parameters), a false
+    alarm 5. 40 requests with amounts 10, 20, ..., 400, two without one (a default of 50);
+    labels make some of each outcome. The report's cost per 1,000 equals the sum written out
+    here from each record's answer and label; a request without its amount costs the default."""
+    from .conftest import route as route_config
+    from .test_feedback import EVALUATION, features, wait_for_label
+
+    evaluation = {
+        **EVALUATION,
+        "costs": {"false_positive": 5, "false_negative": {"pointer": "/parameters/amount",
+                                                          "default": 50}},
+    }  # fmt: skip
+    gw = in_process(
+        [route_config("fraud", "/v2/models/fraud", [("a", upstreams["a"].url, 1)],
+                      evaluation=evaluation)]
+    )  # fmt: skip
+    sent: list[tuple[str, float]] = []
+    for i in range(42):
+        body = features(i)
+        amount = 50.0 if i >= 40 else 10.0 * (i + 1)
+        if i < 40:
+            body["parameters"] = {"amount": amount}
+        answer = gw.http.post("/v2/models/fraud/infer", json=body)
+        assert answer.status_code == 200
+        sent.append((answer.headers["x-prediction-id"], amount))
+    labels = [{"prediction_id": pid, "label": i % 3 == 0} for i, (pid, _) in enumerate(sent)]
+    wait_for_label(gw, sent[-1][0], None)
+    assert gw.http.post("/feedback", json=labels).json()["accepted"] == 42
+    total = 0.0
+    for (pid, amount), label in zip(sent, labels, strict=True):
+        record = wait_for_label(gw, pid, "1" if label["label"] else "0")
+        flagged, truth = record["predicted"] == "1", bool(label["label"])
+        total += 5.0 if flagged and not truth else amount if truth and not flagged else 0.0
+    report = gw.http.get("/admin/report", params={"route": "fraud"}).json()
+    variant = report["variants"]["a"]
+    assert variant["cost_per_1000"]["value"] == pytest.approx(1000 * total / 42, abs=1e-9)
+    assert variant["costs"]["amount_unread"] == 0

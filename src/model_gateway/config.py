@@ -246,11 +246,50 @@ class HealthConfig(_Strict):
         return path
 
 
-class CostsConfig(_Strict):
-    """What a binary model's mistakes cost, in any unit (money, minutes of review)."""
+class CostAmount(_Strict):
+    """A cost read from each request (a transaction's amount), by JSON pointer."""
 
-    false_positive: float = Field(ge=0)
-    false_negative: float = Field(ge=0)
+    pointer: str
+    #: the cost of a request whose amount cannot be read (none: left out of the costs)
+    default: float | None = Field(default=None, ge=0)
+
+    @field_validator("pointer")
+    @classmethod
+    def _pointer_syntax(cls, pointer: str) -> str:
+        if not pointer.startswith("/"):
+            raise ValueError("must be a JSON pointer starting with '/'")
+        return pointer
+
+
+class CostsConfig(_Strict):
+    """What a binary model's mistakes cost, in any unit (money, minutes of review): a number
+    each, or an amount read from each request."""
+
+    false_positive: float | CostAmount = Field(union_mode="left_to_right")
+    false_negative: float | CostAmount = Field(union_mode="left_to_right")
+
+    @field_validator("false_positive", "false_negative")
+    @classmethod
+    def _not_negative(cls, cost: float | CostAmount) -> float | CostAmount:
+        if isinstance(cost, float | int) and not (cost >= 0 and math.isfinite(cost)):
+            raise ValueError("must be a finite number >= 0, or {pointer: ...}")
+        return cost
+
+    def pointers(self) -> dict[str, CostAmount]:
+        """The amounts read from requests, by the feature name the log keeps them under."""
+        return {
+            f"{COST_FEATURE_PREFIX}{kind}": cost
+            for kind, cost in (
+                ("false_positive", self.false_positive),
+                ("false_negative", self.false_negative),
+            )
+            if isinstance(cost, CostAmount)
+        }
+
+
+#: a cost read from requests is kept among the record's features under this prefix and its
+#: kind (a colon, which no configured feature's name may hold)
+COST_FEATURE_PREFIX = "cost:"
 
 
 class EvaluationConfig(_Strict):
@@ -287,7 +326,7 @@ class EvaluationConfig(_Strict):
 #: the metrics an experiment can judge, per task: those with a variance the sequential test
 #: can use (macro averages of a multiclass task have none, and stay descriptive)
 EXPERIMENT_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("f1", "precision", "recall", "accuracy", "auc", "error_ratio"),
+    "binary": ("f1", "precision", "recall", "accuracy", "auc", "error_ratio", "cost_per_1000"),
     "multiclass": ("accuracy", "error_ratio"),
     "regression": ("mae", "rmse", "error_ratio"),
 }
@@ -851,6 +890,8 @@ def _experiment_problems(route: RouteConfig, experiment: ExperimentConfig, where
                 f"{where}.{field}: {metric!r} is not a metric of a {route.evaluation.task}"
                 f" experiment (one of {', '.join(known)})"
             )
+        elif metric == "cost_per_1000" and route.evaluation.costs is None:
+            problems.append(f"{where}.{field}: cost_per_1000 needs the route's evaluation.costs")
     seen = [m for _, m in named]
     for metric in sorted({m for m in seen if seen.count(m) > 1}):
         problems.append(f"{where}.guardrails: {metric!r} is named twice")

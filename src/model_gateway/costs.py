@@ -18,6 +18,11 @@ from .estimates import Z95, Estimate
 PER = 1000
 
 
+#: one labelled prediction: (truly positive, flagged, what a false positive of it costs,
+#: what a false negative of it costs)
+Costed = tuple[bool, bool, float, float]
+
+
 def cost_report(
     confusion: dict[str, int],
     scored: Sequence[tuple[bool, float]],
@@ -27,33 +32,51 @@ def cost_report(
     """The costs of a variant's labelled predictions (``confusion``: tp, fp, fn, tn), each
     false positive costing ``false_positive`` and each false negative ``false_negative``;
     ``scored``: (truly positive, score) of those with a score, for the cheapest threshold."""
-    tp, fp, fn, tn = confusion["tp"], confusion["fp"], confusion["fn"], confusion["tn"]
-    n = tp + fp + fn + tn
+    rows: list[Costed] = []
+    for kind, truth, flagged in (
+        ("tp", True, True),
+        ("fp", False, True),
+        ("fn", True, False),
+        ("tn", False, False),
+    ):
+        rows += [(truth, flagged, false_positive, false_negative)] * confusion[kind]
+    return costed_report(
+        rows, [(truth, score, false_positive, false_negative) for truth, score in scored]
+    )
+
+
+def costed_report(
+    rows: Sequence[Costed], scored: Sequence[tuple[bool, float, float, float]]
+) -> dict[str, Any]:
+    """The costs of labelled predictions whose amounts may differ one from another (read from
+    each request): ``rows`` as :data:`Costed`; ``scored``: (truly positive, score, false
+    positive's cost, false negative's cost) of those with a score."""
+    n = len(rows)
     if n == 0:
-        return {"cost_per_1000": Estimate(None)}
-    total = fp * false_positive + fn * false_negative
-    mean = total / n
-    # each prediction costs 0, the false-positive cost or the false-negative cost: the mean's
-    # standard error from their spread
-    square = (fp * false_positive**2 + fn * false_negative**2) / n
-    spread = math.sqrt(max(square - mean * mean, 0.0) * n / (n - 1)) if n > 1 else 0.0
+        return {"cost_per_1000": Estimate(None), "costs_each": []}
+    each = [
+        (fp if flagged and not truth else fn if truth and not flagged else 0.0)
+        for truth, flagged, fp, fn in rows
+    ]
+    mean = sum(each) / n
+    # the mean's standard error from the spread of what each prediction cost
+    spread = math.sqrt(sum((c - mean) ** 2 for c in each) / (n - 1)) if n > 1 else 0.0
     half = Z95 * spread / math.sqrt(n)
-    positives = (tp + fn) / n
-    flagged = (tp + fp) / n
+    flagged_share = sum(1 for _, flagged, _, _ in rows if flagged) / n
+    missed_all = sum(fn for truth, _, _, fn in rows if truth) / n
+    alarms_all = sum(fp for truth, _, fp, _ in rows if not truth) / n
     out: dict[str, Any] = {
         "cost_per_1000": Estimate(PER * mean, PER * (mean - half), PER * (mean + half)),
+        "costs_each": each,
         "baselines": {
             # nothing flagged: every positive is missed
-            "never_flag": PER * positives * false_negative,
-            # as many flagged, at random: a flag lands on a negative as often as they come
+            "never_flag": PER * missed_all,
+            # as many flagged, at random: a flag lands on each prediction alike
             "random_at_same_rate": PER
-            * (
-                flagged * (1 - positives) * false_positive
-                + (1 - flagged) * positives * false_negative
-            ),
+            * (flagged_share * alarms_all + (1 - flagged_share) * missed_all),
         },
     }
-    cheapest = cheapest_threshold(scored, false_positive, false_negative)
+    cheapest = cheapest_costed_threshold(scored)
     if cheapest is not None:
         out["cheapest_threshold"] = {"threshold": cheapest[0], "cost_per_1000": cheapest[1]}
     return out
@@ -64,21 +87,30 @@ def cheapest_threshold(
 ) -> tuple[float | None, float] | None:
     """The score threshold (flag when score >= it) that would have cost least on ``scored``,
     and its cost per 1,000; the threshold is None when flagging nothing costs least."""
+    return cheapest_costed_threshold(
+        [(truth, score, false_positive, false_negative) for truth, score in scored]
+    )
+
+
+def cheapest_costed_threshold(
+    scored: Sequence[tuple[bool, float, float, float]],
+) -> tuple[float | None, float] | None:
+    """:func:`cheapest_threshold` with each prediction's own amounts."""
     if not scored:
         return None
-    ranked = sorted(scored, key=lambda pair: pair[1], reverse=True)
-    positives = sum(1 for truth, _ in ranked if truth)
+    ranked = sorted(scored, key=lambda row: row[1], reverse=True)
+    missed = sum(fn for truth, _, _, fn in ranked if truth)
     # flag nothing first, then lower the threshold one distinct score at a time
-    best_cost, best_threshold = positives * false_negative, None
-    caught = alarms = 0
-    for i, (truth, score) in enumerate(ranked):
+    best_cost, best_threshold = missed, None
+    alarms = 0.0
+    for i, (truth, score, fp, fn) in enumerate(ranked):
         if truth:
-            caught += 1
+            missed -= fn
         else:
-            alarms += 1
+            alarms += fp
         if i + 1 < len(ranked) and ranked[i + 1][1] == score:
             continue  # a threshold flags every prediction of a score, or none of them
-        cost = alarms * false_positive + (positives - caught) * false_negative
+        cost = alarms + missed
         if cost < best_cost:
             best_cost, best_threshold = cost, score
     return best_threshold, PER * best_cost / len(ranked)

@@ -30,7 +30,10 @@ from .config import EXPERIMENT_METRICS, RouteConfig
 from .sequential import MIN_UNITS, always_valid_p, holm_adjusted, mixture_sprt, samples_needed
 
 #: metrics where a smaller value is the better one
-LOWER_IS_BETTER = frozenset({"mae", "rmse", "error_ratio"})
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "error_ratio", "cost_per_1000"})
+#: metrics in the model's (or the money's) own units: their default minimum detectable
+#: effect is a share of the champion's value
+RELATIVE_EFFECT_METRICS = frozenset({"mae", "rmse", "cost_per_1000"})
 DEFAULT_ALPHA = 0.05
 #: a route without an experiment section decides on this metric
 DEFAULT_PRIMARY = {"binary": "f1", "multiclass": "accuracy", "regression": "mae"}
@@ -81,7 +84,7 @@ class Settings:
             return self.effects[metric]
         if isinstance(self.effects, int | float):
             return float(self.effects)
-        if metric in ("mae", "rmse"):
+        if metric in RELATIVE_EFFECT_METRICS:
             if champion_value is None or champion_value <= 0:
                 return None
             return DEFAULT_RELATIVE_EFFECT * champion_value
@@ -119,7 +122,11 @@ def settings_of(route: RouteConfig) -> Settings:
             champion=route.variants[0].name,
             champion_named=False,
             primary=primary,
-            guardrails=tuple(m for m in EXPERIMENT_METRICS[task] if m != primary),
+            guardrails=tuple(
+                m
+                for m in EXPERIMENT_METRICS[task]
+                if m != primary and (m != "cost_per_1000" or _has_costs(route))
+            ),
             effects=None,
             alpha=DEFAULT_ALPHA,
         )
@@ -133,6 +140,10 @@ def settings_of(route: RouteConfig) -> Settings:
         effects=experiment.minimum_detectable_effect,
         alpha=experiment.alpha,
     )
+
+
+def _has_costs(route: RouteConfig) -> bool:
+    return route.evaluation is not None and route.evaluation.costs is not None
 
 
 def rate(successes: int, n: int, basis: int) -> Measure | None:
@@ -178,6 +189,13 @@ def measures(quality: dict[str, Any], task: str) -> dict[str, Measure]:
         found["recall"] = rate(tp, tp + fn, n)
         found["accuracy"] = rate(tp + tn, n, n)
         found["f1"] = f1_measure(tp, fp, fn, n)
+        each = quality.get("costs_each") or []
+        if len(each) > 1:
+            # the mean cost of a prediction, per 1,000: its variance from their spread
+            costs = np.asarray(each, dtype=float)
+            found["cost_per_1000"] = Measure(
+                1000 * float(costs.mean()), 1e6 * float(costs.var(ddof=1)) / len(costs), n, n
+            )
         if quality.get("auc_se") is not None:
             found["auc"] = Measure(
                 quality["auc"].value, quality["auc_se"] ** 2, min(tp + fn, fp + tn), n

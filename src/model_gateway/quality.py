@@ -17,9 +17,10 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import orjson
 
-from .config import EvaluationConfig, RouteConfig
-from .costs import cost_report
+from .config import COST_FEATURE_PREFIX, CostAmount, CostsConfig, EvaluationConfig, RouteConfig
+from .costs import Costed, costed_report
 from .estimates import (
     Difference,
     Estimate,
@@ -56,17 +57,8 @@ def _variant_quality(rows: list[dict[str, Any]], evaluation: EvaluationConfig) -
         positive = canonical_label(evaluation.positive_label) or ""
         scores = [r["score"] for r in labelled]
         out.update(binary_quality(labels, predicted, scores, positive))
-        costs = evaluation.costs
-        if costs is not None:
-            scored = [
-                (a == positive, s) for a, s in zip(labels, scores, strict=True) if s is not None
-            ]
-            found = cost_report(
-                out["confusion"], scored, costs.false_positive, costs.false_negative
-            )
-            # the figure beside precision and recall; its baselines and threshold apart
-            out["cost_per_1000"] = found.pop("cost_per_1000")
-            out["costs"] = found
+        if evaluation.costs is not None:
+            out.update(_costs(labelled, evaluation.costs, positive))
     elif evaluation.task == "multiclass":
         out.update(multiclass_quality(labels, predicted))
     else:
@@ -76,6 +68,43 @@ def _variant_quality(rows: list[dict[str, Any]], evaluation: EvaluationConfig) -
         if numeric:
             out.update(regression_quality([a for a, _ in numeric], [p for _, p in numeric]))
     return out
+
+
+def _costs(labelled: list[dict[str, Any]], costs: CostsConfig, positive: str) -> dict[str, Any]:
+    """A variant's costs (costs.py): each labelled prediction's amounts, the configured ones
+    or those read from its request; one whose amount cannot be read, and that has no
+    default, is left out and counted."""
+    costed: list[Costed] = []
+    scored: list[tuple[bool, float, float, float]] = []
+    unread = 0
+    for row in labelled:
+        features = orjson.loads(row["features"]) if row.get("features") else {}
+        fp = _amount(costs.false_positive, features.get(f"{COST_FEATURE_PREFIX}false_positive"))
+        fn = _amount(costs.false_negative, features.get(f"{COST_FEATURE_PREFIX}false_negative"))
+        if fp is None or fn is None:
+            unread += 1
+            continue
+        truth, flagged = str(row["label"]) == positive, str(row["predicted"]) == positive
+        costed.append((truth, flagged, fp, fn))
+        if row["score"] is not None:
+            scored.append((truth, row["score"], fp, fn))
+    found = costed_report(costed, scored)
+    out = {
+        # the figure beside precision and recall; each prediction's cost for the experiment
+        "cost_per_1000": found.pop("cost_per_1000"),
+        "costs_each": found.pop("costs_each"),
+    }
+    if costs.pointers():
+        found["amount_unread"] = unread
+    out["costs"] = found
+    return out
+
+
+def _amount(configured: float | CostAmount, read: Any) -> float | None:
+    if not isinstance(configured, CostAmount):
+        return float(configured)
+    readable = isinstance(read, int | float) and not isinstance(read, bool)
+    return float(read) if readable and math.isfinite(read) and read >= 0 else configured.default
 
 
 def _number(text: str) -> float | None:
@@ -218,6 +247,10 @@ def _attach_decisions(
             comparisons[index]["sequential"] = judged[str(index)]["metrics"]
 
 
+#: a variant's quality figures the comparisons use and the report does not show
+_INTERNALS = ("absolute_errors", "auc_se", "mae_se", "costs_each")
+
+
 def _summary(
     rows: list[dict[str, Any]],
     route: RouteConfig,
@@ -247,7 +280,7 @@ def _summary(
         "model_versions": sorted({r["model_version"] for r in requests}),
         "error_ratio": wilson(errors, len(requests)),
         "latency_ms": _latency([r["latency_ms"] for r in requests]),
-        **{k: v for k, v in quality.items() if k not in ("absolute_errors", "auc_se", "mae_se")},
+        **{k: v for k, v in quality.items() if k not in _INTERNALS},
     }
     predictions = [r for r in rows if is_prediction(r) and r["predicted"] is not None]
     if route.evaluation is not None and evaluation.task == "binary":

@@ -82,7 +82,8 @@ class Route:
     redactor: Redactor = field(init=False)
     #: what is read from the answers: served version, prediction, score
     answers: AnswerReader = field(init=False)
-    #: the features the log reads from each request; None where the route monitors none
+    #: the features the log reads from each request (monitored ones, and amounts mistakes
+    #: cost); None where the route reads none
     features: FeatureSpec | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,8 +98,14 @@ class Route:
         set_(self, "redactor", Redactor(config.capture))
         set_(self, "answers", AnswerReader(config))
         monitoring = config.monitoring
-        reads = monitoring is not None and bool(monitoring.features)
-        set_(self, "features", feature_spec(monitoring) if reads else None)
+        spec = feature_spec(monitoring) if monitoring is not None else ()
+        costs = config.evaluation.costs if config.evaluation is not None else None
+        if costs is not None:
+            # amounts a mistake costs, read from each request as a feature is
+            spec += tuple(
+                (name, False, amount.pointer, None, 0) for name, amount in costs.pointers().items()
+            )
+        set_(self, "features", spec or None)
         cumulative = tuple(accumulate(v.weight for v in self.variants))
         set_(self, "cumulative", cumulative)
         set_(self, "total_weight", cumulative[-1])

@@ -51,7 +51,7 @@ SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        live.variant AS live_variant, p.request_time,
        p.config_version, p.assignment,
        p.inference, p.batch_of, p.batch_size, h.hand_label, h.inclusion_probability,
-       d.outcome, d.value, p.features
+       d.outcome, d.value, COALESCE(p.features, live.features) AS features
 FROM predictions p
 LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
 LEFT JOIN """
