@@ -348,6 +348,18 @@ MONITORING = """
 """
 
 
+#: a delivery every second (five in the default's hour: 3,600 times as often), a CSV of the
+#: second's predictions and a labelling sample beside it: what deliveries cost the gateway
+DELIVERIES = """
+deliveries:
+  - name: bench
+    route: fraud
+    directory: {directory}
+    every: 1s
+    sample: {{n: 20}}
+"""
+
+
 def gateway_config(
     workdir: Path,
     name: str,
@@ -356,6 +368,7 @@ def gateway_config(
     durability: str = "buffered",
     rollout: bool = False,
     monitoring: bool = False,
+    deliveries: bool = False,
 ) -> tuple[Path, Path]:
     db = workdir / f"{name}.db"
     config = workdir / f"{name}.yaml"
@@ -374,6 +387,7 @@ routes:
 """
         + (ROLLOUT if rollout else "")
         + (MONITORING if monitoring else "")
+        + (DELIVERIES.format(directory=workdir / f"{name}-deliveries") if deliveries else "")
     )
     return config, db
 
@@ -463,6 +477,12 @@ def main() -> int:
             config, db = gateway_config(workdir, "gw1-monitoring", fast, fast2, monitoring=True)
             service = start_gateway("gateway x1 (monitoring ten features)", config, 1)
             target = Target("gateway-1w-monitoring", service.url + PATH, service.proc.pid, db)
+            gateways.append((service, target))
+            targets.append(target)
+            # the same gateway delivering a file of predictions every second
+            config, db = gateway_config(workdir, "gw1-deliveries", fast, fast2, deliveries=True)
+            service = start_gateway("gateway x1 (a delivery each second)", config, 1)
+            target = Target("gateway-1w-deliveries", service.url + PATH, service.proc.pid, db)
             gateways.append((service, target))
             targets.append(target)
             # what a proxy in C and a proxy of bare callbacks on the same loop make of the
@@ -645,9 +665,10 @@ def summarise(
             "rps_vs_buffered": durable["rps"] / buffered["rps"],
             "added_p50_ms_vs_buffered": durable["p50_ms"] - buffered["p50_ms"],
         }
-    # a rollout looking at its gates every second, and monitoring ten features (read by
-    # the log, statistics each minute), each against the same gateway without, same run
-    for feature in ("rollout", "monitoring"):
+    # a rollout looking at its gates every second, monitoring ten features (read by the
+    # log, statistics each minute), and a delivery each second, each against the same
+    # gateway without, same run
+    for feature in ("rollout", "monitoring", "deliveries"):
         for c in (1, 32):
             on, off = table[f"gateway-1w-{feature} c={c}"], table[f"gateway-1w c={c}"]
             ratios[f"gateway-1w-{feature} c={c}"] = {

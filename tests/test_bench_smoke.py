@@ -44,6 +44,7 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "session-proxy c=32",
         "starlette-proxy c=32",
         "gateway-1w c=32",
+        "gateway-1w-deliveries c=32",
         "gateway-2w c=1",
         "gateway-1w-20ms c=64",
         "gateway-2w-20ms c=64",
@@ -70,6 +71,7 @@ def test_benchmark_harness_runs_and_the_log_is_complete(tmp_path: Path) -> None:
         "rps_vs_bare_proxy",
         "rps_vs_callback_proxy",
     } <= set(results["ratios"]["gateway-1w-20ms c=64"])
+    assert "rps_vs_none" in results["ratios"]["gateway-1w-deliveries c=32"]
     for name in (
         "callback-proxy-20ms",
         "callback-task-proxy-20ms",

@@ -5,10 +5,13 @@ parse), and never sends anything to a host that is not in its configuration."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import socket
 import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from model_gateway.cli import main
 from model_gateway.store.base import sqlite_path
 from model_gateway.store.postgres import split_schema
 
@@ -206,6 +210,11 @@ BODIES = [
     b'{"request_id": "\\udfff\\u0000", "label": "a\\u0001b", "source": "\\ud83d"}',
     b'{"prediction_id": "' + b"p" * 100_000 + b'", "label": 1}',
     b'{"prediction_id": "x", "label": "' + b"\\u0000" * 10_000 + b'"}',
+    # decisions and hand-label weights: NUL, lone surrogates, huge and odd numbers
+    b'{"prediction_id": "x", "outcome": "accepted\\u0000", "value": 1e400}',
+    b'{"request_id": "r", "outcome": "\\ud800", "value": "12", "origin": "\\u0000"}',
+    b'{"prediction_id": "x", "label": 1, "inclusion_probability": -0.0, "origin": "human"}',
+    b'[{"prediction_id": "x", "value": 123456789012345678901234567890}, {"value": true}]',
     # monitored features holding NUL, lone surrogates, control characters, overlong text
     b'{"inputs": [{"name": "\\u0000\\ud800", "shape": [1, 4], "data": [1e308, "x", null]}]}',
     b'{"inputs": [{"name": "' + b"n" * 100_000 + b'", "data": [[1], [2]]}]}',
@@ -214,9 +223,12 @@ BODIES = [
 
 
 def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
-    gateway: GatewayFactory, caplog: pytest.LogCaptureFixture, store_url: str
+    gateway: GatewayFactory, caplog: pytest.LogCaptureFixture, store_url: str, tmp_path: Path
 ) -> None:
-    """On both stores (fewer examples on PostgreSQL, whose round trips are slower)."""
+    """On both stores (fewer examples on PostgreSQL, whose round trips are slower). The
+    route reads a cost from each body and a delivery writes files of the records every
+    second, with a field read from each captured body: every live inference record is in
+    exactly one file at the end."""
     examples = 2000 if store_url.startswith("sqlite") else 400
     model, canary = Recorder(), Recorder()
     with running(model) as upstream, running(canary) as other:
@@ -230,6 +242,14 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
                     "variants": [{"name": "a", "url": upstream.url, "model_version": "1"}],
                     # copies of the malformed requests too, to the same (recording) upstream
                     "shadows": [{"name": "s", "url": upstream.url, "model_version": "2"}],
+                    # a cost and a delivery's field read from every malformed body
+                    "evaluation": {
+                        "costs": {
+                            "false_positive": 1,
+                            "false_negative": {"pointer": "/inputs/0/data/0", "default": 0},
+                        }
+                    },
+                    "capture": {"bodies": True},
                     # features read from every malformed body into the log
                     "monitoring": {
                         "features": [
@@ -241,6 +261,15 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
             ],
             server={"config_poll_interval": 0},
             storage={"url": store_url},
+            deliveries=[
+                {
+                    "name": "fuzz",
+                    "route": "fraud",
+                    "directory": str(tmp_path / "delivered"),
+                    "every": "1s",
+                    "fields": {"name": "/inputs/0/name", "first": "/inputs/0/data/0"},
+                }
+            ],
         )
         port = gw.server.port
         statuses: dict[int, int] = {}
@@ -281,6 +310,26 @@ def test_malformed_requests_never_get_a_5xx_or_reach_another_host(
     assert reached <= set(copied) <= live and len(copied) == len(set(copied))
     assert len(reached) > examples // 20
     assert "shadow copy" not in caplog.text
+    # the delivery's files, once it has run after the last record: each record once
+    assert main(["export", "--config", str(gw.config_path), "--since-last", "fuzz"]) == 0
+    delivered = [
+        row["prediction_id"]
+        for manifest in (tmp_path / "delivered").glob("*.manifest.json")
+        for row in csv.DictReader(
+            io.StringIO(
+                (tmp_path / "delivered" / json.loads(manifest.read_text())["file"])
+                .read_bytes()
+                .decode(),
+                newline="",
+            )
+        )
+    ]
+    expected = {
+        r["prediction_id"]
+        for r in records
+        if not r["shadow"] and r["inference"] and r["batch_size"] is None
+    }
+    assert len(delivered) == len(set(delivered)) and set(delivered) == expected
 
 
 def ask(port: int, raw: bytes) -> bytes:
