@@ -29,6 +29,7 @@ from model_gateway.labelling import (
 from model_gateway.records import PredictionRecord, new_prediction_id
 from model_gateway.store import Store
 
+from .conftest import wait_until
 from .test_store import POSTGRES, drop_schema, with_store
 
 POSITIVE_RATE = 0.005
@@ -462,3 +463,55 @@ def test_a_decision_alone_and_a_weighted_hand_label_are_items() -> None:
         0.0,
     )
     assert isinstance(hand, FeedbackItem) and hand.inclusion_probability == 0.25
+
+
+def test_decisions_posted_to_feedback_reach_the_metrics_and_the_report(
+    in_process: Any, upstreams: dict[str, Any]
+) -> None:
+    """Through /feedback: ten recommendations, three accepted and seven overridden (each
+    override losing 40), one of them with its label in the same item; the acceptance
+    counter and the report's decisions, and the label still counted as a label."""
+    from .test_feedback import fraud_gateway, predict, wait_for_label
+
+    gw = fraud_gateway(in_process, upstreams)
+    ids = [predict(gw, i).headers["x-prediction-id"] for i in range(10)]
+    wait_for_label(gw, ids[-1], None)
+    items = [
+        {"prediction_id": pid, "outcome": "accepted"}
+        if i < 3
+        else {"prediction_id": pid, "outcome": "overridden", "value": -40}
+        for i, pid in enumerate(ids)
+    ]
+    items[0]["label"] = 1
+    answer = gw.http.post("/feedback", json=items)
+    assert answer.json()["accepted"] == 10, answer.text
+    wait_for_label(gw, ids[0], "1")
+    wait_until(
+        lambda: (
+            "model_gateway_feedback_decisions_total" in gw.http.get("/metrics").text
+            and sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in gw.http.get("/metrics").text.splitlines()
+                if line.startswith("model_gateway_feedback_decisions_total{")
+            )
+            == 10
+        ),
+        "the ten decisions counted",
+    )
+    text = gw.http.get("/metrics").text
+    accepted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("model_gateway_feedback_decisions_total{")
+        and 'decision="accepted"' in line
+    )
+    assert accepted == 3
+    report = gw.http.get("/admin/report", params={"route": "fraud"}).json()
+    found = [v["decisions"] for v in report["variants"].values() if "decisions" in v]
+    assert sum(d["decided"] for d in found) == 10
+    assert sum(d["accepted"] for d in found) == 3
+    assert sum(d["value_total"] for d in found) == pytest.approx(-280)
+    assert sum(v["labelled"] for v in report["variants"].values()) == 1
+    record = gw.http.get(f"/admin/predictions/{ids[5]}").json()
+    assert record["label"] is None
+    assert record["feedback"][0]["outcome"] == "overridden"

@@ -373,6 +373,8 @@ class FeedbackJoiner:
         for row in joined:
             labels = (row["route"], row["variant"], row["model_version"])
             metrics.feedback_joined.labels(*labels).inc()
+            if row["outcome"] is not None:
+                metrics.feedback_decisions.labels(*labels, row["outcome"]).inc()
             route = routes.get(row["route"])
             evaluation = route.evaluation if route else None
             # the outcome counters count a prediction's first label, from the whole stream:

@@ -251,6 +251,13 @@ class Metrics:
             ["route", "variant", "model_version", "outcome"],
             registry=r,
         )
+        self.feedback_decisions = Counter(
+            f"{PREFIX}_feedback_decisions",
+            "People's decisions on recommendations (feedback items with an outcome), by "
+            "decision: accepted or overridden; each item joined counts.",
+            ["route", "variant", "model_version", "decision"],
+            registry=r,
+        )
         self.feedback_class_outcomes = Counter(
             f"{PREFIX}_feedback_class_outcomes",
             "Multiclass predictions once labelled, one-vs-rest per class (tp, fp, fn).",

@@ -6,7 +6,8 @@ from __future__ import annotations
 # Waiting labels whose prediction is stored: by prediction id, or by the client's request id
 # (the latest live prediction with that id; its shadow copies carry the same request id).
 PENDING_JOINS = """
-SELECT f.feedback_id, f.label, f.inclusion_probability, p.prediction_id, p.route, p.variant,
+SELECT f.feedback_id, f.label, f.inclusion_probability, f.outcome, p.prediction_id,
+       p.route, p.variant,
        COALESCE(p.reported_version, p.configured_version) AS model_version,
        p.predicted, p.score
 FROM feedback f
