@@ -124,6 +124,11 @@ def main() -> int:
         action="store_true",
         help="the gateway monitoring ten features (run.MONITORING), to count what it costs",
     )
+    parser.add_argument(
+        "--costs",
+        action="store_true",
+        help="the gateway reading what a miss costs from each request, to count what it costs",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="model-gateway-instructions-") as tmp:
@@ -140,7 +145,9 @@ def main() -> int:
                 port = run.free_port()
                 bare = run.bare_proxy_command(port, f"http://127.0.0.1:{fast}", kind)
                 results[name] = count(name, bare, port, "/", args.requests, workdir / f"{name}.cg")
-            config, db = run.gateway_config(workdir, "gw", fast, fast2, monitoring=args.monitoring)
+            config, db = run.gateway_config(
+                workdir, "gw", fast, fast2, monitoring=args.monitoring, costs=args.costs
+            )
             port = run.free_port()
             gateway = run.gateway_command(config, port)
             results["gateway-1w"] = count(

@@ -369,10 +369,14 @@ def gateway_config(
     rollout: bool = False,
     monitoring: bool = False,
     deliveries: bool = False,
+    costs: bool = False,
 ) -> tuple[Path, Path]:
     db = workdir / f"{name}.db"
     config = workdir / f"{name}.yaml"
     spool = workdir / f"{name}-spool"
+    # a miss costing the amount read from each request (its first value, as the benchmark's
+    # body has no amount): what reading a cost from the request costs
+    amount = ", costs: {false_positive: 5, false_negative: {pointer: /inputs/0/data/0}}"
     config.write_text(
         f"""
 server: {{config_poll_interval: 0}}
@@ -380,7 +384,7 @@ storage: {{url: "sqlite:///{db}", durability: {durability}, spool_path: "{spool}
 routes:
   - name: fraud
     path: /v2/models/fraud
-    evaluation: {{task: binary, prediction: /outputs/1/data/0, score: /outputs/0/data/0}}
+    evaluation: {{task: binary, prediction: /outputs/1/data/0, score: /outputs/0/data/0{amount if costs else ""}}}
     variants:
       - {{name: champion, url: "http://127.0.0.1:{fast}", model_version: "1", weight: 90}}
       - {{name: challenger, url: "http://127.0.0.1:{fast2}", model_version: "2", weight: 10}}
