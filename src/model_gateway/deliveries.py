@@ -108,28 +108,34 @@ async def _write_run(
         await store.mark_delivered(delivery.name, seq, now, final.name)
         sample = described.get("sample")
         return Delivered(seq, final, described["rows"], directory / sample if sample else None)
-    rows = [row async for batch in store.iter_delivery(delivery.name, seq) for row in batch]
-    table = [_delivered_row(row, delivery) for row in rows]
     columns = [*EXPORT_COLUMNS, *delivery.fields]
-    data = await asyncio.to_thread(_encode, table, columns, delivery.format)
+    writer = _FileWriter(final, columns, delivery)
+    # batch by batch, each converted and written in a thread: the loop serves meanwhile, and
+    # memory holds one batch (and, for the sample, what it draws from)
+    try:
+        async for batch in store.iter_delivery(delivery.name, seq):
+            await asyncio.to_thread(writer.add, batch)
+        await asyncio.to_thread(writer.finish)
+    except BaseException:
+        writer.abandon()
+        raise
     sample_path = None
     if delivery.sample is not None:
         sample_path = final.with_name(final.name.rsplit(".", 1)[0] + "-sample.csv")
-        await asyncio.to_thread(_write_atomically, sample_path, _sample_csv(rows, delivery, seq))
-    await asyncio.to_thread(_write_atomically, final, data)
+        data = await asyncio.to_thread(_sample_csv, writer.unlabelled, delivery, seq)
+        await asyncio.to_thread(_write_atomically, sample_path, data)
+    await asyncio.to_thread(writer.publish)
     described = {
         "delivery": delivery.name,
         "seq": seq,
         "route": delivery.route,
         "file": final.name,
         "format": delivery.format,
-        "rows": len(table),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "rows": writer.rows,
+        "sha256": writer.sha256(),
         "columns": columns,
-        "first_request_time": format_rfc3339(min(r["request_time"] for r in rows))
-        if rows
-        else None,
-        "last_request_time": format_rfc3339(max(r["request_time"] for r in rows)) if rows else None,
+        "first_request_time": _time(writer.first),
+        "last_request_time": _time(writer.last),
         "sample": None if sample_path is None else sample_path.name,
         "written_at": format_rfc3339(time.time()),
     }
@@ -138,7 +144,102 @@ async def _write_run(
         _write_atomically, manifest, orjson.dumps(described, option=orjson.OPT_INDENT_2)
     )
     await store.mark_delivered(delivery.name, seq, now, final.name)
-    return Delivered(seq, final, len(table), sample_path)
+    return Delivered(seq, final, writer.rows, sample_path)
+
+
+def _time(seconds: float | None) -> str | None:
+    return None if seconds is None else format_rfc3339(seconds)
+
+
+#: what a labelling sample needs of each prediction
+_SAMPLED = (
+    "prediction_id",
+    "request_id",
+    "variant",
+    "reported_version",
+    "configured_version",
+    "request_time",
+    "predicted",
+    "score",
+    "label",
+)
+
+
+class _FileWriter:
+    """One run's file, written batch by batch to a hidden name, then renamed into place."""
+
+    def __init__(self, final: Path, columns: list[str], delivery: DeliveryConfig) -> None:
+        self.final = final
+        self.temporary = final.with_name(f".{final.name}.tmp")
+        self.columns = columns
+        self.delivery = delivery
+        self.rows = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        #: the run's predictions not labelled yet, for its sample
+        self.unlabelled: list[dict[str, Any]] = []
+        self._hash = hashlib.sha256()
+        self._handle = self.temporary.open("wb")
+        self._parquet: Any = None
+        self._text: csv.DictWriter[str] | None = None
+        self._buffer = io.StringIO(newline="")
+        if delivery.format == "parquet":
+            import pyarrow.parquet as pq
+
+            self._schema = parquet_schema(columns)
+            self._parquet = pq.ParquetWriter(self._handle, self._schema)
+        else:
+            self._text = csv.DictWriter(self._buffer, fieldnames=columns)
+            self._text.writeheader()
+            self._flush_text()
+
+    def add(self, batch: list[dict[str, Any]]) -> None:
+        table = [_delivered_row(row, self.delivery) for row in batch]
+        for row in batch:
+            moment = row["request_time"]
+            self.first = moment if self.first is None else min(self.first, moment)
+            self.last = moment if self.last is None else max(self.last, moment)
+            if self.delivery.sample is not None and row["label"] is None:
+                self.unlabelled.append({key: row[key] for key in _SAMPLED})
+        self.rows += len(table)
+        if self._parquet is not None:
+            import pyarrow as pa
+
+            self._parquet.write_table(pa.Table.from_pylist(table, schema=self._schema))
+        else:
+            assert self._text is not None
+            self._text.writerows(table)
+            self._flush_text()
+
+    def _flush_text(self) -> None:
+        data = self._buffer.getvalue().encode()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        self._hash.update(data)
+        self._handle.write(data)
+
+    def finish(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._handle.flush()
+            # Parquet writes its footer last: hash what is on disk
+            with self.temporary.open("rb") as written:
+                while chunk := written.read(1 << 20):
+                    self._hash.update(chunk)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+    def publish(self) -> None:
+        os.replace(self.temporary, self.final)
+        _sync_directory(self.final.parent)
+
+    def abandon(self) -> None:
+        self._handle.close()
+        self.temporary.unlink(missing_ok=True)
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
 
 def _delivered_row(row: dict[str, Any], delivery: DeliveryConfig) -> dict[str, Any]:
@@ -151,22 +252,6 @@ def _delivered_row(row: dict[str, Any], delivery: DeliveryConfig) -> dict[str, A
             value = found.get(name)
             out[name] = None if value is None else str(value)
     return out
-
-
-def _encode(rows: list[dict[str, Any]], columns: list[str], fmt: str) -> bytes:
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = parquet_schema(columns)
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-        return sink.getvalue()
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue().encode()
 
 
 def _sample_csv(rows: list[dict[str, Any]], delivery: DeliveryConfig, seq: int) -> bytes:
@@ -191,7 +276,12 @@ def _write_atomically(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in ``path`` survive a power cut."""
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
