@@ -292,3 +292,52 @@ def test_files_are_renamed_whole(tmp_path: Path) -> None:
     _write_atomically(target, b"a,b\n1,2\n")
     assert target.read_bytes() == b"a,b\n1,2\n"
     assert sorted(os.listdir(tmp_path)) == ["f.csv"]
+
+
+def test_an_unwritable_directory_is_a_clear_error_and_loses_nothing(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The directory is a file: the CLI says so and exits 1; nothing is claimed, so the
+    next run, to a directory that works, delivers everything."""
+    url, base = fraud_store
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    loaded = yaml.safe_load(base.read_text())
+    loaded["deliveries"] = [
+        {"name": "calls", "route": "fraud", "directory": str(blocked / "out"), "every": None}
+    ]
+    config = tmp_path / "d.yaml"
+    config.write_text(yaml.safe_dump(loaded))
+    records = [prediction("a", i, 0.5) for i in range(7)]
+    run(url, lambda store: store.write_predictions([r.as_row() for r in records]))
+    assert main(["export", "--config", str(config), "--since-last", "calls"]) == 1
+    assert f"cannot write to {blocked / 'out'}" in capsys.readouterr().err
+    assert run(url, lambda store: store.delivery_runs("calls")) == []
+    loaded["deliveries"][0]["directory"] = str(tmp_path / "works")
+    config.write_text(yaml.safe_dump(loaded))
+    assert main(["export", "--config", str(config), "--since-last", "calls"]) == 0
+    assert len(read_delivered(tmp_path / "works")) == 7
+
+
+def test_runs_that_failed_for_longer_than_the_lookback_skip_nothing(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A lookback of an hour; the run after the first comes ten hours later (the runs in
+    between failed), and a record of 30 minutes before the first run was written late: it
+    is delivered, since the lookback counts back from the last run that claimed."""
+    url, _ = fraud_store
+    out = tmp_path / "out"
+    config = DeliveryConfig(name="calls", route="fraud", directory=str(out), lookback="1h")
+    run(
+        url,
+        lambda store: store.write_predictions([prediction("a", 0, 0.5, request_time=NOW).as_row()]),
+    )
+    assert [d.rows for d in run(url, lambda store: deliver(store, config, NOW + 1))] == [1]
+    late = prediction("a", 1, 0.5, request_time=NOW - 1800)
+    run(url, lambda store: store.write_predictions([late.as_row()]))
+    written = run(url, lambda store: deliver(store, config, NOW + 10 * 3600))
+    assert [d.rows for d in written] == [1]
+    assert late.prediction_id in {r["prediction_id"] for r in read_delivered(out)}

@@ -186,6 +186,9 @@ def _deliver_now(loaded: LoadedConfig, name: str) -> int:
     except DeliveryBusy as exc:
         print(f"{exc}; try again when it is done", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"delivery {name}: cannot write to {delivery.directory}: {exc}", file=sys.stderr)
+        return 1
     for done in written:
         print(f"{done.path}: {done.rows} predictions", file=sys.stderr)
     if not written:

@@ -583,7 +583,8 @@ class DeliveryConfig(_Strict):
     format: Literal["csv", "parquet"] = "csv"
     #: columns read from each captured request body: column name to JSON pointer
     fields: dict[str, str] = {}
-    #: how far back a run looks for predictions no run has delivered
+    #: how far before the previous run (the first: before now) a run looks for predictions
+    #: no run has delivered
     lookback: str = "7d"
     sample: DeliverySample | None = None
 

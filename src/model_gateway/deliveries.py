@@ -87,10 +87,13 @@ async def deliver(store: Store, delivery: DeliveryConfig, now: float) -> list[De
     directory = Path(delivery.directory)
     written = []
     with _locked(directory):
-        for run in await store.delivery_runs(delivery.name):
+        runs = await store.delivery_runs(delivery.name)
+        for run in runs:
             if run["written_at"] is None:
                 written.append(await _write_run(store, delivery, directory, run["seq"], now))
-        since = now - duration_seconds(delivery.lookback)
+        # back from the last run, not from now: runs that failed for longer than the
+        # lookback (a full disk over a long weekend) skip nothing
+        since = (runs[-1]["claimed_at"] if runs else now) - duration_seconds(delivery.lookback)
         seq = await store.claim_delivery(delivery.name, delivery.route, since, now)
         if seq is not None:
             written.append(await _write_run(store, delivery, directory, seq, now))
@@ -300,8 +303,8 @@ class DeliveryRunner:
         self._looked: dict[str, float] = {}
 
     def start(self) -> None:
-        if self._live.loaded.config.deliveries:
-            self._task = asyncio.create_task(self._loop(), name="deliveries")
+        # always: a reload may add a delivery
+        self._task = asyncio.create_task(self._loop(), name="deliveries")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
