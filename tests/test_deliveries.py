@@ -341,3 +341,27 @@ def test_runs_that_failed_for_longer_than_the_lookback_skip_nothing(
     written = run(url, lambda store: deliver(store, config, NOW + 10 * 3600))
     assert [d.rows for d in written] == [1]
     assert late.prediction_id in {r["prediction_id"] for r in read_delivered(out)}
+
+
+def test_an_ordinary_run_looks_back_minutes_and_a_sweep_the_whole_lookback(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A record written an hour after its request (the store was away) is not in the next
+    ordinary run, which reads only the minutes before the last run, and is in the next
+    sweep's; nothing twice."""
+    url, _ = fraud_store
+    out = tmp_path / "out"
+    config = delivery(out)
+    first = prediction("a", 0, 0.5, request_time=NOW)
+    run(url, lambda store: store.write_predictions([first.as_row()]))
+    assert [d.rows for d in run(url, lambda store: deliver(store, config, NOW + 1))] == [1]
+    late = prediction("a", 1, 0.5, request_time=NOW - 3600)
+    recent = prediction("a", 2, 0.5, request_time=NOW + 30)
+    run(url, lambda store: store.write_predictions([late.as_row(), recent.as_row()]))
+    ordinary = run(url, lambda store: deliver(store, config, NOW + 60, sweep=False))
+    assert [d.rows for d in ordinary] == [1]
+    swept = run(url, lambda store: deliver(store, config, NOW + 120, sweep=True))
+    assert [d.rows for d in swept] == [1]
+    ids = [r["prediction_id"] for r in read_delivered(out)]
+    assert sorted(ids) == sorted([first.prediction_id, late.prediction_id, recent.prediction_id])

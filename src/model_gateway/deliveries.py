@@ -46,6 +46,12 @@ log = logging.getLogger("model_gateway.deliveries")
 
 #: how often the runner looks whether a delivery is due
 LOOK_SECONDS = 5.0
+#: how long before the last run an ordinary run looks: a record is written within a second
+#: or two of its answer, unless the store was away (then the spool or the queue holds it)
+RECENT_SECONDS = 120.0
+#: how often a gateway sweeps the whole lookback for records written late (and at its
+#: start, when the spool's records of a crash are written)
+SWEEP_SECONDS = 6 * 3600.0
 
 
 class DeliveryBusy(Exception):
@@ -80,10 +86,14 @@ def file_name(delivery: DeliveryConfig, seq: int) -> str:
     return f"{delivery.name}-{seq:08d}.{'parquet' if delivery.format == 'parquet' else 'csv'}"
 
 
-async def deliver(store: Store, delivery: DeliveryConfig, now: float) -> list[Delivered]:
+async def deliver(
+    store: Store, delivery: DeliveryConfig, now: float, *, sweep: bool = True
+) -> list[Delivered]:
     """Finish a run left unfinished, then claim and write a new one; the files written
-    (none when nothing new was logged). Raises :class:`DeliveryBusy` when another process
-    holds the delivery's directory."""
+    (none when nothing new was logged). A sweep looks for predictions ``lookback`` before
+    the last run; otherwise the run looks :data:`RECENT_SECONDS` before it, which is where
+    the log's records land (one written later waits for the next sweep). Raises
+    :class:`DeliveryBusy` when another process holds the delivery's directory."""
     directory = Path(delivery.directory)
     written = []
     with _locked(directory):
@@ -93,7 +103,10 @@ async def deliver(store: Store, delivery: DeliveryConfig, now: float) -> list[De
                 written.append(await _write_run(store, delivery, directory, run["seq"], now))
         # back from the last run, not from now: runs that failed for longer than the
         # lookback (a full disk over a long weekend) skip nothing
-        since = (runs[-1]["claimed_at"] if runs else now) - duration_seconds(delivery.lookback)
+        back = duration_seconds(delivery.lookback)
+        if not sweep:
+            back = min(back, RECENT_SECONDS)
+        since = (runs[-1]["claimed_at"] if runs else now) - back
         seq = await store.claim_delivery(delivery.name, delivery.route, since, now)
         if seq is not None:
             written.append(await _write_run(store, delivery, directory, seq, now))
@@ -299,8 +312,9 @@ class DeliveryRunner:
         self._live = live
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
-        #: when each delivery was last run by this gateway
+        #: when each delivery was last run by this gateway, and last swept
         self._looked: dict[str, float] = {}
+        self._swept: dict[str, float] = {}
 
     def start(self) -> None:
         # always: a reload may add a delivery
@@ -345,11 +359,15 @@ class DeliveryRunner:
             unfinished = any(run["written_at"] is None for run in runs)
             if not unfinished and now - last < duration_seconds(delivery.every):
                 continue
+            swept = self._swept.get(delivery.name)
+            sweep = swept is None or now - swept >= SWEEP_SECONDS
             try:
-                written = await deliver(self._store, delivery, now)
+                written = await deliver(self._store, delivery, now, sweep=sweep)
             except DeliveryBusy:
                 continue  # another worker is running it now
             self._looked[delivery.name] = now
+            if sweep:
+                self._swept[delivery.name] = now
             for done in written:
                 log.info("delivery %s: %s, %d predictions", delivery.name, done.path, done.rows)
                 self._metrics.delivered_rows.labels(delivery.name).inc(done.rows)

@@ -26,7 +26,6 @@ from .base import (
 )
 from .queries import (
     BEGIN_ROLLOUT,
-    CLAIM_DELIVERY,
     COUNT_ROWS,
     DELETE_REFERENCE,
     DELIVERY_ROWS,
@@ -53,6 +52,7 @@ from .queries import (
     SAVE_ROLLOUT,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
+    UNCLAIMED,
 )
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
@@ -67,7 +67,7 @@ def _numbered(query: str) -> str:
     return re.sub(r"%s", lambda _: f"${next(counter)}", query)
 
 
-_CLAIM_DELIVERY = _numbered(CLAIM_DELIVERY)
+_UNCLAIMED = _numbered(UNCLAIMED)
 _DELIVERY_ROWS = _numbered(DELIVERY_ROWS)
 _DELIVERY_RUNS = _numbered(DELIVERY_RUNS)
 _MARK_DELIVERED = _numbered(MARK_DELIVERED)
@@ -371,15 +371,28 @@ class PostgresStore:
     async def claim_delivery(
         self, delivery: str, route: str, since: float, now: float
     ) -> int | None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            seq = int(await conn.fetchval(_NEXT_DELIVERY, delivery))
-            # two gateways claiming at once: one of the two inserts of the same run number
-            # (or of the same prediction) fails, and that one tries again at its next look
-            status = await conn.execute(_CLAIM_DELIVERY, delivery, seq, route, since, delivery)
-            count = int(status.split()[-1])
-            if count == 0:
+        async with self.pool.acquire() as conn:
+            found = [r[0] for r in await conn.fetch(_UNCLAIMED, route, since, delivery)]
+            if not found:
                 return None
-            await conn.execute(_SAVE_DELIVERY, delivery, seq, route, now, count)
+            async with conn.transaction():
+                seq = int(await conn.fetchval(_NEXT_DELIVERY, delivery))
+                # a prediction another gateway claimed meanwhile is skipped; of two runs
+                # taking the same number, the second fails and tries again at its next look
+                count = 0
+                for start in range(0, len(found), 10_000):
+                    status = await conn.execute(
+                        "INSERT INTO delivered (delivery, prediction_id, seq) "
+                        "SELECT $1, unnest($2::text[]), $3 "
+                        "ON CONFLICT (delivery, prediction_id) DO NOTHING",
+                        delivery,
+                        found[start : start + 10_000],
+                        seq,
+                    )
+                    count += int(status.split()[-1])
+                if count == 0:
+                    return None
+                await conn.execute(_SAVE_DELIVERY, delivery, seq, route, now, count)
         return seq
 
     async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:

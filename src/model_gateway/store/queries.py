@@ -193,18 +193,24 @@ REFERENCE_COLUMNS = (
 )  # fmt: skip
 DELETE_REFERENCE = "DELETE FROM drift_references WHERE reference_id = %s"
 
-# Deliveries (deliveries.py): a run claims, in one transaction, every live prediction of its
-# route since the lookback that no run of the same delivery has claimed, under the next
-# number; its file is written from the claim, and the run marked written after the rename.
+# Deliveries (deliveries.py): a run reads which live predictions of its route since a time
+# no run of the same delivery has claimed (a read: the log writes on meanwhile), then claims
+# them, in one short transaction, under the delivery's next number (a prediction claimed by
+# another run meanwhile is skipped); its file is written from the claim, and the run marked
+# written after the rename.
 NEXT_DELIVERY = "SELECT COALESCE(MAX(seq), 0) + 1 FROM deliveries WHERE delivery = %s"
-CLAIM_DELIVERY = """
-INSERT INTO delivered (delivery, prediction_id, seq)
-SELECT %s, p.prediction_id, %s FROM predictions p
+UNCLAIMED = """
+SELECT p.prediction_id FROM predictions p
 WHERE p.route = %s AND p.request_time >= %s AND p.shadow = 0 AND p.inference = 1
   AND p.batch_size IS NULL
   AND NOT EXISTS (
     SELECT 1 FROM delivered d WHERE d.delivery = %s AND d.prediction_id = p.prediction_id
   )
+"""
+#: SQLite's, row by row; PostgreSQL inserts the ids as one array
+CLAIM = """
+INSERT INTO delivered (delivery, prediction_id, seq) VALUES (%s, %s, %s)
+ON CONFLICT (delivery, prediction_id) DO NOTHING
 """
 SAVE_DELIVERY = """
 INSERT INTO deliveries (delivery, seq, route, claimed_at, row_count) VALUES (%s, %s, %s, %s, %s)

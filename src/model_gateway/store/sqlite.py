@@ -16,7 +16,7 @@ from .base import ROLLOUT_COLUMNS, STORE_ERRORS, StoreOpenError, attach_shadows
 from .log_process import LogProcess
 from .queries import (
     BEGIN_ROLLOUT,
-    CLAIM_DELIVERY,
+    CLAIM,
     COUNT_ROWS,
     DELETE_REFERENCE,
     DELIVERY_ROWS,
@@ -43,11 +43,13 @@ from .queries import (
     SAVE_ROLLOUT,
     SHADOWS_OF,
     SHADOWS_OF_JOINED,
+    UNCLAIMED,
 )
 from .schema import LATEST_VERSION, MIGRATIONS, SchemaTooNewError
 
 _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
-_CLAIM_DELIVERY = CLAIM_DELIVERY.replace("%s", "?")
+_CLAIM = CLAIM.replace("%s", "?")
+_UNCLAIMED = UNCLAIMED.replace("%s", "?")
 _DELIVERY_ROWS = DELIVERY_ROWS.replace("%s", "?")
 _DELIVERY_RUNS = DELIVERY_RUNS.replace("%s", "?")
 _MARK_DELIVERED = MARK_DELIVERED.replace("%s", "?")
@@ -354,17 +356,20 @@ class SQLiteStore:
     async def claim_delivery(
         self, delivery: str, route: str, since: float, now: float
     ) -> int | None:
+        # the read first, outside the write lock: the log writes on while it scans
+        found = [row[0] for row in await self._fetch(_UNCLAIMED, (route, since, delivery))]
+        if not found:
+            return None
         async with self._using:
-            # the write lock first: two processes cannot both take the same run number
+            # then the write lock: two processes cannot both take the same run number
             await self.db.execute("BEGIN IMMEDIATE")
             try:
                 async with self.db.execute(_NEXT_DELIVERY, (delivery,)) as cur:
                     row = await cur.fetchone()
                 seq = int(row[0]) if row else 1
-                async with self.db.execute(
-                    _CLAIM_DELIVERY, (delivery, seq, route, since, delivery)
-                ) as cur:
-                    count = cur.rowcount
+                before = self.db.total_changes
+                await self.db.executemany(_CLAIM, [(delivery, pid, seq) for pid in found])
+                count = self.db.total_changes - before
                 if count <= 0:
                     await self.db.rollback()
                     return None
