@@ -365,3 +365,48 @@ def test_an_ordinary_run_looks_back_minutes_and_a_sweep_the_whole_lookback(
     assert [d.rows for d in swept] == [1]
     ids = [r["prediction_id"] for r in read_delivered(out)]
     assert sorted(ids) == sorted([first.prediction_id, late.prediction_id, recent.prediction_id])
+
+
+def test_a_gateway_delivers_on_its_schedule_in_a_process_of_its_own(
+    gateway: Any, upstreams: dict[str, Upstream], tmp_path: Path
+) -> None:
+    """A gateway with a delivery every second: the files hold its predictions, each once,
+    with the customer read from each captured body, and its /metrics counts what was
+    delivered."""
+    out = tmp_path / "out"
+    gw = gateway(
+        [
+            {
+                "name": "fraud",
+                "path": "/v2/models/fraud",
+                "capture": {"bodies": True},
+                "variants": [{"name": "a", "url": upstreams["a"].url, "model_version": "1"}],
+            }
+        ],
+        deliveries=[
+            {
+                "name": "calls",
+                "route": "fraud",
+                "directory": str(out),
+                "every": "1s",
+                "fields": {"customer": "/parameters/customer"},
+            }
+        ],
+    )
+    sent = []
+    for i in range(5):
+        body = {**INFER, "parameters": {"customer": f"c{i}"}}
+        answer = gw.http.post("/v2/models/fraud/infer", json=body)
+        assert answer.status_code == 200
+        sent.append(answer.headers["x-prediction-id"])
+
+    def delivered() -> float:
+        for line in gw.http.get("/metrics").text.splitlines():
+            if line.startswith('model_gateway_delivered_rows_total{delivery="calls"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    wait_until(lambda: delivered() == 5, "the five predictions delivered")
+    rows = read_delivered(out)
+    assert sorted(r["prediction_id"] for r in rows) == sorted(sent)
+    assert sorted(r["customer"] for r in rows) == [f"c{i}" for i in range(5)]

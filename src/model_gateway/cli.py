@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -158,7 +159,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     loaded = load_or_exit(args.config)
     if args.since_last is not None:
-        return _deliver_now(loaded, args.since_last)
+        return _deliver_now(loaded, args.since_last, args.recent)
     if args.out is None:
         print("model-gateway export: --out is required (or --since-last NAME)", file=sys.stderr)
         return 2
@@ -171,9 +172,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deliver_now(loaded: LoadedConfig, name: str) -> int:
-    """Run the delivery ``name`` now: what no run of it has delivered, to its directory."""
-    from .deliveries import DeliveryBusy, deliver
+def _deliver_now(loaded: LoadedConfig, name: str, recent: bool = False) -> int:
+    """Run the delivery ``name`` now: what no run of it has delivered, to its directory.
+    ``recent``: an ordinary run (the gateway's), not a sweep; each file written is then
+    also printed on stdout as a JSON line, for the gateway to count."""
+    from .deliveries import BUSY_EXIT, DeliveryBusy, deliver
 
     found = {d.name: d for d in loaded.config.deliveries}
     delivery = found.get(name)
@@ -182,15 +185,18 @@ def _deliver_now(loaded: LoadedConfig, name: str) -> int:
         print(f"no delivery is named {name!r} (configured: {known})", file=sys.stderr)
         return 1
     try:
-        written = with_store(loaded, lambda store: deliver(store, delivery, time.time()))
+        written = with_store(
+            loaded, lambda store: deliver(store, delivery, time.time(), sweep=not recent)
+        )
     except DeliveryBusy as exc:
         print(f"{exc}; try again when it is done", file=sys.stderr)
-        return 1
+        return BUSY_EXIT
     except OSError as exc:
         print(f"delivery {name}: cannot write to {delivery.directory}: {exc}", file=sys.stderr)
         return 1
     for done in written:
         print(f"{done.path}: {done.rows} predictions", file=sys.stderr)
+        print(json.dumps({"file": str(done.path), "rows": done.rows}), flush=True)
     if not written:
         print(f"nothing new to deliver for {name}", file=sys.stderr)
     return 0
@@ -334,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="run the delivery NAME now: what it has not delivered yet, to its directory",
     )
+    # the gateway's ordinary runs: from minutes before the last run, not the whole lookback
+    export.add_argument("--recent", action="store_true", help=argparse.SUPPRESS)
     export.set_defaults(func=cmd_export)
 
     sample = commands.add_parser(
