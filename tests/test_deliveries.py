@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import yaml
 from model_gateway.cli import main
 from model_gateway.config import DeliveryConfig, parse_config
 from model_gateway.deliveries import DeliveryBusy, deliver, file_name
-from model_gateway.store import Store
 
 from .conftest import Upstream, wait_until
 from .test_durability import load_until_killed, stored_ids
@@ -83,7 +81,8 @@ def test_each_run_delivers_what_no_run_has_and_a_late_record_comes_next(
     run(url, lambda store: store.write_predictions([r.as_row() for r in first]))
     written = run(url, lambda store: deliver(store, config, NOW))
     assert [(d.seq, d.rows) for d in written] == [(1, 30)]
-    assert written[0].path.name == file_name(config, 1)
+    assert written[0].path.name == file_name(config, 1, NOW)
+    assert written[0].path.name.startswith("calls-00000001-")
     assert run(url, lambda store: deliver(store, config, NOW + 60)) == []
     late = [
         prediction("b", 100 + i, 0.5, request_body=body(f"late{i}", i), request_time=NOW - 7200)
@@ -117,7 +116,8 @@ def test_a_claim_whose_file_was_never_written_is_written_first(
     config = delivery(out)
     first = [prediction("a", i, 0.5) for i in range(5)]
     run(url, lambda store: store.write_predictions([r.as_row() for r in first]))
-    assert run(url, lambda store: store.claim_delivery("calls", "fraud", 0.0, NOW)) == 1
+    claim = store_claim("calls", 0.0, NOW, "a gateway that died", NOW - 1)
+    assert run(url, claim) == 1
     later = [prediction("a", 10 + i, 0.5) for i in range(3)]
     run(url, lambda store: store.write_predictions([r.as_row() for r in later]))
     written = run(url, lambda store: deliver(store, config, NOW + 1))
@@ -126,36 +126,88 @@ def test_a_claim_whose_file_was_never_written_is_written_first(
     assert ids == sorted(r.prediction_id for r in [*first, *later])
 
 
-def test_a_file_in_place_but_not_marked_is_marked_not_written_again(
+def store_claim(name: str, since: float, now: float, holder: str, until: float) -> Any:
+    return lambda store: store.claim_delivery(name, "fraud", since, now, holder, until, 10**6)
+
+
+def test_a_run_marked_before_its_manifest_showed_gets_its_manifest_only(
     fraud_store: tuple[str, Path],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """The process died after the manifest's rename and before the run was marked: the next
-    run marks it and leaves the file as it was (a consumer may be reading it)."""
+    """The process died after marking the run and before renaming its manifest into place:
+    the next run renames it and writes nothing again (the file is as it was)."""
     url, _ = fraud_store
     out = tmp_path / "out"
     config = delivery(out)
     run(url, lambda store: store.write_predictions([prediction("a", 0, 0.5).as_row()]))
     (done,) = run(url, lambda store: deliver(store, config, NOW))
     before = done.path.stat()
-
-    async def unmark(store: Store) -> list[dict[str, Any]]:
-        if url.startswith("sqlite"):
-            conn = sqlite3.connect(url.removeprefix("sqlite:///"))
-            conn.execute("UPDATE deliveries SET written_at = NULL")
-            conn.commit()
-            conn.close()
-        else:
-            async with store.pool.acquire() as conn:  # type: ignore[attr-defined]
-                await conn.execute("UPDATE deliveries SET written_at = NULL")
-        return await store.delivery_runs("calls")
-
-    assert run(url, unmark)[0]["written_at"] is None
-    again = run(url, lambda store: deliver(store, config, NOW + 1))
-    assert [(d.seq, d.rows) for d in again] == [(1, 1)]
+    manifest = done.path.with_name(done.path.name + ".manifest.json")
+    manifest.rename(manifest.with_name(f".{manifest.name}.tmp"))
+    assert run(url, lambda store: deliver(store, config, NOW + 1)) == []
+    assert manifest.exists()
     after = done.path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert run(url, lambda store: store.delivery_runs("calls"))[0]["written_at"] is not None
+    assert len(read_delivered(out)) == 1
+
+
+def test_a_consumer_that_takes_the_files_away_gets_nothing_twice(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A consumer moves each file and its manifest away as soon as they show: later runs
+    deliver only what is new."""
+    url, _ = fraud_store
+    out, taken = tmp_path / "out", tmp_path / "taken"
+    taken.mkdir()
+    config = delivery(out)
+    seen: list[str] = []
+    for round_ in range(3):
+        batch = [prediction("a", 10 * round_ + i, 0.5) for i in range(3)]
+        run(url, lambda store, b=batch: store.write_predictions([r.as_row() for r in b]))
+        run(url, lambda store, r=round_: deliver(store, config, NOW + r))
+        seen += [row["prediction_id"] for row in read_delivered(out)]
+        for path in out.iterdir():
+            if not path.name.startswith("."):
+                path.rename(taken / path.name)
+    assert len(seen) == 9 and len(set(seen)) == 9
+
+
+def test_a_manifest_left_by_another_store_does_not_stand_for_a_new_run(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A directory holding run 1 of a store since replaced: the new store's run 1 is a file
+    of its own, with all its predictions."""
+    url, _ = fraud_store
+    out = tmp_path / "out"
+    out.mkdir()
+    config = delivery(out)
+    old = out / file_name(config, 1, NOW - 86_400)
+    old.write_text("prediction_id\nold\n")
+    old.with_name(old.name + ".manifest.json").write_text('{"seq": 1, "rows": 1}')
+    records = [prediction("a", i, 0.5) for i in range(5)]
+    run(url, lambda store: store.write_predictions([r.as_row() for r in records]))
+    (done,) = run(url, lambda store: deliver(store, config, NOW))
+    assert done.rows == 5 and done.path != old
+    assert old.read_text() == "prediction_id\nold\n"
+
+
+def test_a_run_being_written_by_another_gateway_is_left_to_it_until_its_lease_ends(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Gateway A claimed run 1 and is writing it (its lease runs ten minutes); gateway B,
+    with a directory of its own, leaves it alone; once A's lease has run out (A died), B
+    writes it."""
+    url, _ = fraud_store
+    config = delivery(tmp_path / "b")
+    run(url, lambda store: store.write_predictions([prediction("a", 0, 0.5).as_row()]))
+    assert run(url, store_claim("calls", 0.0, NOW, "gateway-a", NOW + 600)) == 1
+    with pytest.raises(DeliveryBusy):
+        run(url, lambda store: deliver(store, config, NOW + 60, holder="gateway-b"))
+    done = run(url, lambda store: deliver(store, config, NOW + 601, holder="gateway-b"))
+    assert [(d.seq, d.rows) for d in done] == [(1, 1)]
 
 
 def test_a_delivery_being_run_elsewhere_is_left_alone(tmp_path: Path) -> None:

@@ -363,8 +363,7 @@ def test_a_disagreement_sample_draws_where_the_shadow_answered_otherwise(
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert len(rows) == 10
     assert {r["prediction_id"] for r in rows} <= disagreeing
-    probability = 10 / len(disagreeing)
-    assert all(float(r["inclusion_probability"]) == pytest.approx(probability) for r in rows)
+    assert all(r["inclusion_probability"] == "" for r in rows)
 
 
 def test_decisions_on_recommendations_reach_the_report_per_variant(
@@ -433,6 +432,7 @@ def test_every_stratum_of_a_small_population_is_taken_whole() -> None:
         ({"value": "12"}, "value must be a finite number"),
         ({"value": 10**400}, "value must be a finite number"),
         ({"label": 1, "inclusion_probability": 0}, "inclusion_probability must be a number"),
+        ({"label": 1, "inclusion_probability": 1e-13}, "inclusion_probability must be a number"),
         ({"label": 1, "inclusion_probability": 1.5}, "inclusion_probability must be a number"),
         ({"label": 1, "inclusion_probability": "x"}, "inclusion_probability must be a number"),
         ({"outcome": "accepted", "inclusion_probability": 0.5}, "belongs to a label"),
@@ -515,3 +515,36 @@ def test_decisions_posted_to_feedback_reach_the_metrics_and_the_report(
     record = gw.http.get(f"/admin/predictions/{ids[5]}").json()
     assert record["label"] is None
     assert record["feedback"][0]["outcome"] == "overridden"
+
+
+def test_a_later_value_keeps_the_earlier_outcome(
+    fraud_store: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, config = fraud_store
+    record = prediction("a", 0, 0.5)
+    with_store_sync(url, lambda store: store.write_predictions([record.as_row()]))
+    for i, cells in enumerate(("accepted,", ",-12.5")):
+        items = tmp_path / f"d{i}.csv"
+        items.write_text(
+            f"prediction_id,outcome,value,timestamp\n{record.prediction_id},{cells},"
+            f"2026-12-0{i + 1}T00:00:00Z\n"
+        )
+        assert main(["feedback", "import", str(items), "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["report", "--config", str(config), *WINDOW]) == 0
+    found = json.loads(capsys.readouterr().out)["variants"]["a"]["decisions"]
+    assert (found["decided"], found["accepted"], found["value_total"]) == (1, 1, -12.5)
+
+
+def test_a_disagreement_sample_carries_no_weight(
+    fraud_store: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, config = fraud_store
+    live = prediction("a", 0, 0.9)
+    copy = prediction("s", 0, 0.1, shadow=True, shadow_of=live.prediction_id)
+    with_store_sync(url, lambda store: store.write_predictions([live.as_row(), copy.as_row()]))
+    out = tmp_path / "d.csv"
+    args = ["sample", "--config", str(config), *WINDOW, "--strategy", "disagreement"]
+    assert main([*args, "--n", "5", "--out", str(out)]) == 0
+    (row,) = list(csv.DictReader(out.read_text().splitlines()))
+    assert row["prediction_id"] == live.prediction_id and row["inclusion_probability"] == ""

@@ -271,6 +271,8 @@ class CostsConfig(_Strict):
     @field_validator("false_positive", "false_negative")
     @classmethod
     def _not_negative(cls, cost: float | CostAmount) -> float | CostAmount:
+        if isinstance(cost, bool):
+            raise ValueError("must be a number or {pointer: ...}, not a boolean")
         if isinstance(cost, float | int) and not (cost >= 0 and math.isfinite(cost)):
             raise ValueError("must be a finite number >= 0, or {pointer: ...}")
         return cost
@@ -599,7 +601,7 @@ class DeliveryConfig(_Strict):
     @classmethod
     def _pointers(cls, fields: dict[str, str]) -> dict[str, str]:
         for name, pointer in fields.items():
-            if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
                 raise ValueError(f"column {name!r}: letters, digits, '_', '.' and '-' only")
             if not pointer.startswith("/"):
                 raise ValueError(f"column {name!r}: must be a JSON pointer starting with '/'")

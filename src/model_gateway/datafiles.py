@@ -191,7 +191,9 @@ def sample_rows(
                 "predicted": row["predicted"],
                 "score": row["score"],
                 "stratum": ",".join(f"{k}={v}" for k, v in zip(by, keys[i], strict=True)),
-                "inclusion_probability": repr(probability),
+                # a disagreement sample stands for the disagreements only: its labels are no
+                # estimate of the variant's figures, and carry no weight
+                "inclusion_probability": "" if strategy == "disagreement" else repr(probability),
                 "label": "",
             }
         )

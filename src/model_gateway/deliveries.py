@@ -21,8 +21,10 @@ import io
 import logging
 import math
 import os
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +52,14 @@ LOOK_SECONDS = 5.0
 #: how long before the last run an ordinary run looks: a record is written within a second
 #: or two of its answer, unless the store was away (then the spool or the queue holds it)
 RECENT_SECONDS = 120.0
+#: how long a process may take to write a run before another may take it over
+LEASE_SECONDS = 600.0
+#: a run's file holds at most this many predictions (a first run over a long backlog, or a
+#: sweep after an outage, is split over several), so that its claim holds the store's write
+#: lock briefly
+MAX_ROWS_PER_FILE = 500_000
+#: this process, as the holder of a run's lease
+HOLDER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 #: how often a gateway sweeps the whole lookback for records written late (and at its
 #: start, when the spool's records of a crash are written)
 SWEEP_SECONDS = 6 * 3600.0
@@ -88,52 +98,95 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def file_name(delivery: DeliveryConfig, seq: int) -> str:
-    return f"{delivery.name}-{seq:08d}.{'parquet' if delivery.format == 'parquet' else 'csv'}"
+def file_name(delivery: DeliveryConfig, seq: int, claimed_at: float) -> str:
+    """A run's file: the delivery, the run's number and when it was claimed (two stores
+    that number runs alike never name the same file)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(claimed_at))
+    millis = int(claimed_at * 1000) % 1000
+    suffix = "parquet" if delivery.format == "parquet" else "csv"
+    return f"{delivery.name}-{seq:08d}-{stamp}{millis:03d}Z.{suffix}"
+
+
+def _manifest(final: Path) -> Path:
+    return final.with_name(final.name + ".manifest.json")
+
+
+def _hidden(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
 
 
 async def deliver(
-    store: Store, delivery: DeliveryConfig, now: float, *, sweep: bool = True
+    store: Store,
+    delivery: DeliveryConfig,
+    now: float,
+    *,
+    sweep: bool = True,
+    holder: str | None = None,
 ) -> list[Delivered]:
     """Finish a run left unfinished, then claim and write a new one; the files written
     (none when nothing new was logged). A sweep looks for predictions ``lookback`` before
     the last run; otherwise the run looks :data:`RECENT_SECONDS` before it, which is where
     the log's records land (one written later waits for the next sweep). Raises
-    :class:`DeliveryBusy` when another process holds the delivery's directory."""
+    :class:`DeliveryBusy` when another process holds the delivery's directory, or the
+    writing of its unfinished run."""
     directory = Path(delivery.directory)
+    holder = holder or HOLDER
     written = []
     with _locked(directory):
         runs = await store.delivery_runs(delivery.name)
+        if runs and runs[-1]["written_at"] is not None:
+            # marked written, its manifest perhaps not yet renamed into place
+            last = runs[-1]
+            final = directory / file_name(delivery, last["seq"], last["claimed_at"])
+            await asyncio.to_thread(_publish, _hidden(_manifest(final)), _manifest(final))
+        await asyncio.to_thread(_remove_abandoned, directory, delivery.name)
         for run in runs:
-            if run["written_at"] is None:
-                written.append(await _write_run(store, delivery, directory, run["seq"], now))
+            if run["written_at"] is not None:
+                continue
+            if not await store.lease_delivery(
+                delivery.name, run["seq"], holder, now, now + LEASE_SECONDS
+            ):
+                raise DeliveryBusy(f"run {run['seq']} of {delivery.name} is being written")
+            written.append(
+                await _write_run(store, delivery, directory, run["seq"], run["claimed_at"], now)
+            )
         # back from the last run, not from now: runs that failed for longer than the
         # lookback (a full disk over a long weekend) skip nothing
         back = duration_seconds(delivery.lookback)
         if not sweep:
             back = min(back, RECENT_SECONDS)
         since = (runs[-1]["claimed_at"] if runs else now) - back
-        seq = await store.claim_delivery(delivery.name, delivery.route, since, now)
+        seq = await store.claim_delivery(
+            delivery.name,
+            delivery.route,
+            since,
+            now,
+            holder,
+            now + LEASE_SECONDS,
+            MAX_ROWS_PER_FILE,
+        )
         if seq is not None:
-            written.append(await _write_run(store, delivery, directory, seq, now))
+            written.append(await _write_run(store, delivery, directory, seq, now, now))
     return written
 
 
 async def _write_run(
-    store: Store, delivery: DeliveryConfig, directory: Path, seq: int, now: float
+    store: Store,
+    delivery: DeliveryConfig,
+    directory: Path,
+    seq: int,
+    claimed_at: float,
+    now: float,
 ) -> Delivered:
-    final = directory / file_name(delivery, seq)
-    manifest = final.with_name(final.name + ".manifest.json")
-    if manifest.exists():
-        # in place before the process died, only not marked: marking is all that is left
-        described = orjson.loads(manifest.read_bytes())
-        await store.mark_delivered(delivery.name, seq, now, final.name)
-        sample = described.get("sample")
-        return Delivered(seq, final, described["rows"], directory / sample if sample else None)
+    """Write a run's file from its claim (again, if an earlier try died: a file without its
+    manifest was never delivered), its sample, its manifest to a hidden name; mark the run
+    written; then rename the manifest into place."""
+    final = directory / file_name(delivery, seq, claimed_at)
+    manifest = _manifest(final)
     columns = [*EXPORT_COLUMNS, *delivery.fields]
     writer = _FileWriter(final, columns, delivery)
-    # batch by batch, each converted and written in a thread: the loop serves meanwhile, and
-    # memory holds one batch (and, for the sample, what it draws from)
+    # batch by batch, each converted and written in a thread, and memory holds one batch
+    # (and, for the sample, what it draws from)
     try:
         async for batch in store.iter_delivery(delivery.name, seq):
             await asyncio.to_thread(writer.add, batch)
@@ -159,13 +212,16 @@ async def _write_run(
         "first_request_time": _time(writer.first),
         "last_request_time": _time(writer.last),
         "sample": None if sample_path is None else sample_path.name,
+        "claimed_at": format_rfc3339(claimed_at),
         "written_at": format_rfc3339(time.time()),
     }
-    # the manifest last: a file with its manifest beside it is whole
-    await asyncio.to_thread(
-        _write_atomically, manifest, orjson.dumps(described, option=orjson.OPT_INDENT_2)
-    )
+    hidden = _hidden(manifest)
+    data = orjson.dumps(described, option=orjson.OPT_INDENT_2)
+    await asyncio.to_thread(_write_synced, hidden, data)
+    # marked before the manifest shows: a run whose manifest was in place is never written
+    # again, even if a consumer has taken the file away since
     await store.mark_delivered(delivery.name, seq, now, final.name)
+    await asyncio.to_thread(_publish, hidden, manifest)
     return Delivered(seq, final, writer.rows, sample_path)
 
 
@@ -192,7 +248,7 @@ class _FileWriter:
 
     def __init__(self, final: Path, columns: list[str], delivery: DeliveryConfig) -> None:
         self.final = final
-        self.temporary = final.with_name(f".{final.name}.tmp")
+        self.temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         self.columns = columns
         self.delivery = delivery
         self.rows = 0
@@ -289,6 +345,33 @@ def _sample_csv(rows: list[dict[str, Any]], delivery: DeliveryConfig, seq: int) 
     return text.getvalue().encode()
 
 
+def _remove_abandoned(directory: Path, name: str) -> None:
+    """Hidden files of runs whose writers died long ago (a run is written again whole)."""
+    now = time.time()
+    for hidden in directory.glob(f".{name}-*.tmp"):
+        try:
+            if now - hidden.stat().st_mtime > LEASE_SECONDS:
+                hidden.unlink()
+        except FileNotFoundError:
+            continue
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _publish(hidden: Path, path: Path) -> None:
+    """Rename a hidden file into place, if it is there."""
+    try:
+        os.replace(hidden, path)
+    except FileNotFoundError:
+        return
+    _sync_directory(path.parent)
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """``data`` at ``path`` whole or not at all: written to a hidden name, synced, renamed,
     and the directory synced (the rename itself survives a power cut)."""
@@ -371,6 +454,13 @@ class DeliveryRunner:
                 written = await self._run(delivery, now, sweep)
             except DeliveryBusy:
                 continue  # another worker is running it now
+            except Exception:
+                # one delivery's failure (its directory, a race lost to another gateway)
+                # holds back none of the others
+                log.exception("delivery %s failed; tried again at the next look", delivery.name)
+                self._metrics.background_errors.labels("deliveries").inc()
+                self._looked[delivery.name] = now
+                continue
             self._looked[delivery.name] = now
             if sweep:
                 self._swept[delivery.name] = now

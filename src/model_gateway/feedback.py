@@ -75,6 +75,8 @@ _FIELDS = frozenset(
 ORIGINS = ("downstream", "human", "import")
 #: what a person did with a recommendation
 OUTCOMES = ("accepted", "overridden")
+#: the least inclusion probability a hand label may carry
+MIN_INCLUSION_PROBABILITY = 1e-9
 
 
 _UNSTORABLE = "holds NUL or an unpaired surrogate, which the store cannot keep"
@@ -199,8 +201,10 @@ def validate_item(item: Any, now: float) -> FeedbackItem | str:
             return "inclusion_probability belongs to a label"
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             return "inclusion_probability must be a number in (0, 1]"
-        if not 0 < weight <= 1:
-            return "inclusion_probability must be a number in (0, 1]"
+        if not MIN_INCLUSION_PROBABILITY <= weight <= 1:
+            # a weight of a billion rows and more is no sample's: a typo, or an attack on
+            # the estimates
+            return f"inclusion_probability must be a number in [{MIN_INCLUSION_PROBABILITY:g}, 1]"
     label_time = now
     if item.get("timestamp") is not None:
         parsed = _timestamp(item["timestamp"])

@@ -132,14 +132,18 @@ def weighted_rate(rows: Sequence[tuple[bool, bool, float]]) -> dict[str, Any]:
     x_hat = sum(1 / p for _, p in denominator)
     rate = sum(1 / p for y, p in denominator if y) / x_hat
     # linearised residuals e = y - R x, over every row (a row out of the denominator is 0)
-    strata: dict[float, list[float]] = defaultdict(list)
+    strata: dict[str, list[float]] = defaultdict(list)
+    probability: dict[str, float] = {}
     for x, y, p in rows:
-        strata[round(p, 12)].append((1.0 if (x and y) else 0.0) - (rate if x else 0.0))
+        key = f"{p:.12g}"  # one stratum, one probability, whatever its last bits
+        strata[key].append((1.0 if (x and y) else 0.0) - (rate if x else 0.0))
+        probability[key] = p
     variance = 0.0
-    for p, residuals in strata.items():
+    for key, residuals in strata.items():
         count = len(residuals)
         if count < 2:
             continue  # a stratum of one labelled row: its spread is not known
+        p = probability[key]
         size = count / p
         spread = float(np.var(residuals, ddof=1))
         variance += size * size * (1 - p) * spread / count

@@ -240,7 +240,8 @@ class Metrics:
         )
         self.feedback_joined = Counter(
             f"{PREFIX}_feedback_joined",
-            "Feedback labels joined to their logged prediction.",
+            "Feedback items joined to their logged prediction (labels, hand labels of weighted "
+            "samples, people's decisions).",
             ["route", "variant", "model_version"],
             registry=r,
         )

@@ -167,15 +167,29 @@ class Store(Protocol):
         ...
 
     async def claim_delivery(
-        self, delivery: str, route: str, since: float, now: float
+        self,
+        delivery: str,
+        route: str,
+        since: float,
+        now: float,
+        holder: str,
+        lease_until: float,
+        limit: int,
     ) -> int | None:
-        """Claim for the next run of ``delivery`` every live prediction of ``route`` made
-        since ``since`` that no run of it has claimed, in one transaction; the run's number,
-        or None when there was nothing to claim."""
+        """Claim for the next run of ``delivery`` (at most ``limit``) live predictions of
+        ``route`` made since ``since`` that no run of it has claimed, and the run's writing
+        for ``holder`` until ``lease_until``; the run's number, or None when there was
+        nothing to claim."""
 
     async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:
-        """The runs of a delivery, oldest first: seq, route, claimed_at, row_count,
-        written_at (None until its file is in place) and file."""
+        """A delivery's last run and those not written yet, oldest first: seq, route,
+        claimed_at, row_count, written_at (None until its file is in place) and file."""
+
+    async def lease_delivery(
+        self, delivery: str, seq: int, holder: str, now: float, until: float
+    ) -> bool:
+        """Take the writing of an unwritten run for ``holder`` until ``until``: False when
+        another holder's lease runs on."""
 
     async def mark_delivered(self, delivery: str, seq: int, written_at: float, file: str) -> None:
         """Record that a run's file is in place."""

@@ -33,6 +33,7 @@ from .queries import (
     EXPORT_ROWS,
     LABELLED_ROWS,
     LATEST_ROWS,
+    LEASE_DELIVERY,
     LEASE_ROLLOUT,
     MARK_DELIVERED,
     MONITORED_COUNT,
@@ -69,6 +70,7 @@ def _numbered(query: str) -> str:
 
 _UNCLAIMED = _numbered(UNCLAIMED)
 _DELIVERY_ROWS = _numbered(DELIVERY_ROWS)
+_LEASE_DELIVERY = _numbered(LEASE_DELIVERY)
 _DELIVERY_RUNS = _numbered(DELIVERY_RUNS)
 _MARK_DELIVERED = _numbered(MARK_DELIVERED)
 _NEXT_DELIVERY = _numbered(NEXT_DELIVERY)
@@ -369,10 +371,17 @@ class PostgresStore:
                 yield [dict(r) for r in rows]
 
     async def claim_delivery(
-        self, delivery: str, route: str, since: float, now: float
+        self,
+        delivery: str,
+        route: str,
+        since: float,
+        now: float,
+        holder: str,
+        lease_until: float,
+        limit: int,
     ) -> int | None:
         async with self.pool.acquire() as conn:
-            found = [r[0] for r in await conn.fetch(_UNCLAIMED, route, since, delivery)]
+            found = [r[0] for r in await conn.fetch(_UNCLAIMED, route, since, delivery)][:limit]
             if not found:
                 return None
             async with conn.transaction():
@@ -392,12 +401,21 @@ class PostgresStore:
                     count += int(status.split()[-1])
                 if count == 0:
                     return None
-                await conn.execute(_SAVE_DELIVERY, delivery, seq, route, now, count)
+                await conn.execute(
+                    _SAVE_DELIVERY, delivery, seq, route, now, count, holder, lease_until
+                )
         return seq
 
     async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:
         async with self.pool.acquire() as conn:
-            return [dict(r) for r in await conn.fetch(_DELIVERY_RUNS, delivery)]
+            return [dict(r) for r in await conn.fetch(_DELIVERY_RUNS, delivery, delivery)]
+
+    async def lease_delivery(
+        self, delivery: str, seq: int, holder: str, now: float, until: float
+    ) -> bool:
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(_LEASE_DELIVERY, holder, until, delivery, seq, holder, now)
+        return bool(status == "UPDATE 1")
 
     async def mark_delivered(self, delivery: str, seq: int, written_at: float, file: str) -> None:
         async with self.pool.acquire() as conn:
@@ -406,10 +424,14 @@ class PostgresStore:
     async def iter_delivery(
         self, delivery: str, seq: int, batch: int = 1000
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            cursor = await conn.cursor(_DELIVERY_ROWS, delivery, seq)
-            while rows := await cursor.fetch(batch):
-                yield [dict(r) for r in rows]
+        after = ""
+        while True:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(_DELIVERY_ROWS, delivery, seq, after, batch)
+            if not rows:
+                return
+            after = rows[-1]["prediction_id"]
+            yield [dict(r) for r in rows]
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn:

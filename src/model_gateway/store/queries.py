@@ -36,10 +36,10 @@ _HAND_LABEL = _LATEST.format(
     columns="label AS hand_label, inclusion_probability",
     condition="label IS NOT NULL AND inclusion_probability IS NOT NULL",
 )
-#: a person's decision on the recommendation
-_DECISION = _LATEST.format(
-    columns="outcome, value", condition="(outcome IS NOT NULL OR value IS NOT NULL)"
-)
+#: a person's decision on the recommendation, and the value they recorded (each the latest
+#: of its own: a later item with a value alone keeps the outcome)
+_OUTCOME = _LATEST.format(columns="outcome", condition="outcome IS NOT NULL")
+_VALUE = _LATEST.format(columns="value", condition="value IS NOT NULL")
 
 # One row per prediction of a route in [since, until), with its latest label, hand label
 # and decision. A shadow's row has those of the live prediction it copies, and that
@@ -52,7 +52,7 @@ SELECT p.variant, p.status, p.latency_ms, p.predicted, p.score,
        live.variant AS live_variant, p.request_time,
        p.config_version, p.assignment,
        p.inference, p.batch_of, p.batch_size, h.hand_label, h.inclusion_probability,
-       d.outcome, d.value, COALESCE(p.features, live.features) AS features
+       d.outcome, v.value, COALESCE(p.features, live.features) AS features
 FROM predictions p
 LEFT JOIN predictions live ON live.prediction_id = p.shadow_of
 LEFT JOIN """
@@ -64,9 +64,13 @@ LEFT JOIN """
     + """ h ON h.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
     AND h.feedback_rank = 1
 LEFT JOIN """
-    + _DECISION
+    + _OUTCOME
     + """ d ON d.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
     AND d.feedback_rank = 1
+LEFT JOIN """
+    + _VALUE
+    + """ v ON v.joined_prediction_id = COALESCE(p.shadow_of, p.prediction_id)
+    AND v.feedback_rank = 1
 WHERE p.route = %s AND p.request_time >= %s AND p.request_time < %s
 """
 )
@@ -85,8 +89,8 @@ SELECT p.prediction_id, p.request_id, p.route, p.variant, p.model_name,
        p.configured_version, p.reported_version, p.config_version, p.assignment, p.inference,
        p.method, p.path, p.request_time, p.latency_ms, p.first_byte_ms, p.streamed, p.status,
        p.error, p.predicted, p.score, p.served_model, p.prompt_tokens, p.completion_tokens,
-       p.shadow, p.shadow_of, p.batch_of, p.batch_size, p.features, p.request_body,
-       p.request_truncated, l.label, l.label_time, l.origin AS label_origin
+       p.shadow, p.shadow_of, p.batch_of, p.batch_size, p.features, p.request_truncated,
+       l.label, l.label_time, l.origin AS label_origin
 FROM predictions p
 LEFT JOIN """
     + _LATEST.format(columns="label, label_time, origin", condition="label IS NOT NULL")
@@ -213,17 +217,27 @@ INSERT INTO delivered (delivery, prediction_id, seq) VALUES (%s, %s, %s)
 ON CONFLICT (delivery, prediction_id) DO NOTHING
 """
 SAVE_DELIVERY = """
-INSERT INTO deliveries (delivery, seq, route, claimed_at, row_count) VALUES (%s, %s, %s, %s, %s)
+INSERT INTO deliveries (delivery, seq, route, claimed_at, row_count, holder, lease_until)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
 """
+#: the runs a look needs: the last one, and any not written yet
 DELIVERY_RUNS = """
 SELECT delivery, seq, route, claimed_at, row_count, written_at, file
-FROM deliveries WHERE delivery = %s ORDER BY seq
+FROM deliveries WHERE delivery = %s
+  AND (written_at IS NULL OR seq = (SELECT MAX(seq) FROM deliveries WHERE delivery = %s))
+ORDER BY seq
+"""
+#: a run's writing is taken over only from a process whose lease ran out
+LEASE_DELIVERY = """
+UPDATE deliveries SET holder = %s, lease_until = %s
+WHERE delivery = %s AND seq = %s AND written_at IS NULL
+  AND (holder IS NULL OR holder = %s OR lease_until < %s)
 """
 MARK_DELIVERED = "UPDATE deliveries SET written_at = %s, file = %s WHERE delivery = %s AND seq = %s"
 DELIVERY_ROWS = (
-    EXPORT_SELECT
+    EXPORT_SELECT.replace("l.origin AS label_origin", "l.origin AS label_origin, p.request_body")
     + """JOIN delivered d ON d.prediction_id = p.prediction_id
-WHERE d.delivery = %s AND d.seq = %s
-ORDER BY p.prediction_id
+WHERE d.delivery = %s AND d.seq = %s AND d.prediction_id > %s
+ORDER BY d.prediction_id LIMIT %s
 """
 )

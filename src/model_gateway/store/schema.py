@@ -162,9 +162,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX feedback_request_id ON feedback (request_id)",
         "CREATE INDEX feedback_joined ON feedback (joined_prediction_id)",
         "CREATE INDEX feedback_pending ON feedback (joined_at)",
-        # deliveries: each file a delivery wrote (its number), and which predictions it holds,
+        # deliveries: each file a delivery wrote (its number), which predictions it holds,
         # claimed in one transaction before the file is written, so that a file lost to a
-        # crash is written again from its claim, and nothing is delivered twice
+        # crash is written again from its claim, and nothing is delivered twice; and which
+        # process writes it until when (its lease)
         """CREATE TABLE deliveries (
             delivery TEXT NOT NULL,
             seq INTEGER NOT NULL,
@@ -173,6 +174,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             row_count INTEGER NOT NULL,
             written_at DOUBLE PRECISION,
             file TEXT,
+            holder TEXT,
+            lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
             PRIMARY KEY (delivery, seq)
         )""",
         """CREATE TABLE delivered (

@@ -24,6 +24,7 @@ from .queries import (
     EXPORT_ROWS,
     LABELLED_ROWS,
     LATEST_ROWS,
+    LEASE_DELIVERY,
     LEASE_ROLLOUT,
     MARK_DELIVERED,
     MONITORED_COUNT,
@@ -51,6 +52,7 @@ _PENDING_JOINS = PENDING_JOINS.replace("%s", "?")
 _CLAIM = CLAIM.replace("%s", "?")
 _UNCLAIMED = UNCLAIMED.replace("%s", "?")
 _DELIVERY_ROWS = DELIVERY_ROWS.replace("%s", "?")
+_LEASE_DELIVERY = LEASE_DELIVERY.replace("%s", "?")
 _DELIVERY_RUNS = DELIVERY_RUNS.replace("%s", "?")
 _MARK_DELIVERED = MARK_DELIVERED.replace("%s", "?")
 _NEXT_DELIVERY = NEXT_DELIVERY.replace("%s", "?")
@@ -354,10 +356,18 @@ class SQLiteStore:
                 yield [dict(row) for row in rows]
 
     async def claim_delivery(
-        self, delivery: str, route: str, since: float, now: float
+        self,
+        delivery: str,
+        route: str,
+        since: float,
+        now: float,
+        holder: str,
+        lease_until: float,
+        limit: int,
     ) -> int | None:
         # the read first, outside the write lock: the log writes on while it scans
         found = [row[0] for row in await self._fetch(_UNCLAIMED, (route, since, delivery))]
+        found = found[:limit]
         if not found:
             return None
         async with self._using:
@@ -373,7 +383,9 @@ class SQLiteStore:
                 if count <= 0:
                     await self.db.rollback()
                     return None
-                await self.db.execute(_SAVE_DELIVERY, (delivery, seq, route, now, count))
+                await self.db.execute(
+                    _SAVE_DELIVERY, (delivery, seq, route, now, count, holder, lease_until)
+                )
                 await self.db.commit()
             except BaseException:
                 await self.db.rollback()
@@ -381,7 +393,16 @@ class SQLiteStore:
         return seq
 
     async def delivery_runs(self, delivery: str) -> list[dict[str, Any]]:
-        return [dict(row) for row in await self._fetch(_DELIVERY_RUNS, (delivery,))]
+        return [dict(row) for row in await self._fetch(_DELIVERY_RUNS, (delivery, delivery))]
+
+    async def lease_delivery(
+        self, delivery: str, seq: int, holder: str, now: float, until: float
+    ) -> bool:
+        async with (
+            self._transaction() as db,
+            db.execute(_LEASE_DELIVERY, (holder, until, delivery, seq, holder, now)) as cur,
+        ):
+            return bool(cur.rowcount == 1)
 
     async def mark_delivered(self, delivery: str, seq: int, written_at: float, file: str) -> None:
         async with self._transaction() as db:
@@ -390,9 +411,12 @@ class SQLiteStore:
     async def iter_delivery(
         self, delivery: str, seq: int, batch: int = 1000
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        async with self.db.execute(_DELIVERY_ROWS, (delivery, seq)) as cur:
-            while rows := await cur.fetchmany(batch):
-                yield [dict(row) for row in rows]
+        # a query a batch, each read whole: no cursor stays open across the caller's awaits
+        # (an open read would make this connection's next write fail as the log writes on)
+        after = ""
+        while rows := await self._fetch(_DELIVERY_ROWS, (delivery, seq, after, batch)):
+            after = rows[-1]["prediction_id"]
+            yield [dict(row) for row in rows]
 
     async def get_prediction(self, prediction_id: str) -> dict[str, Any] | None:
         rows = await self._fetch(
