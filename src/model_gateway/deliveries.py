@@ -23,6 +23,7 @@ import math
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -480,16 +481,21 @@ class DeliveryRunner:
             return [(str(d.path), d.rows) for d in done]
         command = [sys.executable, "-m", "model_gateway", "export", "--config", str(source)]
         command += ["--since-last", delivery.name, *([] if sweep else ["--recent"])]
-        process = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-        try:
-            out, err = await process.communicate()
-        except asyncio.CancelledError:
-            # the gateway stops: a run cut short is finished by the next one
-            if process.returncode is None:
-                process.kill()
-            raise
+        # its output to files, not pipes: a run cut short by the gateway's stop leaves only
+        # the process to reap, no pipe open on a loop about to close
+        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+            process = await asyncio.create_subprocess_exec(*command, stdout=stdout, stderr=stderr)
+            try:
+                await process.wait()
+            except asyncio.CancelledError:
+                # the gateway stops: a run cut short is finished by the next one
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+                raise
+            stdout.seek(0)
+            stderr.seek(0)
+            out, err = stdout.read(), stderr.read()
         if process.returncode == BUSY_EXIT:
             raise DeliveryBusy(delivery.directory)
         if process.returncode != 0:
