@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 from model_gateway.cli import main
 from model_gateway.config import DeliveryConfig, parse_config
 from model_gateway.deliveries import DeliveryBusy, deliver, file_name
+from model_gateway.store import Store
 
 from .conftest import Upstream, wait_until
 from .test_durability import load_until_killed, stored_ids
@@ -462,3 +464,30 @@ def test_a_gateway_delivers_on_its_schedule_in_a_process_of_its_own(
     rows = read_delivered(out)
     assert sorted(r["prediction_id"] for r in rows) == sorted(sent)
     assert sorted(r["customer"] for r in rows) == [f"c{i}" for i in range(5)]
+
+
+def test_reading_a_run_leaves_the_stores_writes_free(tmp_path: Path) -> None:
+    """SQLite: while a run's rows are read batch by batch, another process writes (the log)
+    and this connection writes too (a label between two batches): no write fails with
+    "database is locked", as one did when a cursor stayed open across the batches."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    records = [prediction("a", i, 0.5) for i in range(30)]
+
+    async def work(store: Store) -> int:
+        await store.write_predictions([r.as_row() for r in records])
+        seq = await store.claim_delivery("calls", "fraud", 0.0, NOW, "me", NOW + 600, 10**6)
+        assert seq == 1
+        read = 0
+        async for batch in store.iter_delivery("calls", 1, batch=10):
+            read += len(batch)
+            other = sqlite3.connect(tmp_path / "log.db")
+            other.execute("INSERT INTO configs VALUES ('v', 1.0, 'elsewhere', 'text')")
+            other.commit()
+            other.close()
+            await store.insert_feedback(
+                [("f" + batch[0]["prediction_id"], batch[0]["prediction_id"], None, "1", NOW,
+                  NOW, None, "downstream", None, None, None)]
+            )  # fmt: skip
+        return read
+
+    assert run(url, work) == 30
