@@ -491,3 +491,20 @@ def test_reading_a_run_leaves_the_stores_writes_free(tmp_path: Path) -> None:
         return read
 
     assert run(url, work) == 30
+
+
+def test_a_run_a_stopped_process_left_on_this_host_is_finished_at_once(
+    fraud_store: tuple[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A gateway's run was cut short by its stop, its lease running on: the next process on
+    the same host (which holds the directory's lock) finishes it at once, not ten minutes
+    later."""
+    from model_gateway.deliveries import HOLDER
+
+    url, _ = fraud_store
+    config = delivery(tmp_path / "out")
+    run(url, lambda store: store.write_predictions([prediction("a", 0, 0.5).as_row()]))
+    assert run(url, store_claim("calls", 0.0, NOW, HOLDER, NOW + 600)) == 1
+    done = run(url, lambda store: deliver(store, config, NOW + 1))
+    assert [(d.seq, d.rows) for d in done] == [(1, 1)]

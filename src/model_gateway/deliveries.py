@@ -25,7 +25,6 @@ import socket
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,8 +58,10 @@ LEASE_SECONDS = 600.0
 #: sweep after an outage, is split over several), so that its claim holds the store's write
 #: lock briefly
 MAX_ROWS_PER_FILE = 500_000
-#: this process, as the holder of a run's lease
-HOLDER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+#: the holder of a run's lease: this host. On one host the directory's lock already keeps
+#: two processes apart, and a run its killed process left is taken over at once by the
+#: next; another host waits for the lease to run out
+HOLDER = socket.gethostname()
 #: how often a gateway sweeps the whole lookback for records written late (and at its
 #: start, when the spool's records of a crash are written)
 SWEEP_SECONDS = 6 * 3600.0
