@@ -184,7 +184,8 @@ def test_block_policy_makes_requests_wait(tmp_path: Path) -> None:
         store, writer = await full_blocking_writer(tmp_path / "log.db", batch_size=100)
         assert not writer.offer(record(99))  # no room, and not queued: the caller must wait
         blocked = asyncio.ensure_future(writer.submit(record(3)))
-        await asyncio.sleep(0.05)
+        # the request is queued for room, not written: wait on that, not on a clock
+        await wait_until_async(lambda: len(writer._room) == 1, "the request to wait for room")
         assert not blocked.done()
         store.gate.set()
         await blocked
@@ -216,7 +217,9 @@ def test_block_policy_survives_cancelled_waiters(
         async def scenario() -> list[asyncio.Future[None]]:
             store, writer = await full_blocking_writer(path, batch_size=2)
             tasks = [asyncio.ensure_future(writer.submit(record(3 + i))) for i in range(waiting)]
-            await asyncio.sleep(0.01)  # every one of them waits for room
+            await wait_until_async(
+                lambda: len(writer._room) == waiting, "every one of them to wait for room"
+            )
             store.gate.set()
             while store.attempts <= writes and not all(task.done() for task in tasks):
                 await asyncio.sleep(0)
